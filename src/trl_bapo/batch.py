@@ -1,0 +1,137 @@
+"""Row operations on TRL's scored batch (the dict `GRPOTrainer._generate_and_score_completions` returns).
+
+BAPO's training batch is assembled from rows of different rollouts (X1, X2, X3), so it needs to select rows,
+concatenate batches padded to different widths, and cut a batch of any size into micro-batches with a loss
+scale that keeps the optimizer step's objective a mean over the whole assembled batch.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+# Per-row 2-D fields and their padding: prompts are left-padded, completions right-padded (as TRL pads them).
+LEFT_PADDED = {"prompt_ids", "prompt_mask"}
+RIGHT_PADDED = {
+    "completion_ids",
+    "completion_mask",
+    "tool_mask",
+    "old_per_token_logps",
+    "ref_per_token_logps",
+    "sampling_per_token_logps",
+    "importance_sampling_ratio",
+}
+PAD_VALUES = {"tool_mask": 1, "importance_sampling_ratio": 1.0}
+# Fields that hold one value for the whole batch rather than one per row.
+BATCH_SCALARS = {"num_items_in_batch"}
+
+# How each TRL loss type normalises a micro-batch (trl 1.16.0, GRPOTrainer._compute_loss).
+PER_SEQUENCE_LOSSES = {"grpo", "sapo", "luspo", "dr_grpo"}
+PER_TOKEN_LOSSES = {"bnpo"}
+GLOBALLY_NORMALISED_LOSSES = {"dapo", "cispo", "vespo"}
+
+
+def num_rows(batch: dict[str, Any]) -> int:
+    return batch["completion_ids"].shape[0]
+
+
+def loss_mask(batch: dict[str, Any]) -> torch.Tensor:
+    mask = batch["completion_mask"]
+    return mask if "tool_mask" not in batch else mask * batch["tool_mask"]
+
+
+def select_rows(batch: dict[str, Any], rows: torch.Tensor | list[int]) -> dict[str, Any]:
+    """The given rows of every per-row field, in the given order."""
+    index = torch.as_tensor(rows, dtype=torch.long)
+    selected = {}
+    for key, value in batch.items():
+        if key in BATCH_SCALARS or value is None:
+            selected[key] = value
+        elif isinstance(value, torch.Tensor):
+            selected[key] = value[index.to(value.device)]
+        else:
+            selected[key] = [value[i] for i in index.tolist()]
+    return selected
+
+
+def to_device(batch: dict[str, Any], device: torch.device | str) -> dict[str, Any]:
+    return {
+        key: value.to(device) if isinstance(value, torch.Tensor) else value for key, value in batch.items()
+    }
+
+
+def _pad_to(tensor: torch.Tensor, width: int, value: float, left: bool) -> torch.Tensor:
+    missing = width - tensor.shape[1]
+    if missing == 0:
+        return tensor
+    padding = tensor.new_full((tensor.shape[0], missing, *tensor.shape[2:]), value)
+    return torch.cat([padding, tensor] if left else [tensor, padding], dim=1)
+
+
+def concat_batches(batches: list[dict[str, Any]], pad_token_id: int) -> dict[str, Any]:
+    """Stacks the rows of several scored batches; 2-D fields are padded to the widest part."""
+    keys = set(batches[0])
+    for batch in batches[1:]:
+        if set(batch) != keys:
+            raise ValueError(f"Cannot concatenate batches with different fields: {sorted(keys ^ set(batch))}.")
+    merged = {}
+    for key in batches[0]:
+        values = [batch[key] for batch in batches]
+        if key in BATCH_SCALARS or values[0] is None:
+            merged[key] = values[0]
+        elif isinstance(values[0], torch.Tensor) and values[0].dim() >= 2:
+            width = max(value.shape[1] for value in values)
+            if key not in LEFT_PADDED | RIGHT_PADDED and any(value.shape[1] != width for value in values):
+                raise NotImplementedError(f"BAPO cannot re-pad the batch field {key!r} across rollouts.")
+            pad_value = pad_token_id if key.endswith("_ids") else PAD_VALUES.get(key, 0)
+            merged[key] = torch.cat([_pad_to(v, width, pad_value, key in LEFT_PADDED) for v in values], dim=0)
+        elif isinstance(values[0], torch.Tensor):
+            merged[key] = torch.cat(values, dim=0)
+        else:
+            merged[key] = [item for value in values for item in value]
+    return merged
+
+
+def masked_row(batch: dict[str, Any]) -> dict[str, Any]:
+    """One row of `batch` that carries no loss: fills a micro-batch that has no rows of its own, so that
+    every micro-step still runs a forward and backward pass (and distributed ranks stay in step)."""
+    row = select_rows(batch, [0])
+    row["completion_mask"] = torch.zeros_like(row["completion_mask"])
+    row["advantages"] = torch.zeros_like(row["advantages"])
+    return row
+
+
+def split_micro_batches(
+    batch: dict[str, Any], num_chunks: int, loss_type: str, filler: dict[str, Any]
+) -> list[dict[str, Any]]:
+    """Cuts `batch` into `num_chunks` micro-batches whose sizes differ by at most one row.
+
+    TRL's `split_tensor_dict` assumes the rows divide evenly and drops the remainder; BAPO's batch size varies
+    per step. Each chunk carries `bapo_loss_scale`, the factor that turns TRL's per-micro-batch normalisation
+    into a mean over the whole batch: with equal chunks it is exactly 1. An empty chunk gets `filler` (a row
+    without loss) and scale 0.
+    """
+    total = num_rows(batch)
+    tokens = loss_mask(batch).sum(dim=1).float() if total else torch.zeros(0)
+    bounds = torch.tensor_split(torch.arange(total), num_chunks)
+    chunks = []
+    for rows in bounds:
+        if len(rows) == 0:
+            chunk, scale = dict(filler), 0.0
+        else:
+            chunk = select_rows(batch, rows)
+            scale = _chunk_scale(len(rows), float(tokens[rows].sum()), total, float(tokens.sum()), num_chunks, loss_type)
+        chunk["bapo_loss_scale"] = scale
+        chunks.append(chunk)
+    return chunks
+
+
+def _chunk_scale(rows: int, tokens: float, total_rows: int, total_tokens: float, num_chunks: int, loss_type: str) -> float:
+    if loss_type in PER_SEQUENCE_LOSSES:
+        return rows * num_chunks / total_rows
+    if loss_type in PER_TOKEN_LOSSES:
+        return tokens * num_chunks / total_tokens if total_tokens > 0 else 0.0
+    if loss_type in GLOBALLY_NORMALISED_LOSSES:
+        return 1.0
+    raise ValueError(f"BAPOTrainer does not know how loss_type={loss_type!r} normalises a micro-batch.")

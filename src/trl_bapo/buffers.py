@@ -1,0 +1,95 @@
+"""The two FIFO buffers of Algorithm 1: B_bad (difficult prompts) and B_high (recent high-quality groups)."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from trl_bapo.selection import high_quality_mask
+
+
+def prompt_key(example: dict[str, Any]) -> str:
+    """u_i of eq. 4: identifies a prompt by its content, so a prompt met again is not stored twice."""
+    return repr(example["prompt"])
+
+
+class DifficultBuffer:
+    """B_bad: prompts whose group accuracy was <= c1, oldest first, at most `capacity` of them.
+
+    Holds the dataset rows themselves (prompt and reward-function columns), which is what re-evaluation
+    needs to generate and score fresh completions for them with the current policy.
+    """
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self._entries: OrderedDict[str, dict[str, Any]] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def add(self, examples: list[dict[str, Any]]) -> None:
+        """Appends prompts; a prompt already held moves to the back; the oldest leave beyond capacity."""
+        for example in examples:
+            key = prompt_key(example)
+            self._entries.pop(key, None)
+            self._entries[key] = example
+        while len(self._entries) > self.capacity:
+            self._entries.popitem(last=False)
+
+    def oldest(self, count: int) -> list[dict[str, Any]]:
+        return [example for _, example in zip(range(count), self._entries.values())]
+
+    def remove(self, examples: list[dict[str, Any]]) -> None:
+        for example in examples:
+            self._entries.pop(prompt_key(example), None)
+
+    def prompts(self) -> list[Any]:
+        return [example["prompt"] for example in self._entries.values()]
+
+
+@dataclass
+class ReplayGroup:
+    """One stored group of eq. 4: the G rows of a TRL batch (prompt, completions, advantages and the
+    behaviour policy's per-token log-probs), its accuracy and the rollout step that generated it."""
+
+    step: int
+    accuracy: float
+    rows: dict[str, Any]
+    prompt: Any
+
+
+class HighQualityBuffer:
+    """B_high: groups with c2 <= mu <= c3 from the `window` most recent rollout steps.
+
+    A group generated at step s may be drawn into X3 at steps s+1 .. s+window; drawing does not remove it.
+    """
+
+    def __init__(self, window: int):
+        self.window = window
+        self._groups: list[ReplayGroup] = []
+
+    def __len__(self) -> int:
+        return len(self._groups)
+
+    def add(self, groups: list[ReplayGroup]) -> None:
+        self._groups.extend(groups)
+
+    def expire(self, step: int) -> None:
+        """Drops groups older than the window as seen from rollout step `step`."""
+        self._groups = [group for group in self._groups if group.step >= step - self.window]
+
+    def sample(self, step: int, c2: float, c3: float, count: int, generator: torch.Generator) -> list[ReplayGroup]:
+        """X3 (eq. 7 and line 16): `count` random groups from earlier steps whose accuracy is in [c2, c3]."""
+        candidates = [group for group in self._groups if group.step < step]
+        if not candidates or count <= 0:
+            return []
+        accuracy = torch.tensor([group.accuracy for group in candidates])
+        eligible = high_quality_mask(accuracy, c2, c3).nonzero().flatten()
+        order = torch.randperm(len(eligible), generator=generator)[:count]
+        return [candidates[int(eligible[i])] for i in sorted(order.tolist())]
+
+    def groups(self) -> list[ReplayGroup]:
+        return list(self._groups)

@@ -1,0 +1,210 @@
+"""`BAPOConfig`: GRPOConfig plus the switches and thresholds of Batch Adaptation Policy Optimization.
+
+Symbols follow the paper (Batch Adaptation Policy Optimization, Algorithm 1 in appendix A.8, defaults from
+Table 3 in appendix A.7). Thresholds whose default is `None` resolve at run time (see the `c1`, `c2_range`
+and `c3_range` properties) so that `mini_test` can tell a user-set threshold from a default one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from trl import GRPOConfig
+
+ONLINE_FILTERS = ("range", "gaussian", "uniform", "none")
+KL_REFERENCES = ("behavior", "ref")
+
+DEFAULT_C1 = 1 / 8
+DEFAULT_C2_RANGE = (1 / 8, 4 / 8)
+DEFAULT_C3_RANGE = (2 / 8, 5 / 8)
+
+
+@dataclass
+class BAPOConfig(GRPOConfig):
+    r"""
+    Configuration for [`BAPOTrainer`]. Every field of [`~trl.GRPOConfig`] applies unchanged; the fields below
+    add Batch Adaptation Policy Optimization. With `rollout_delay=1`, `online_filter="none"`,
+    `use_difficult_replay=False`, `use_high_quality_replay=False` and `kl_reference="ref"` the trainer trains
+    exactly as `GRPOTrainer` does.
+    """
+
+    rollout_delay: int = field(
+        default=5,
+        metadata={
+            "help": "v in the paper: the rollout policy is a copy of the policy refreshed every v rollout steps "
+            "(t mod v == 0). 1 means on-policy rollouts."
+        },
+    )
+    reevaluation_interval: int = field(
+        default=5,
+        metadata={
+            "help": "m in the paper: every m rollout steps (t mod m == 0) the difficult buffer B_bad is "
+            "re-evaluated with the current policy to build X2."
+        },
+    )
+    max_reevaluation_prompts: int = field(
+        default=128,
+        metadata={"help": "Most prompts of B_bad re-evaluated at once (oldest first); paper: 128."},
+    )
+    difficult_threshold: float | None = field(
+        default=None,
+        metadata={
+            "help": "c1 in the paper: a prompt whose group accuracy is <= c1 enters B_bad; a re-evaluated prompt "
+            "joins X2 when c1 < accuracy < 1. None means 1/8 (0 with `mini_test`)."
+        },
+    )
+    difficult_buffer_size: int | None = field(
+        default=None,
+        metadata={
+            "help": "|B_bad|, the FIFO capacity of the difficult-prompt buffer. None means the number of prompts "
+            "per rollout batch, as in the paper."
+        },
+    )
+    high_quality_lower_range: list[float] | None = field(
+        default=None,
+        metadata={
+            "help": "[c2_low, c2_high]: range of the lower accuracy bound c2 of B_high, moved by eq. 8 "
+            "(c2 = r_tot * (c2_high - c2_low) + c2_low). Equal ends give a fixed threshold. None means "
+            "[1/8, 4/8] ([1/2, 1/2] with `mini_test`)."
+        },
+    )
+    high_quality_upper_range: list[float] | None = field(
+        default=None,
+        metadata={
+            "help": "[c3_low, c3_high]: range of the upper accuracy bound c3 of B_high, moved by eq. 8. Must not "
+            "lie below the c2 range. None means [2/8, 5/8] ([1/2, 1/2] with `mini_test`)."
+        },
+    )
+    high_quality_buffer_steps: int = field(
+        default=3,
+        metadata={"help": "B_high keeps the groups of only this many most recent rollout steps (paper: 3)."},
+    )
+    online_filter: str = field(
+        default="range",
+        metadata={
+            "help": "Filter that turns fresh groups into X1 (appendix A.3): 'range' keeps accuracy in "
+            "[1/G, (G-1)/G] with non-zero reward variance, 'gaussian' keeps a group with probability "
+            "exp(-(acc - mean)^2 / (2 std^2)), 'uniform' keeps a random share, 'none' keeps every group.",
+            "choices": list(ONLINE_FILTERS),
+        },
+    )
+    online_filter_gaussian_mean: float = field(
+        default=0.5, metadata={"help": "Gaussian filter mean (mu in Table 3)."}
+    )
+    online_filter_gaussian_std: float = field(
+        default=0.2, metadata={"help": "Gaussian filter standard deviation (sigma in Table 3)."}
+    )
+    online_filter_uniform_keep: float = field(
+        default=0.6, metadata={"help": "Share of fresh groups the uniform filter keeps (appendix A.3: 60%)."}
+    )
+    use_difficult_replay: bool = field(
+        default=True, metadata={"help": "Build X2 from re-evaluated difficult prompts (B_bad)."}
+    )
+    use_high_quality_replay: bool = field(
+        default=True, metadata={"help": "Fill the batch with X3, historical high-quality groups from B_high."}
+    )
+    mini_test: bool = field(
+        default=False,
+        metadata={
+            "help": "The parameter-free variant of section 5.2: X1 drops only all-correct/all-wrong groups, "
+            "X2 replays exactly the all-wrong prompts (c1 = 0), X3 reuses exactly the groups at accuracy 1/2. "
+            "Leave the thresholds and `online_filter` at their defaults with it."
+        },
+    )
+    kl_reference: str = field(
+        default="behavior",
+        metadata={
+            "help": "What the KL term (weight `beta`) is measured against: 'behavior' is the policy that "
+            "generated each sample (eq. 3), 'ref' is GRPO's frozen reference model.",
+            "choices": list(KL_REFERENCES),
+        },
+    )
+
+    def __post_init__(self):
+        self._validate_bapo_fields()
+        super().__post_init__()
+        if self.use_vllm:
+            raise ValueError(
+                "use_vllm=True is not supported by BAPOTrainer yet: its delayed rollout policy is only implemented "
+                "for transformers generation. Set use_vllm=False."
+            )
+
+    @property
+    def c1(self) -> float:
+        if self.difficult_threshold is not None:
+            return self.difficult_threshold
+        return 0.0 if self.mini_test else DEFAULT_C1
+
+    @property
+    def c2_range(self) -> tuple[float, float]:
+        if self.high_quality_lower_range is not None:
+            return tuple(self.high_quality_lower_range)
+        return (0.5, 0.5) if self.mini_test else DEFAULT_C2_RANGE
+
+    @property
+    def c3_range(self) -> tuple[float, float]:
+        if self.high_quality_upper_range is not None:
+            return tuple(self.high_quality_upper_range)
+        return (0.5, 0.5) if self.mini_test else DEFAULT_C3_RANGE
+
+    def _validate_bapo_fields(self) -> None:
+        for name in ("rollout_delay", "reevaluation_interval", "max_reevaluation_prompts", "high_quality_buffer_steps"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}.")
+        if self.difficult_buffer_size is not None and (
+            not isinstance(self.difficult_buffer_size, int) or self.difficult_buffer_size < 1
+        ):
+            raise ValueError(
+                f"difficult_buffer_size must be None (one rollout batch of prompts) or an integer >= 1, "
+                f"got {self.difficult_buffer_size!r}."
+            )
+        if self.online_filter not in ONLINE_FILTERS:
+            raise ValueError(f"online_filter must be one of {ONLINE_FILTERS}, got {self.online_filter!r}.")
+        if self.kl_reference not in KL_REFERENCES:
+            raise ValueError(f"kl_reference must be one of {KL_REFERENCES}, got {self.kl_reference!r}.")
+        if not self.online_filter_gaussian_std > 0:
+            raise ValueError(
+                f"online_filter_gaussian_std must be > 0, got {self.online_filter_gaussian_std!r}; the paper uses 0.2."
+            )
+        if not 0 < self.online_filter_uniform_keep <= 1:
+            raise ValueError(
+                f"online_filter_uniform_keep must be in (0, 1], got {self.online_filter_uniform_keep!r}; "
+                "the paper keeps 0.6."
+            )
+        if self.mini_test:
+            explicit = [
+                name
+                for name in ("difficult_threshold", "high_quality_lower_range", "high_quality_upper_range")
+                if getattr(self, name) is not None
+            ]
+            if explicit:
+                raise ValueError(
+                    f"mini_test=True fixes the thresholds itself (c1 = 0, c2 = c3 = 1/2) but {', '.join(explicit)} "
+                    "was set; unset it or set mini_test=False."
+                )
+            if self.online_filter != "range":
+                raise ValueError(
+                    f"mini_test=True uses the range filter for X1, but online_filter={self.online_filter!r}; "
+                    "leave online_filter='range' or set mini_test=False."
+                )
+        for name in ("high_quality_lower_range", "high_quality_upper_range"):
+            value = getattr(self, name)
+            if value is not None and len(value) != 2:
+                raise ValueError(f"{name} takes exactly two numbers [low, high], got {value!r}.")
+        if not 0 <= self.c1 < 1:
+            raise ValueError(
+                f"difficult_threshold (c1) must be in [0, 1), got {self.c1!r}; a prompt at c1 or below counts as "
+                "difficult, so c1 = 1 would make every prompt difficult."
+            )
+        c2, c3 = self.c2_range, self.c3_range
+        for name, (low, high) in (("high_quality_lower_range", c2), ("high_quality_upper_range", c3)):
+            if not (0 <= low <= 1 and 0 <= high <= 1):
+                raise ValueError(f"{name} must lie in [0, 1], got [{low}, {high}].")
+            if low > high:
+                raise ValueError(f"{name} is reversed: [{low}, {high}]; write it as [{high}, {low}].")
+        if c2[0] > c3[0] or c2[1] > c3[1]:
+            raise ValueError(
+                f"high_quality_lower_range (c2) {list(c2)} must not lie above high_quality_upper_range (c3) "
+                f"{list(c3)} at either end, otherwise c2 > c3 and B_high is empty."
+            )

@@ -1,0 +1,111 @@
+"""A tiny Qwen2-architecture model and a character-level tokenizer, built by code (nothing is downloaded).
+
+Tests and the demo run on it. `build_tiny_model` writes a model directory that TRL loads by path, like any
+hub model, so the same code path (including a frozen reference model built from the path) is exercised.
+An optional supervised warm start on a task gives the model a spread of difficulty to learn from.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+
+SPECIAL_TOKENS = ["<pad>", "<eos>", "<unk>"]
+CHARACTERS = list("0123456789+-*/()=?,.: ") + [chr(c) for c in range(ord("a"), ord("z") + 1)]
+
+
+def build_tokenizer() -> PreTrainedTokenizerFast:
+    vocab = {token: index for index, token in enumerate(SPECIAL_TOKENS + CHARACTERS)}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tokenizer.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>"
+    )
+
+
+def build_model(tokenizer: PreTrainedTokenizerFast, seed: int = 0, hidden_size: int = 64, layers: int = 2):
+    torch.manual_seed(seed)
+    config = Qwen2Config(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=4 * hidden_size,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        tie_word_embeddings=True,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=None,
+    )
+    model = Qwen2ForCausalLM(config)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    return model
+
+
+def warm_start(
+    model: Qwen2ForCausalLM,
+    tokenizer: PreTrainedTokenizerFast,
+    pairs: Sequence[tuple[str, str]],
+    steps: int,
+    seed: int = 0,
+    batch_size: int = 32,
+    lr: float = 3e-3,
+) -> None:
+    """Supervised fine-tuning on (prompt, answer) pairs, loss on the answer and the end-of-sequence token."""
+    rng = random.Random(seed)
+    torch.manual_seed(seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1 - step / steps)
+    model.train()
+    for _ in range(steps):
+        batch = [rng.choice(pairs) for _ in range(batch_size)]
+        prompts = [tokenizer(p)["input_ids"] for p, _ in batch]
+        answers = [tokenizer(a)["input_ids"] + [tokenizer.eos_token_id] for _, a in batch]
+        width = max(len(p) + len(a) for p, a in zip(prompts, answers))
+        input_ids = torch.full((batch_size, width), tokenizer.pad_token_id)
+        labels = torch.full((batch_size, width), -100)
+        attention_mask = torch.zeros((batch_size, width), dtype=torch.long)
+        for row, (p, a) in enumerate(zip(prompts, answers)):
+            sequence = p + a
+            input_ids[row, : len(sequence)] = torch.tensor(sequence)
+            labels[row, len(p) : len(sequence)] = torch.tensor(a)
+            attention_mask[row, : len(sequence)] = 1
+        loss = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad()
+    model.eval()
+
+
+def build_tiny_model(
+    path: str | Path,
+    seed: int = 0,
+    warm_start_pairs: Sequence[tuple[str, str]] = (),
+    warm_start_steps: int = 0,
+) -> Path:
+    """Writes the tiny model and tokenizer to `path` (reused when already there) and returns the path."""
+    path = Path(path)
+    if (path / "config.json").exists() and (path / "tokenizer.json").exists():
+        return path
+    tokenizer = build_tokenizer()
+    model = build_model(tokenizer, seed=seed)
+    if warm_start_steps:
+        warm_start(model, tokenizer, warm_start_pairs, warm_start_steps, seed=seed)
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def load_tiny_model(path: str | Path) -> Qwen2ForCausalLM:
+    return AutoModelForCausalLM.from_pretrained(path)

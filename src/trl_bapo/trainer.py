@@ -1,0 +1,327 @@
+"""`BAPOTrainer`: TRL's GRPOTrainer with Batch Adaptation Policy Optimization (Algorithm 1, appendix A.8).
+
+Overrides, each checked against trl 1.16.0:
+- `_prepare_inputs`: on generation steps, builds the training batch X1 + X2 + X3 instead of using the fresh
+  rollout as is, and cuts it with BAPO's own rule (TRL's `split_tensor_dict` drops rows that do not divide).
+- `_calculate_rewards`: calls TRL's and keeps the gathered rewards, which decide every group's fate.
+- `compute_loss`: scales TRL's loss by the micro-batch's share of the assembled batch.
+- `__init__`: with `kl_reference="behavior"`, stops TRL from building a frozen reference model that the
+  behaviour-policy KL never reads.
+
+Everything else, generation, reward scoring, advantages and the clipped surrogate, is TRL's. The behaviour
+log-probs of every sample travel in TRL's `old_per_token_logps`, which TRL's loss already divides by.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from trl import GRPOTrainer
+from trl.models.utils import disable_gradient_checkpointing
+from trl.trainer.utils import get_config_model_id, shuffle_sequence_dict
+
+from trl_bapo.batch import concat_batches, masked_row, num_rows, select_rows, split_micro_batches, to_device
+from trl_bapo.buffers import DifficultBuffer, HighQualityBuffer, ReplayGroup
+from trl_bapo.config import BAPOConfig
+from trl_bapo.rollout import RolloutSnapshot
+from trl_bapo.selection import (
+    adaptive_threshold,
+    difficult_mask,
+    group_accuracy,
+    group_has_variance,
+    group_rows,
+    high_quality_mask,
+    improved_mask,
+    online_filter_mask,
+    x3_room,
+)
+
+BEHAVIOUR_LOGPS = "old_per_token_logps"
+
+
+class BAPOTrainer(GRPOTrainer):
+    """Drop-in for `trl.GRPOTrainer` that trains on BAPO's adaptive batch. Takes the same arguments; `args`
+    must be a [`BAPOConfig`]."""
+
+    _tag_names = ["trl", "grpo", "bapo"]
+    _name = "BAPO"
+
+    def __init__(self, model, reward_funcs=None, args: BAPOConfig | None = None, *more, **kwargs):
+        if args is None:
+            model_name = model if isinstance(model, str) else get_config_model_id(model.config)
+            args = BAPOConfig(f"{model_name.split('/')[-1]}-BAPO")
+        if not isinstance(args, BAPOConfig):
+            raise TypeError(
+                f"BAPOTrainer needs a BAPOConfig, got {type(args).__name__}; build the config with "
+                "trl_bapo.BAPOConfig(...), which accepts every GRPOConfig field."
+            )
+        self._behaviour_kl = args.kl_reference == "behavior" and args.beta != 0.0
+        beta = args.beta
+        if self._behaviour_kl:
+            args.beta = 0.0
+        try:
+            super().__init__(model, reward_funcs, args, *more, **kwargs)
+        finally:
+            args.beta = beta
+        self.beta = beta
+        if self.accelerator.num_processes > 1:
+            raise NotImplementedError(
+                "BAPOTrainer runs in a single process for now: its buffers are not yet shared across ranks. "
+                "Launch with one process."
+            )
+
+        self._batch_groups = args.generation_batch_size // self.num_generations  # B, prompts per rollout batch
+        self._rollout_step = 0  # t in Algorithm 1
+        self._snapshot = RolloutSnapshot(args.rollout_delay)
+        self._difficult = DifficultBuffer(args.difficult_buffer_size or self._batch_groups)
+        self._high_quality = HighQualityBuffer(args.high_quality_buffer_steps)
+        # Own generator: BAPO's random choices must not shift the global RNG that generation draws from.
+        self._generator = torch.Generator().manual_seed(args.seed)
+        self._reward_sum = 0.0
+        self._reward_count = 0
+        self._rollouts = 0
+        self._skip_update = False
+        self._skip_hooks_installed = False
+        self._last_rewards_per_func: torch.Tensor | None = None
+
+    # ---- TRL overrides -------------------------------------------------------------------------------------
+
+    def _prepare_inputs(self, generation_batch: dict[str, torch.Tensor | Any]) -> dict[str, torch.Tensor | Any]:
+        if not self.model.training:
+            return super()._prepare_inputs(generation_batch)
+        generate_every = self.args.steps_per_generation * self.num_iterations
+        if self._step % generate_every == 0 or self._buffered_inputs is None:
+            batch, filler = self._assemble_batch(generation_batch)
+            self._skip_update = num_rows(batch) == 0
+            self._install_skip_hooks()
+            batch = shuffle_sequence_dict(batch)
+            self._buffered_inputs = split_micro_batches(
+                batch, self.args.steps_per_generation, self.loss_type, filler
+            )
+        return self._buffered_inputs[self._step % self.args.steps_per_generation]
+
+    def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
+        rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
+        self._last_rewards_per_func = rewards_per_func
+        return rewards_per_func
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        loss = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        return loss * inputs["bapo_loss_scale"] if "bapo_loss_scale" in inputs else loss
+
+    # ---- Algorithm 1, one rollout step ---------------------------------------------------------------------
+
+    def _assemble_batch(self, inputs: list[dict[str, Any]]) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Runs rollout step t and returns the training batch X1 + X2 + X3 and a loss-free filler row."""
+        args, group_size = self.args, self.num_generations
+        self._rollout_step += 1
+        t = self._rollout_step
+        policy = self.accelerator.unwrap_model(self.model)
+        self._snapshot.maybe_refresh(policy, t)
+        lag = self._snapshot.lag(t)
+
+        with self._snapshot.applied(policy, t):
+            fresh, rewards = self._score(inputs)
+            accuracy = group_accuracy(rewards, group_size)
+            self._reward_sum += float(torch.nansum(rewards))
+            self._reward_count += int((~torch.isnan(rewards)).sum())
+            c2 = adaptive_threshold(self._r_tot, args.c2_range)
+            c3 = adaptive_threshold(self._r_tot, args.c3_range)
+            x1 = online_filter_mask(
+                accuracy,
+                group_has_variance(rewards, group_size),
+                "range" if args.mini_test else args.online_filter,
+                group_size,
+                self._generator,
+                args.online_filter_gaussian_mean,
+                args.online_filter_gaussian_std,
+                args.online_filter_uniform_keep,
+            )
+            high = high_quality_mask(accuracy, c2, c3) & args.use_high_quality_replay
+            # Behaviour log-probs are taken now, while alpha is in the model: for X1 when it is off-policy or
+            # the KL needs them, and for every group kept for later replay.
+            needs_logps = high | (x1 & (lag > 0 or self._behaviour_kl))
+            self._attach_behaviour_logps(fresh, group_rows(needs_logps.nonzero().flatten(), group_size))
+        self._rollouts += len(inputs)
+
+        if args.use_difficult_replay:
+            bad = difficult_mask(accuracy, args.c1).nonzero().flatten().tolist()
+            self._difficult.add([inputs[g * group_size] for g in bad])
+        parts = [select_rows(fresh, group_rows(x1.nonzero().flatten(), group_size))]
+        num_x1 = int(x1.sum())
+
+        num_x2 = num_reevaluated = 0
+        if args.use_difficult_replay and t % args.reevaluation_interval == 0 and len(self._difficult):
+            x2_part, num_reevaluated = self._reevaluate()
+            num_x2 = num_rows(x2_part) // group_size
+            parts.append(x2_part)
+
+        self._high_quality.expire(t)
+        replayed = self._high_quality.sample(
+            t, c2, c3, x3_room(self._batch_groups, num_x1, num_x2), self._generator
+        )
+        parts += [to_device(group.rows, fresh["completion_ids"].device) for group in replayed]
+        self._high_quality.add(
+            [
+                ReplayGroup(
+                    step=t,
+                    accuracy=float(accuracy[g]),
+                    rows=to_device(select_rows(fresh, group_rows(torch.tensor([g]), group_size)), "cpu"),
+                    prompt=inputs[g * group_size]["prompt"],
+                )
+                for g in high.nonzero().flatten().tolist()
+            ]
+        )
+
+        batch = self._finish_behaviour_logps(concat_batches(parts, self._tokenizer.pad_token_id))
+        batch["num_items_in_batch"] = (batch["completion_mask"] * batch.get("tool_mask", 1)).sum()
+        self._log_step(
+            x1=num_x1,
+            x2=num_x2,
+            x3=len(replayed),
+            batch_fill=(num_x1 + num_x2 + len(replayed)) / self._batch_groups,
+            difficult_buffer=len(self._difficult),
+            high_quality_buffer=len(self._high_quality),
+            c2=c2,
+            c3=c3,
+            r_tot=self._r_tot,
+            rollouts=self._rollouts,
+            reevaluated=num_reevaluated,
+            policy_lag=lag,
+            skipped=float(num_rows(batch) == 0),
+        )
+        return batch, self._filler_row(batch if num_rows(batch) else fresh)
+
+    def _reevaluate(self) -> tuple[dict[str, Any], int]:
+        """X2 (eq. 6): regenerate the oldest prompts of B_bad with the current policy; keep c1 < mu < 1.
+
+        Prompts that are no longer difficult leave B_bad, so the buffer keeps only what is still unsolved.
+        """
+        group_size, c1 = self.num_generations, self.args.c1
+        examples = self._difficult.oldest(self.args.max_reevaluation_prompts)
+        with self._muted_metrics():
+            batch, rewards = self._score([example for example in examples for _ in range(group_size)])
+        self._attach_behaviour_logps(batch, torch.tensor([], dtype=torch.long))
+        self._rollouts += len(examples) * group_size
+        accuracy = group_accuracy(rewards, group_size)
+        self._difficult.remove([ex for ex, hard in zip(examples, difficult_mask(accuracy, c1)) if not hard])
+        keep = improved_mask(accuracy, c1).nonzero().flatten()
+        return select_rows(batch, group_rows(keep, group_size)), len(examples)
+
+    # ---- helpers --------------------------------------------------------------------------------------------
+
+    @property
+    def _r_tot(self) -> float:
+        """Global average training reward over every fresh completion so far (eq. 8)."""
+        return self._reward_sum / self._reward_count if self._reward_count else 0.0
+
+    def _score(self, inputs: list[dict[str, Any]]) -> tuple[dict[str, Any], torch.Tensor]:
+        """TRL's generation and scoring, plus each completion's reward (weighted over reward functions)."""
+        with self._reference_kl_off():
+            batch = self._generate_and_score_completions(inputs)
+        if "pixel_values" in batch:
+            raise NotImplementedError("BAPOTrainer does not support image inputs yet.")
+        per_func = self._last_rewards_per_func
+        rewards = (per_func * self.reward_weights.to(per_func.device).unsqueeze(0)).nansum(dim=1)
+        rewards[torch.isnan(per_func).all(dim=1)] = math.nan
+        return batch, rewards.cpu()
+
+    def _policy_logps(self, batch: dict[str, Any]) -> torch.Tensor:
+        """Per-token log-probs of the completions under the weights now in the model."""
+        input_ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], dim=1)
+        attention_mask = torch.cat([batch["prompt_mask"], batch["completion_mask"]], dim=1)
+        with torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs):
+            logps, _, _ = self._get_per_token_logps_and_entropies(
+                self.model,
+                input_ids,
+                attention_mask,
+                batch["completion_ids"].size(1),
+                batch_size=self.args.per_device_train_batch_size,
+            )
+        return logps
+
+    def _attach_behaviour_logps(self, batch: dict[str, Any], rows: torch.Tensor) -> None:
+        """Fills `old_per_token_logps` for `rows` with the current model's log-probs; other rows get NaN, meaning
+        "generated by the current policy, not measured yet". Keeps what TRL already measured."""
+        if BEHAVIOUR_LOGPS in batch:
+            return
+        logps = torch.full(batch["completion_mask"].shape, math.nan, device=batch["completion_mask"].device)
+        if len(rows):
+            logps[rows.to(logps.device)] = self._policy_logps(select_rows(batch, rows))
+        batch[BEHAVIOUR_LOGPS] = logps
+
+    def _finish_behaviour_logps(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """Makes the behaviour log-probs whole, or drops them when every row is on-policy and nothing needs
+        them: TRL then takes the ratio against the detached current log-probs, exactly as GRPO does."""
+        logps = batch[BEHAVIOUR_LOGPS]
+        missing = torch.isnan(logps).all(dim=1)
+        if missing.all() and not self._behaviour_kl:
+            batch.pop(BEHAVIOUR_LOGPS, None)
+            return batch
+        rows = missing.nonzero().flatten()
+        if len(rows):
+            logps[rows] = self._policy_logps(select_rows(batch, rows))
+        batch[BEHAVIOUR_LOGPS] = logps
+        if self._behaviour_kl:
+            batch["ref_per_token_logps"] = logps
+        return batch
+
+    def _filler_row(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """A loss-free row for micro-batches with no rows; it is scored against itself, so no NaN or inf
+        from a missing behaviour log-prob can reach the loss."""
+        filler = masked_row(batch)
+        filler.pop(BEHAVIOUR_LOGPS, None)
+        if self._behaviour_kl:
+            filler["ref_per_token_logps"] = self._policy_logps(filler)
+        return filler
+
+    def _log_step(self, **values: float) -> None:
+        for name, value in values.items():
+            self._metrics["train"][f"bapo/{name}"].append(float(value))
+
+    @contextmanager
+    def _reference_kl_off(self) -> Iterator[None]:
+        # With the behaviour-policy KL there is no reference model; TRL would try to score one while beta != 0.
+        beta = self.beta
+        if self._behaviour_kl:
+            self.beta = 0.0
+        try:
+            yield
+        finally:
+            self.beta = beta
+
+    @contextmanager
+    def _muted_metrics(self) -> Iterator[None]:
+        # Re-evaluation goes through TRL's scoring, which would log its rewards as the training reward.
+        metrics = self._metrics["train"]
+        self._metrics["train"] = defaultdict(list)
+        try:
+            yield
+        finally:
+            self._metrics["train"] = metrics
+
+    def _install_skip_hooks(self) -> None:
+        """An empty batch must not move the weights: a zero gradient still moves them through Adam's momentum
+        and weight decay, so the optimizer steps of a skipped rollout step run with a learning rate of 0."""
+        if self._skip_hooks_installed or self.optimizer is None:
+            return
+        optimizer = getattr(self.optimizer, "optimizer", self.optimizer)
+
+        def before_step(opt, *_):
+            if self._skip_update:
+                for group in opt.param_groups:
+                    group["bapo_lr"], group["lr"] = group["lr"], 0.0
+
+        def after_step(opt, *_):
+            for group in opt.param_groups:
+                if "bapo_lr" in group:
+                    group["lr"] = group.pop("bapo_lr")
+
+        optimizer.register_step_pre_hook(before_step)
+        optimizer.register_step_post_hook(after_step)
+        self._skip_hooks_installed = True

@@ -1,0 +1,122 @@
+"""Shared fixtures: the tiny model (built once per session), configs and scripted rewards.
+
+Every test trains through `trainer.train()` on the tiny model with real generation; where a test needs to
+know group accuracies in advance it uses `ScriptedReward`, which decides how many of a group's G completions
+are correct, per prompt and per time the prompt is scored.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import Counter, defaultdict
+
+import pytest
+import torch
+from datasets import Dataset
+
+from trl_bapo import BAPOConfig
+from trl_bapo.tiny import build_tiny_model
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+torch.set_num_threads(2)
+
+GROUP_SIZE = 4
+
+
+@pytest.fixture(scope="session")
+def tiny_model_path(tmp_path_factory) -> str:
+    return str(build_tiny_model(tmp_path_factory.mktemp("tiny") / "model"))
+
+
+def make_config(output_dir, **overrides) -> BAPOConfig:
+    """A small CPU config: 4 prompts x 4 completions per rollout step, two micro-batches per step."""
+    settings = dict(
+        output_dir=str(output_dir),
+        per_device_train_batch_size=8,
+        gradient_accumulation_steps=2,
+        num_generations=GROUP_SIZE,
+        max_completion_length=4,
+        max_steps=4,
+        learning_rate=1e-3,
+        logging_steps=1,
+        report_to=[],
+        save_strategy="no",
+        use_cpu=True,
+        seed=0,
+        disable_tqdm=True,
+        shuffle_dataset=False,
+    )
+    settings.update(overrides)
+    return BAPOConfig(**settings)
+
+
+def prompt_dataset(prompts: list[str]) -> Dataset:
+    return Dataset.from_dict({"prompt": prompts})
+
+
+class ScriptedReward:
+    """Reward 1 for the first k completions of each group, with k = plan[prompt][n] the n-th time the prompt
+    is scored (fresh rollouts score a prompt first, re-evaluations later). Records every call."""
+
+    __name__ = "scripted_reward"
+
+    def __init__(self, plan: dict[str, list[int]], default: int = 0):
+        self.plan = plan
+        self.default = default
+        self.times_scored: Counter[str] = Counter()
+        self.calls: list[dict] = []
+
+    def __call__(self, prompts: list[str], completions: list[str], **kwargs) -> list[float]:
+        seen_in_call: Counter[str] = Counter()
+        groups: dict[str, int] = {}
+        rewards = []
+        for prompt in prompts:
+            if prompt not in seen_in_call:
+                groups[prompt] = self.times_scored[prompt]
+            n = groups[prompt]
+            plan = self.plan.get(prompt, [self.default])
+            k = plan[min(n, len(plan) - 1)]
+            rewards.append(float(seen_in_call[prompt] < k))
+            seen_in_call[prompt] += 1
+        for prompt in groups:
+            self.times_scored[prompt] += 1
+        self.calls.append({"step": kwargs["trainer_state"].global_step, "scored": dict(groups)})
+        return rewards
+
+
+def trained_groups(tokenizer, inputs: dict) -> Counter:
+    """Prompts of the rows of a micro-batch that carry loss, counted in rows."""
+    rows = Counter()
+    for ids, prompt_mask, completion_mask in zip(
+        inputs["prompt_ids"], inputs["prompt_mask"], inputs["completion_mask"]
+    ):
+        if completion_mask.sum() == 0:
+            continue
+        rows[tokenizer.decode(ids[prompt_mask.bool()])] += 1
+    return rows
+
+
+class BatchRecorder:
+    """Wraps `trainer.compute_loss` to record, per optimizer step, which prompts were trained on."""
+
+    def __init__(self, trainer):
+        self.per_step: dict[int, Counter] = defaultdict(Counter)
+        self.inputs: list[tuple[int, dict]] = []
+        original = trainer.compute_loss
+
+        def compute_loss(model, inputs, *args, **kwargs):
+            step = trainer.state.global_step + 1
+            self.per_step[step] += trained_groups(trainer.processing_class, inputs)
+            self.inputs.append((step, inputs))
+            return original(model, inputs, *args, **kwargs)
+
+        trainer.compute_loss = compute_loss
+
+
+def bapo_logs(trainer) -> list[dict]:
+    """The per-step log entries (one per optimizer step with logging_steps=1)."""
+    return [entry for entry in trainer.state.log_history if "bapo/x1" in entry]
+
+
+def parameters(model) -> dict[str, torch.Tensor]:
+    return {name: param.detach().clone() for name, param in model.named_parameters()}
