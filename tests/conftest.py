@@ -46,8 +46,7 @@ def make_config(output_dir, **overrides) -> BAPOConfig:
         disable_tqdm=True,
         shuffle_dataset=False,
     )
-    settings.update(overrides)
-    return BAPOConfig(**settings)
+    return BAPOConfig(**{**settings, **overrides})
 
 
 def prompt_dataset(prompts: list[str]) -> Dataset:

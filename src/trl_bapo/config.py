@@ -163,6 +163,12 @@ class BAPOConfig(GRPOConfig):
             raise ValueError(f"online_filter must be one of {ONLINE_FILTERS}, got {self.online_filter!r}.")
         if self.kl_reference not in KL_REFERENCES:
             raise ValueError(f"kl_reference must be one of {KL_REFERENCES}, got {self.kl_reference!r}.")
+        if self.kl_reference == "behavior" and self.sync_ref_model:
+            raise ValueError(
+                "sync_ref_model=True syncs a frozen reference model, but kl_reference='behavior' measures the KL "
+                "against the behaviour policy and keeps no reference model; set kl_reference='ref' or "
+                "sync_ref_model=False."
+            )
         if not self.online_filter_gaussian_std > 0:
             raise ValueError(
                 f"online_filter_gaussian_std must be > 0, got {self.online_filter_gaussian_std!r}; the paper uses 0.2."

@@ -1,0 +1,116 @@
+"""Variable-size batches: the empty batch, unscorable completions, and loss normalisation across micro-batches."""
+
+import math
+
+import pytest
+import torch
+
+from trl_bapo import BAPOTrainer
+from trl_bapo.batch import split_micro_batches
+from trl_bapo.tiny import load_tiny_model
+
+from conftest import GROUP_SIZE, ScriptedReward, bapo_logs, make_config, parameters, prompt_dataset
+
+
+def test_empty_batch_trains_on_nothing(tiny_model_path, tmp_path):
+    """All groups homogeneous, nothing to replay: every step is skipped, weights stay put, no NaN."""
+    prompts = [f"{i}=" for i in range(16)]
+    args = make_config(tmp_path, max_steps=3, reevaluation_interval=1, beta=0.01, learning_rate=1e-2)
+    trainer = BAPOTrainer(
+        model=tiny_model_path, reward_funcs=ScriptedReward({}, default=0), args=args,
+        train_dataset=prompt_dataset(prompts),
+    )
+    before = parameters(trainer.model)
+    trainer.train()
+    logs = bapo_logs(trainer)
+    assert [log["bapo/skipped"] for log in logs] == [1.0, 1.0, 1.0]
+    assert all(log["bapo/x1"] + log["bapo/x2"] + log["bapo/x3"] == 0 for log in logs)
+    # Every prompt is difficult: B_bad (capacity 4) is re-evaluated every step and stays unsolved.
+    assert [log["bapo/reevaluated"] for log in logs] == [4, 4, 4]
+    assert [log["bapo/difficult_buffer"] for log in logs] == [4, 4, 4]
+    assert all(math.isfinite(log["loss"]) and log["loss"] == 0 for log in logs)
+    after = parameters(trainer.model)
+    assert all(torch.equal(before[name], after[name]) for name in before)
+
+
+def test_unscorable_completions_are_left_out_as_trl_does(tiny_model_path, tmp_path):
+    """A completion every reward function returns None for is NaN: out of the group accuracy, zero advantage."""
+    scripted = ScriptedReward({f"{t}{name}=": [k] for t in range(3) for name, k in zip("abcd", [2, 0, 4, 1])})
+
+    def reward(prompts, completions, **kwargs):
+        rewards = scripted(prompts, completions, **kwargs)
+        return [None if i % GROUP_SIZE == GROUP_SIZE - 1 else r for i, r in enumerate(rewards)]
+
+    reward.__name__ = "partly_unscorable"
+    args = make_config(tmp_path, max_steps=3, use_difficult_replay=True, use_high_quality_replay=False)
+    trainer = BAPOTrainer(
+        model=tiny_model_path, reward_funcs=reward, args=args, train_dataset=prompt_dataset(list(scripted.plan))
+    )
+    trainer.train()
+    logs = bapo_logs(trainer)
+    # The fourth completion of each group is unscorable: a is 2/3 and d is 1/3 (mixed), b is 0/3, c is 3/3.
+    assert [log["bapo/x1"] for log in logs] == [2, 2, 2]
+    assert [log["bapo/difficult_buffer"] for log in logs] == [1, 2, 3]
+    assert all(math.isfinite(log["loss"]) for log in logs)
+    assert all(log["bapo/r_tot"] == pytest.approx((2 + 0 + 3 + 1) / 12) for log in logs)
+
+
+def _one_step_weights(tiny_model_path, tmp_path, loss_type, per_device, accumulation):
+    # 6 prompts per rollout; the range filter keeps 5 groups (20 rows), which no micro-batch count here divides.
+    plan = {f"{name}=": [k] for name, k in zip("abcdef", [2, 2, 1, 3, 0, 2])}
+    args = make_config(
+        tmp_path / f"{loss_type}-{accumulation}",
+        per_device_train_batch_size=per_device,
+        gradient_accumulation_steps=accumulation,
+        max_steps=1,
+        loss_type=loss_type,
+        optim="sgd",  # plain SGD: the update is proportional to the gradient, so its scale is visible
+        learning_rate=0.5,
+        max_grad_norm=0.0,
+        use_difficult_replay=False,
+        use_high_quality_replay=False,
+    )
+    trainer = BAPOTrainer(
+        model=tiny_model_path, reward_funcs=ScriptedReward(plan), args=args, train_dataset=prompt_dataset(list(plan))
+    )
+    trainer.train()
+    assert bapo_logs(trainer)[0]["bapo/x1"] == 5
+    return parameters(trainer.model)
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dapo"])
+def test_uneven_micro_batches_give_the_full_batch_gradient(tiny_model_path, tmp_path, loss_type):
+    """20 rows in 1, 3 (7/7/6) or 8 (3,3,3,3,2,2,2,2) micro-batches, and in 24 micro-batches, 4 of them
+    empty, must all take the same optimizer step.
+
+    Plain GRPOTrainer, cutting one batch into 1, 2 or 3 even micro-batches, already differs by up to 0.35% of
+    the update on this model (batch-size-dependent float kernels), so updates are compared at 1%; weighting
+    the micro-batches of 7/7/6 or 3/2 rows as equals is off by far more.
+    """
+    initial = parameters(load_tiny_model(tiny_model_path))
+    reference = _one_step_weights(tiny_model_path, tmp_path, loss_type, per_device=24, accumulation=1)
+    for per_device, accumulation in [(8, 3), (3, 8), (1, 24)]:
+        weights = _one_step_weights(tiny_model_path, tmp_path, loss_type, per_device, accumulation)
+        for name in reference:
+            update = (reference[name] - initial[name]).norm()
+            assert (weights[name] - reference[name]).norm() <= 0.01 * update + 1e-7, (name, accumulation)
+
+
+def test_split_micro_batches_scales_and_fills():
+    batch = {
+        "prompt_ids": torch.zeros(5, 2, dtype=torch.long),
+        "prompt_mask": torch.ones(5, 2, dtype=torch.long),
+        "completion_ids": torch.zeros(5, 3, dtype=torch.long),
+        "completion_mask": torch.tensor([[1, 1, 1], [1, 0, 0], [1, 1, 0], [1, 1, 1], [1, 0, 0]]),
+        "advantages": torch.arange(5.0),
+        "num_items_in_batch": torch.tensor(10),
+    }
+    filler = {key: value[:1] if value.dim() else value for key, value in batch.items()}
+    chunks = split_micro_batches(batch, 3, "grpo", filler)
+    assert [len(c["advantages"]) for c in chunks] == [2, 2, 1]
+    assert [c["bapo_loss_scale"] for c in chunks] == pytest.approx([2 * 3 / 5, 2 * 3 / 5, 1 * 3 / 5])
+    tokens = split_micro_batches(batch, 3, "bnpo", filler)
+    assert [c["bapo_loss_scale"] for c in tokens] == pytest.approx([4 * 3 / 10, 5 * 3 / 10, 1 * 3 / 10])
+    padded = split_micro_batches(batch, 7, "dapo", filler)
+    assert [c["bapo_loss_scale"] for c in padded] == [1.0] * 5 + [0.0] * 2
+    assert padded[-1]["advantages"] is filler["advantages"]

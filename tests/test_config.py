@@ -1,0 +1,79 @@
+"""BAPOConfig: defaults from Table 3, documented fields, and clear errors for every invalid value."""
+
+import dataclasses
+
+import pytest
+from trl import GRPOConfig
+
+from trl_bapo import BAPOConfig, BAPOTrainer
+from trl_bapo.tasks import exact_answer_reward
+
+BAPO_FIELDS = [f for f in dataclasses.fields(BAPOConfig) if f.name not in {g.name for g in dataclasses.fields(GRPOConfig)}]
+
+
+def _config(tmp_path, **kwargs):
+    settings = dict(output_dir=str(tmp_path), use_cpu=True, report_to=[], num_generations=8, per_device_train_batch_size=8)
+    return BAPOConfig(**{**settings, **kwargs})
+
+
+def test_defaults_are_table_3(tmp_path):
+    config = _config(tmp_path)
+    assert (config.rollout_delay, config.reevaluation_interval, config.max_reevaluation_prompts) == (5, 5, 128)
+    assert config.c1 == 1 / 8
+    assert config.c2_range == (1 / 8, 4 / 8) and config.c3_range == (2 / 8, 5 / 8)
+    assert config.high_quality_buffer_steps == 3
+    assert (config.online_filter, config.online_filter_gaussian_mean, config.online_filter_gaussian_std) == (
+        "range", 0.5, 0.2)
+    assert config.online_filter_uniform_keep == 0.6
+    assert config.kl_reference == "behavior"
+
+
+def test_mini_test_fixes_the_thresholds(tmp_path):
+    config = _config(tmp_path, mini_test=True)
+    assert config.c1 == 0 and config.c2_range == (0.5, 0.5) and config.c3_range == (0.5, 0.5)
+
+
+def test_every_bapo_field_is_documented():
+    assert len(BAPO_FIELDS) == 16
+    for field in BAPO_FIELDS:
+        assert len(field.metadata.get("help", "")) > 20, field.name
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        (dict(rollout_delay=0), "rollout_delay"),
+        (dict(reevaluation_interval=0), "reevaluation_interval"),
+        (dict(max_reevaluation_prompts=0), "max_reevaluation_prompts"),
+        (dict(high_quality_buffer_steps=0), "high_quality_buffer_steps"),
+        (dict(difficult_buffer_size=0), "difficult_buffer_size"),
+        (dict(difficult_threshold=-0.1), "difficult_threshold"),
+        (dict(difficult_threshold=1.0), "difficult_threshold"),
+        (dict(high_quality_lower_range=[-0.1, 0.5]), "high_quality_lower_range"),
+        (dict(high_quality_upper_range=[0.5, 1.5]), "high_quality_upper_range"),
+        (dict(high_quality_lower_range=[0.5, 0.25]), "reversed"),
+        (dict(high_quality_upper_range=[0.6, 0.3]), "reversed"),
+        (dict(high_quality_lower_range=[0.5]), "high_quality_lower_range"),
+        (dict(high_quality_lower_range=[0.3, 0.7], high_quality_upper_range=[0.2, 0.6]), "must not lie above"),
+        (dict(online_filter="topk"), "online_filter"),
+        (dict(online_filter_gaussian_std=0.0), "online_filter_gaussian_std"),
+        (dict(online_filter_uniform_keep=0.0), "online_filter_uniform_keep"),
+        (dict(online_filter_uniform_keep=1.5), "online_filter_uniform_keep"),
+        (dict(kl_reference="initial"), "kl_reference"),
+        (dict(mini_test=True, difficult_threshold=0.1), "mini_test"),
+        (dict(mini_test=True, high_quality_lower_range=[0.5, 0.5]), "mini_test"),
+        (dict(mini_test=True, online_filter="gaussian"), "mini_test"),
+        (dict(num_generations=1, per_device_train_batch_size=1), "at least 2 generations"),
+        (dict(use_vllm=True), "use_vllm"),
+        (dict(kl_reference="behavior", beta=0.01, sync_ref_model=True), "sync_ref_model"),
+    ],
+)
+def test_invalid_values_fail_at_construction_naming_the_field(tmp_path, kwargs, field):
+    with pytest.raises(ValueError, match=field):
+        _config(tmp_path, **kwargs)
+
+
+def test_trainer_wants_a_bapo_config(tiny_model_path, tmp_path):
+    grpo = GRPOConfig(output_dir=str(tmp_path), use_cpu=True, report_to=[])
+    with pytest.raises(TypeError, match="BAPOConfig"):
+        BAPOTrainer(model=tiny_model_path, reward_funcs=exact_answer_reward, args=grpo)
