@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from trl_bapo import BAPOTrainer
-from trl_bapo.batch import split_micro_batches
+from trl_bapo.batch import concat_batches, split_micro_batches, unmeasured_rows
 from trl_bapo.tiny import load_tiny_model
 
 from conftest import GROUP_SIZE, ScriptedReward, bapo_logs, make_config, parameters, prompt_dataset
@@ -114,3 +114,43 @@ def test_split_micro_batches_scales_and_fills():
     padded = split_micro_batches(batch, 7, "dapo", filler)
     assert [c["bapo_loss_scale"] for c in padded] == [1.0] * 5 + [0.0] * 2
     assert padded[-1]["advantages"] is filler["advantages"]
+
+
+def test_all_three_parts_with_behaviour_kl_train_without_nan(tiny_model_path, tmp_path):
+    """Stale X1, re-evaluated X2 and replayed X3 in one batch, with the behaviour-policy KL: no NaN anywhere."""
+    plan = {f"{t}{name}=": ks for t in range(12) for name, ks in zip("abcd", [[2], [0, 2], [0, 0], [3]])}
+    args = make_config(
+        tmp_path,
+        max_steps=12,
+        max_completion_length=12,
+        rollout_delay=3,
+        reevaluation_interval=1,
+        beta=0.05,
+        high_quality_lower_range=[0.5, 0.5],
+        high_quality_upper_range=[0.75, 0.75],
+    )
+    trainer = BAPOTrainer(
+        model=tiny_model_path, reward_funcs=ScriptedReward(plan), args=args, train_dataset=prompt_dataset(list(plan))
+    )
+    trainer.train()
+    logs = bapo_logs(trainer)
+    assert sum(log["bapo/x2"] for log in logs) > 0 and sum(log["bapo/x3"] for log in logs) > 0
+    assert all(math.isfinite(log["grad_norm"]) and math.isfinite(log["kl"]) for log in logs)
+
+
+def test_unmeasured_rows_survive_re_padding():
+    """A part whose behaviour log-probs are not measured yet (NaN) concatenated with a wider, measured part."""
+    def part(rows, width, logps):
+        return {
+            "prompt_ids": torch.ones(rows, 2, dtype=torch.long),
+            "prompt_mask": torch.ones(rows, 2, dtype=torch.long),
+            "completion_ids": torch.ones(rows, width, dtype=torch.long),
+            "completion_mask": torch.ones(rows, width, dtype=torch.long),
+            "advantages": torch.zeros(rows),
+            "old_per_token_logps": torch.full((rows, width), logps),
+        }
+
+    merged = concat_batches([part(2, 3, math.nan), part(1, 5, -1.0)], pad_token_id=0)
+    assert merged["old_per_token_logps"].shape == (3, 5)
+    assert unmeasured_rows(merged["old_per_token_logps"]).tolist() == [True, True, False]
+    assert merged["completion_mask"][0].tolist() == [1, 1, 1, 0, 0]

@@ -93,6 +93,12 @@ def concat_batches(batches: list[dict[str, Any]], pad_token_id: int) -> dict[str
     return merged
 
 
+def unmeasured_rows(logps: torch.Tensor) -> torch.Tensor:
+    """Rows whose behaviour log-probs are still the NaN placeholder. After `concat_batches` re-pads a row next
+    to a wider part, only its original columns are NaN, so any NaN marks the row."""
+    return torch.isnan(logps).any(dim=1)
+
+
 def masked_row(batch: dict[str, Any]) -> dict[str, Any]:
     """One row of `batch` that carries no loss: fills a micro-batch that has no rows of its own, so that
     every micro-step still runs a forward and backward pass (and distributed ranks stay in step)."""

@@ -120,6 +120,21 @@ class BAPOConfig(GRPOConfig):
         },
     )
 
+    dynamic_sampling: bool = field(
+        default=False,
+        metadata={
+            "help": "DAPO's dynamic sampling: keep generating fresh prompt batches until the rollout holds as many "
+            "groups with non-zero reward variance as a rollout batch has prompts, or until "
+            "`dynamic_sampling_max_rounds` batches were generated. Usable on its own (with both replays off and "
+            "rollout_delay=1 this is DAPO's sampler, to pair with epsilon_high=0.28 and loss_type='dapo') or with "
+            "BAPO. Needs a map-style train dataset."
+        },
+    )
+    dynamic_sampling_max_rounds: int = field(
+        default=4,
+        metadata={"help": "Most prompt batches generated per rollout step under `dynamic_sampling` (DAPO: 4)."},
+    )
+
     def __post_init__(self):
         self._validate_bapo_fields()
         super().__post_init__()
@@ -148,7 +163,13 @@ class BAPOConfig(GRPOConfig):
         return (0.5, 0.5) if self.mini_test else DEFAULT_C3_RANGE
 
     def _validate_bapo_fields(self) -> None:
-        for name in ("rollout_delay", "reevaluation_interval", "max_reevaluation_prompts", "high_quality_buffer_steps"):
+        for name in (
+            "rollout_delay",
+            "reevaluation_interval",
+            "max_reevaluation_prompts",
+            "high_quality_buffer_steps",
+            "dynamic_sampling_max_rounds",
+        ):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}.")

@@ -7,7 +7,10 @@ An optional supervised warm start on a task gives the model a spread of difficul
 
 from __future__ import annotations
 
+import os
 import random
+import shutil
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -95,15 +98,21 @@ def build_tiny_model(
 ) -> Path:
     """Writes the tiny model and tokenizer to `path` (reused when already there) and returns the path."""
     path = Path(path)
-    if (path / "config.json").exists() and (path / "tokenizer.json").exists():
+    if path.is_dir():
         return path
     tokenizer = build_tokenizer()
     model = build_model(tokenizer, seed=seed)
     if warm_start_steps:
         warm_start(model, tokenizer, warm_start_pairs, warm_start_steps, seed=seed)
-    path.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
+    # Written aside and renamed, so an interrupted build never leaves a half model to be reused.
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent if path.parent.exists() else None))
+    model.save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.replace(staging, path)
+    except OSError:
+        shutil.rmtree(staging, ignore_errors=True)  # another process finished the same build first
     return path
 
 

@@ -15,6 +15,7 @@ log-probs of every sample travel in TRL's `old_per_token_logps`, which TRL's los
 from __future__ import annotations
 
 import math
+import time
 from collections import defaultdict
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -25,7 +26,15 @@ from trl import GRPOTrainer
 from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import get_config_model_id, shuffle_sequence_dict
 
-from trl_bapo.batch import concat_batches, masked_row, num_rows, select_rows, split_micro_batches, to_device
+from trl_bapo.batch import (
+    concat_batches,
+    masked_row,
+    num_rows,
+    select_rows,
+    split_micro_batches,
+    to_device,
+    unmeasured_rows,
+)
 from trl_bapo.buffers import DifficultBuffer, HighQualityBuffer, ReplayGroup
 from trl_bapo.config import BAPOConfig
 from trl_bapo.rollout import RolloutSnapshot
@@ -69,6 +78,11 @@ class BAPOTrainer(GRPOTrainer):
         finally:
             args.beta = beta
         self.beta = beta
+        if args.dynamic_sampling and not hasattr(self.train_dataset, "__getitem__"):
+            raise ValueError(
+                "dynamic_sampling draws extra prompts by index and needs a map-style train dataset; pass a "
+                "datasets.Dataset rather than an IterableDataset, or set dynamic_sampling=False."
+            )
         if self.accelerator.num_processes > 1:
             raise NotImplementedError(
                 "BAPOTrainer runs in a single process for now: its buffers are not yet shared across ranks. "
@@ -85,9 +99,11 @@ class BAPOTrainer(GRPOTrainer):
         self._reward_sum = 0.0
         self._reward_count = 0
         self._rollouts = 0
+        self._prompt_order: list[int] = []  # dynamic sampling's own pass over the train dataset
         self._skip_update = False
         self._skip_hooks_installed = False
         self._last_rewards_per_func: torch.Tensor | None = None
+        self._scoring_seconds = 0.0  # time spent in TRL's generation and scoring during this rollout step
 
     # ---- TRL overrides -------------------------------------------------------------------------------------
 
@@ -119,6 +135,7 @@ class BAPOTrainer(GRPOTrainer):
     def _assemble_batch(self, inputs: list[dict[str, Any]]) -> tuple[dict[str, Any], dict[str, Any]]:
         """Runs rollout step t and returns the training batch X1 + X2 + X3 and a loss-free filler row."""
         args, group_size = self.args, self.num_generations
+        started, self._scoring_seconds = time.perf_counter(), 0.0
         self._rollout_step += 1
         t = self._rollout_step
         policy = self.accelerator.unwrap_model(self.model)
@@ -126,7 +143,7 @@ class BAPOTrainer(GRPOTrainer):
         lag = self._snapshot.lag(t)
 
         with self._snapshot.applied(policy, t):
-            fresh, rewards = self._score(inputs)
+            fresh, rewards, inputs = self._sample_fresh(inputs)
             accuracy = group_accuracy(rewards, group_size)
             self._reward_sum += float(torch.nansum(rewards))
             self._reward_count += int((~torch.isnan(rewards)).sum())
@@ -142,6 +159,8 @@ class BAPOTrainer(GRPOTrainer):
                 args.online_filter_gaussian_std,
                 args.online_filter_uniform_keep,
             )
+            if args.dynamic_sampling:
+                x1 &= x1.cumsum(0) <= self._batch_groups  # DAPO trains on exactly B groups when it has them
             high = high_quality_mask(accuracy, c2, c3) & args.use_high_quality_replay
             # Behaviour log-probs are taken now, while alpha is in the model: for X1 when it is off-policy or
             # the KL needs them, and for every group kept for later replay.
@@ -194,8 +213,37 @@ class BAPOTrainer(GRPOTrainer):
             reevaluated=num_reevaluated,
             policy_lag=lag,
             skipped=float(num_rows(batch) == 0),
+            assembly_seconds=time.perf_counter() - started - self._scoring_seconds,
         )
         return batch, self._filler_row(batch if num_rows(batch) else fresh)
+
+    def _sample_fresh(self, inputs: list[dict[str, Any]]) -> tuple[dict[str, Any], torch.Tensor, list[dict[str, Any]]]:
+        """X_on: one rollout batch, or with `dynamic_sampling` as many as DAPO draws (at most
+        `dynamic_sampling_max_rounds`) until B groups have non-zero reward variance."""
+        batch, rewards = self._score(inputs)
+        if not self.args.dynamic_sampling:
+            return batch, rewards, inputs
+        batches, inputs = [batch], list(inputs)
+        while len(batches) < self.args.dynamic_sampling_max_rounds and (
+            int(group_has_variance(rewards, self.num_generations).sum()) < self._batch_groups
+        ):
+            more = self._next_prompts()
+            batch, more_rewards = self._score(more)
+            batches.append(batch)
+            inputs += more
+            rewards = torch.cat([rewards, more_rewards])
+        self._log_step(sampling_rounds=len(batches))
+        return concat_batches(batches, self._tokenizer.pad_token_id), rewards, inputs
+
+    def _next_prompts(self) -> list[dict[str, Any]]:
+        """B more prompts, each repeated G times as TRL's sampler does, from a shuffled pass over the data."""
+        rows = []
+        for _ in range(self._batch_groups):
+            if not self._prompt_order:
+                self._prompt_order = torch.randperm(len(self.train_dataset), generator=self._generator).tolist()
+            example = self.train_dataset[self._prompt_order.pop()]
+            rows += [dict(example) for _ in range(self.num_generations)]
+        return rows
 
     def _reevaluate(self) -> tuple[dict[str, Any], int]:
         """X2 (eq. 6): regenerate the oldest prompts of B_bad with the current policy; keep c1 < mu < 1.
@@ -222,8 +270,10 @@ class BAPOTrainer(GRPOTrainer):
 
     def _score(self, inputs: list[dict[str, Any]]) -> tuple[dict[str, Any], torch.Tensor]:
         """TRL's generation and scoring, plus each completion's reward (weighted over reward functions)."""
+        started = time.perf_counter()
         with self._reference_kl_off():
             batch = self._generate_and_score_completions(inputs)
+        self._scoring_seconds += time.perf_counter() - started
         if "pixel_values" in batch:
             raise NotImplementedError("BAPOTrainer does not support image inputs yet.")
         per_func = self._last_rewards_per_func
@@ -259,7 +309,7 @@ class BAPOTrainer(GRPOTrainer):
         """Makes the behaviour log-probs whole, or drops them when every row is on-policy and nothing needs
         them: TRL then takes the ratio against the detached current log-probs, exactly as GRPO does."""
         logps = batch[BEHAVIOUR_LOGPS]
-        missing = torch.isnan(logps).all(dim=1)
+        missing = unmeasured_rows(logps)
         if missing.all() and not self._behaviour_kl:
             batch.pop(BEHAVIOUR_LOGPS, None)
             return batch

@@ -1,0 +1,235 @@
+"""`make bench`: GRPO, DAPO and BAPO (with its ablations) side by side on the embedded default.
+
+Every method trains the same warm-started tiny model on the same prompts for the same number of optimizer
+steps with the same shared settings; only the method's own switches differ. GRPO runs on `trl.GRPOTrainer`
+itself. Each run records held-out accuracy, rollouts, wall time, unlock rate, zero-variance share and batch
+fill; `bench/results.json` holds the records and `bench/RESULTS.md` the medians over seeds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import subprocess
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from transformers import AutoTokenizer, PrinterCallback
+from trl import GRPOConfig, GRPOTrainer
+
+from trl_bapo import BAPOConfig, BAPOTrainer
+from trl_bapo.embedded import embedded_datasets, embedded_model
+from trl_bapo.evaluation import accuracy_bins, prompt_accuracies, unlock_rate
+from trl_bapo.plots import plot_accuracy_bins, plot_composition, plot_reward
+from trl_bapo.tasks import ARITHMETIC, TASKS, reward_function
+from trl_bapo.tiny import load_tiny_model
+
+GROUP_SIZE = 8
+PROMPTS_PER_STEP = 16
+TRACKED_PROMPTS = 256
+
+# Settings every method shares (paper Table 3 where it applies to a model this size).
+SHARED = dict(
+    num_generations=GROUP_SIZE,
+    per_device_train_batch_size=GROUP_SIZE * PROMPTS_PER_STEP // 2,
+    gradient_accumulation_steps=2,
+    max_completion_length=8,
+    learning_rate=1e-3,
+    beta=0.001,
+    temperature=1.0,
+    logging_steps=1,
+    report_to=[],
+    save_strategy="no",
+    use_cpu=True,
+    disable_tqdm=True,
+)
+OFF = dict(rollout_delay=1, use_difficult_replay=False, use_high_quality_replay=False, kl_reference="ref")
+METHODS: dict[str, dict] = {
+    "grpo": {},
+    "dapo": dict(OFF, online_filter="range", dynamic_sampling=True, epsilon_high=0.28),
+    "bapo": {},
+    "bapo_no_x2": dict(use_difficult_replay=False),
+    "bapo_no_x3": dict(use_high_quality_replay=False),
+    "bapo_mini": dict(mini_test=True),
+}
+
+
+def run_method(
+    method: str, seed: int, steps: int, task: str, output_dir: Path, tracked_before: Sequence[float] | None = None
+) -> dict:
+    """Trains one method from the embedded model and measures it; returns the run record."""
+    model_path = embedded_model(task)
+    train, heldout = embedded_datasets(task)
+    reward = reward_function(task)
+    common = dict(SHARED, output_dir=str(output_dir / f"{method}-{seed}"), max_steps=steps, seed=seed)
+    if method == "grpo":
+        trainer = GRPOTrainer(model=str(model_path), reward_funcs=reward, args=GRPOConfig(**common), train_dataset=train)
+    else:
+        args = BAPOConfig(**common, **METHODS[method])
+        trainer = BAPOTrainer(model=str(model_path), reward_funcs=reward, args=args, train_dataset=train)
+    trainer.remove_callback(PrinterCallback)
+    started = time.perf_counter()
+    trainer.train()
+    wall = time.perf_counter() - started
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    heldout_rows = list(heldout)
+    tracked = [train[i] for i in range(TRACKED_PROMPTS)]
+    logs = [entry for entry in trainer.state.log_history if "reward" in entry]
+    tracked_after = prompt_accuracies(trainer.model, tokenizer, tracked, reward, num_samples=GROUP_SIZE, seed=seed)
+    if tracked_before is None:
+        tracked_before = base_accuracies(task)
+    record = {
+        "method": method,
+        "seed": seed,
+        "task": task,
+        "steps": steps,
+        "rollouts": logs[-1].get("bapo/rollouts", steps * PROMPTS_PER_STEP * GROUP_SIZE),
+        "wall_seconds": wall,
+        "eval_accuracy": _mean(
+            prompt_accuracies(trainer.model, tokenizer, heldout_rows, reward, num_samples=GROUP_SIZE, seed=seed)
+        ),
+        "eval_accuracy_greedy": _mean(prompt_accuracies(trainer.model, tokenizer, heldout_rows, reward, greedy=True)),
+        "unlock_rate": unlock_rate(tracked_before, tracked_after),
+        "zero_std_fraction": _mean([entry["frac_reward_zero_std"] for entry in logs]),
+        "batch_fill": _mean([entry.get("bapo/batch_fill", 1.0) for entry in logs]),
+        "reward_curve": [entry["reward"] for entry in logs],
+        "tracked_bins": accuracy_bins(tracked_after, GROUP_SIZE),
+    }
+    if method == "bapo":
+        record["composition"] = [
+            {key: entry[key] for key in ("bapo/x1", "bapo/x2", "bapo/x3")} for entry in logs
+        ]
+    return record
+
+
+def base_accuracies(task: str) -> list[float]:
+    """Per-prompt accuracy of the base model on the tracked training prompts (fixed evaluation seed)."""
+    model_path = embedded_model(task)
+    train, _ = embedded_datasets(task)
+    return prompt_accuracies(
+        load_tiny_model(model_path),
+        AutoTokenizer.from_pretrained(model_path),
+        [train[i] for i in range(TRACKED_PROMPTS)],
+        reward_function(task),
+        num_samples=GROUP_SIZE,
+    )
+
+
+def summarize(records: list[dict], base_bins: list[int], output: Path, seconds: float) -> str:
+    """Writes the plots and returns RESULTS.md: medians with min-max per method, and the targets."""
+    methods = [m for m in METHODS if any(r["method"] == m for r in records)]
+    metrics = ["eval_accuracy", "eval_accuracy_greedy", "rollouts", "unlock_rate", "zero_std_fraction",
+               "batch_fill", "seconds_per_step"]
+    for record in records:
+        record.setdefault("seconds_per_step", record["wall_seconds"] / record["steps"])
+    median = {m: {k: statistics.median(r[k] for r in records if r["method"] == m) for k in metrics} for m in methods}
+
+    def cell(method: str, key: str, digits: int) -> str:
+        values = [r[key] for r in records if r["method"] == method]
+        return f"{median[method][key]:.{digits}f} ({min(values):.{digits}f}-{max(values):.{digits}f})"
+
+    rows = [
+        f"| {m} | {cell(m, 'eval_accuracy', 3)} | {cell(m, 'eval_accuracy_greedy', 3)} | {cell(m, 'rollouts', 0)} "
+        f"| {cell(m, 'unlock_rate', 3)} | {cell(m, 'zero_std_fraction', 2)} | {cell(m, 'batch_fill', 2)} "
+        f"| {cell(m, 'seconds_per_step', 3)} |"
+        for m in methods
+    ]
+    curves = {m: [statistics.median(v) for v in zip(*(r["reward_curve"] for r in records if r["method"] == m))]
+              for m in methods}
+    plot_reward(curves, output / "reward.png", title="Training reward (median over seeds)")
+    bapo_runs = [r for r in records if r["method"] == "bapo"]
+    if bapo_runs:
+        plot_composition(bapo_runs[0]["composition"], PROMPTS_PER_STEP, output / "composition.png")
+        plot_accuracy_bins(base_bins, bapo_runs[0]["tracked_bins"], output / "accuracy_bins.png")
+    targets = _targets(median) if {"grpo", "dapo", "bapo"} <= set(methods) else []
+    seeds = sorted({r["seed"] for r in records})
+    return "\n".join([
+        "# Benchmark: GRPO vs DAPO vs BAPO on the embedded default",
+        "",
+        f"Task `{records[0]['task']}`, {records[0]['steps']} optimizer steps per run, seeds {seeds}, "
+        f"G = {GROUP_SIZE}, {PROMPTS_PER_STEP} prompts per rollout step. Medians over seeds, (min-max).",
+        f"Machine: {platform.machine()}, {torch.get_num_threads()} torch threads, {platform.platform()}; "
+        f"commit {_commit()}; whole run {seconds / 60:.1f} min.",
+        "",
+        "| method | held-out mean@8 | held-out greedy | rollouts | unlock rate | zero-std share | batch fill "
+        "| s / step |",
+        "|---|---|---|---|---|---|---|---|",
+        *rows,
+        "",
+        "## Targets (same run, medians)",
+        "",
+        *targets,
+        "",
+        "![reward](reward.png) ![composition](composition.png) ![bins](accuracy_bins.png)",
+        "",
+    ])
+
+
+def _targets(median: dict) -> list[str]:
+    bapo, grpo, dapo = median["bapo"], median["grpo"], median["dapo"]
+
+    def ratio(a: float, b: float) -> float:
+        return a / b if b else float("inf")
+
+    checks = [
+        ("BAPO held-out accuracy >= 1.10 x GRPO", ratio(bapo["eval_accuracy"], grpo["eval_accuracy"]), 1.10, True),
+        ("BAPO accuracy >= DAPO's", ratio(bapo["eval_accuracy"], dapo["eval_accuracy"]), 1.0, True),
+        ("BAPO rollouts <= 0.5 x DAPO's", ratio(bapo["rollouts"], dapo["rollouts"]), 0.5, False),
+        ("BAPO unlock rate >= 1.5 x GRPO", ratio(bapo["unlock_rate"], grpo["unlock_rate"]), 1.5, True),
+        ("BAPO s/step <= 1.15 x GRPO", ratio(bapo["seconds_per_step"], grpo["seconds_per_step"]), 1.15, False),
+    ]
+    return [
+        f"- {name}: ratio {value:.2f} -> {'met' if (value >= bound if at_least else value <= bound) else 'MISSED'}"
+        for name, value, bound, at_least in checks
+    ]
+
+
+def _commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    except OSError:
+        return "unknown"
+
+
+def _mean(values: Sequence[float]) -> float:
+    return sum(values) / len(values)
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--task", default=ARITHMETIC, choices=TASKS)
+    parser.add_argument("--output-dir", default="bench")
+    options = parser.parse_args(argv)
+    output = Path(options.output_dir)
+    output.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    base = base_accuracies(options.task)
+    records = []
+    # Methods interleave within each seed so that machine load drifts hit every method alike.
+    for seed in options.seeds:
+        for method in options.methods:
+            record = run_method(method, seed, options.steps, options.task, output / "runs", base)
+            records.append(record)
+            print(
+                f"{method:>11} seed {seed}: held-out {record['eval_accuracy']:.3f} greedy "
+                f"{record['eval_accuracy_greedy']:.3f} rollouts {record['rollouts']:.0f} unlock "
+                f"{record['unlock_rate']:.3f} fill {record['batch_fill']:.2f} {record['wall_seconds']:.0f}s",
+                flush=True,
+            )
+            (output / "results.json").write_text(json.dumps(records, indent=1))
+    report = summarize(records, accuracy_bins(base, GROUP_SIZE), output, time.perf_counter() - started)
+    (output / "RESULTS.md").write_text(report)
+    print(report)
+    return records
+
+
+if __name__ == "__main__":
+    main()

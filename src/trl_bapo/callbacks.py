@@ -1,0 +1,29 @@
+"""A console view of BAPO at work: one line per logged step with the batch composition and buffers."""
+
+from __future__ import annotations
+
+from transformers import TrainerCallback
+
+
+class CompositionPrinter(TrainerCallback):
+    """Prints reward, X1/X2/X3 against the configured batch, buffer sizes, thresholds and rollouts spent."""
+
+    def __init__(self, batch_groups: int):
+        self.batch_groups = batch_groups
+        self.header_printed = False
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not logs or "bapo/x1" not in logs or not state.is_world_process_zero:
+            return
+        if not self.header_printed:
+            print(f"{'step':>5} {'reward':>7} {'X1':>4} {'X2':>4} {'X3':>4} {'/B':>4} "
+                  f"{'B_bad':>6} {'B_high':>6} {'c2':>5} {'c3':>5} {'lag':>3} {'rollouts':>9}")
+            self.header_printed = True
+        print(
+            f"{state.global_step:>5} {logs.get('reward', float('nan')):>7.3f} {logs['bapo/x1']:>4.0f} "
+            f"{logs['bapo/x2']:>4.0f} {logs['bapo/x3']:>4.0f} {self.batch_groups:>4} "
+            f"{logs['bapo/difficult_buffer']:>6.0f} {logs['bapo/high_quality_buffer']:>6.0f} "
+            f"{logs['bapo/c2']:>5.2f} {logs['bapo/c3']:>5.2f} {logs['bapo/policy_lag']:>3.0f} "
+            f"{logs['bapo/rollouts']:>9.0f}",
+            flush=True,
+        )

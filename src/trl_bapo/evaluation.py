@@ -1,0 +1,78 @@
+"""Per-prompt accuracy of a model on a task: held-out accuracy, accuracy bins and unlock rates.
+
+Completions are sampled with `model.generate` (left-padded batches), the way the paper measures mean@G:
+G samples per prompt at temperature 1, or one greedy completion.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+
+@torch.no_grad()
+def prompt_accuracies(
+    model,
+    tokenizer,
+    rows: Sequence[dict[str, Any]],
+    reward_func: Callable[..., list[float]],
+    num_samples: int = 8,
+    greedy: bool = False,
+    max_new_tokens: int = 8,
+    batch_size: int = 256,
+    seed: int = 0,
+) -> list[float]:
+    """Share of correct completions per prompt (num_samples samples at temperature 1, or 1 greedy)."""
+    samples = 1 if greedy else num_samples
+    expanded = [row for row in rows for _ in range(samples)]
+    generator_state = torch.get_rng_state()
+    torch.manual_seed(seed)
+    was_training = model.training
+    model.eval()
+    completions = []
+    try:
+        for start in range(0, len(expanded), batch_size):
+            chunk = expanded[start : start + batch_size]
+            encoded = tokenizer([row["prompt"] for row in chunk], return_tensors="pt", padding=True, padding_side="left")
+            output = model.generate(
+                **encoded,
+                max_new_tokens=max_new_tokens,
+                do_sample=not greedy,
+                temperature=1.0 if not greedy else None,
+                top_p=1.0,
+                top_k=0,
+                pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+            )
+            completions += tokenizer.batch_decode(output[:, encoded["input_ids"].shape[1] :], skip_special_tokens=True)
+    finally:
+        model.train(was_training)
+        torch.set_rng_state(generator_state)
+    columns = {key: [row[key] for row in expanded] for key in expanded[0] if key != "prompt"}
+    rewards = reward_func(prompts=[row["prompt"] for row in expanded], completions=completions, **columns)
+    per_prompt = torch.tensor(rewards, dtype=torch.float32).view(len(rows), samples)
+    return per_prompt.mean(dim=1).tolist()
+
+
+def accuracy_bins(accuracies: Sequence[float], num_samples: int) -> list[int]:
+    """How many prompts sit at 0/G, 1/G, ..., G/G (the paper's fig. 7)."""
+    counts = [0] * (num_samples + 1)
+    for accuracy in accuracies:
+        counts[round(accuracy * num_samples)] += 1
+    return counts
+
+
+def unlock_rate(before: Sequence[float], after: Sequence[float]) -> float:
+    """Share of the prompts at 0/G before training that reach at least 1/G after it."""
+    unsolved = [b_after for b_before, b_after in zip(before, after) if b_before == 0]
+    return sum(a > 0 for a in unsolved) / len(unsolved) if unsolved else 0.0
+
+
+def migration_matrix(before: Sequence[float], after: Sequence[float], num_samples: int) -> list[list[int]]:
+    """counts[i][j]: prompts that moved from accuracy bin i/G to bin j/G (the paper's fig. 15)."""
+    counts = [[0] * (num_samples + 1) for _ in range(num_samples + 1)]
+    for b, a in zip(before, after):
+        counts[round(b * num_samples)][round(a * num_samples)] += 1
+    return counts

@@ -1,0 +1,77 @@
+"""PNG plots of a BAPO run: training reward, batch composition, accuracy bins and migration (paper figs. 7, 8, 15)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+COLOURS = {"x1": "#4C72B0", "x2": "#DD8452", "x3": "#55A868"}
+
+
+def _save(figure, path: Path) -> Path:
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return path
+
+
+def plot_reward(curves: dict[str, Sequence[float]], path: Path, title: str = "Training reward") -> Path:
+    """One line per run: mean reward of the fresh rollouts at each step."""
+    figure, axis = plt.subplots(figsize=(6, 3.5))
+    for label, values in curves.items():
+        axis.plot(range(1, len(values) + 1), values, label=label)
+    axis.set(xlabel="optimizer step", ylabel="mean reward of fresh rollouts", title=title)
+    axis.legend()
+    axis.grid(alpha=0.3)
+    return _save(figure, path)
+
+
+def plot_composition(logs: Sequence[dict], batch_groups: int, path: Path) -> Path:
+    """X1/X2/X3 groups per step, stacked, against the configured batch (fig. 8)."""
+    steps = range(1, len(logs) + 1)
+    figure, axis = plt.subplots(figsize=(7, 3.5))
+    bottom = [0.0] * len(logs)
+    for part, label in (("x1", "X1 fresh, filtered"), ("x2", "X2 re-evaluated difficult"), ("x3", "X3 replayed")):
+        values = [log[f"bapo/{part}"] for log in logs]
+        axis.bar(steps, values, bottom=bottom, color=COLOURS[part], label=label, width=0.9)
+        bottom = [b + v for b, v in zip(bottom, values)]
+    axis.axhline(batch_groups, color="black", linestyle="--", linewidth=1, label=f"configured batch ({batch_groups})")
+    axis.set(xlabel="optimizer step", ylabel="groups in the training batch", title="Batch composition")
+    axis.legend(loc="upper left", fontsize=8, ncols=2)
+    return _save(figure, path)
+
+
+def plot_accuracy_bins(before: Sequence[int], after: Sequence[int], path: Path) -> Path:
+    """Prompts per accuracy bin before and after training (fig. 7)."""
+    num_samples = len(before) - 1
+    labels = [f"{i}/{num_samples}" for i in range(num_samples + 1)]
+    positions = range(len(labels))
+    figure, axis = plt.subplots(figsize=(7, 3.5))
+    axis.bar([p - 0.2 for p in positions], before, width=0.4, label="before training", color="#8C8C8C")
+    axis.bar([p + 0.2 for p in positions], after, width=0.4, label="after training", color="#4C72B0")
+    axis.set_xticks(list(positions), labels)
+    axis.set(xlabel="per-prompt accuracy bin", ylabel="prompts", title="Accuracy bins on training prompts")
+    axis.legend()
+    return _save(figure, path)
+
+
+def plot_migration(matrix: Sequence[Sequence[int]], path: Path) -> Path:
+    """Heat map of prompts moving between accuracy bins (fig. 15): rows before, columns after."""
+    num_samples = len(matrix) - 1
+    labels = [f"{i}/{num_samples}" for i in range(num_samples + 1)]
+    figure, axis = plt.subplots(figsize=(5.5, 4.5))
+    image = axis.imshow(matrix, cmap="Blues")
+    for i, row in enumerate(matrix):
+        for j, count in enumerate(row):
+            if count:
+                axis.text(j, i, str(count), ha="center", va="center", fontsize=7)
+    axis.set_xticks(range(len(labels)), labels, fontsize=7)
+    axis.set_yticks(range(len(labels)), labels, fontsize=7)
+    axis.set(xlabel="accuracy after training", ylabel="accuracy before training", title="Accuracy migration")
+    figure.colorbar(image, ax=axis, shrink=0.8)
+    return _save(figure, path)
