@@ -2,7 +2,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test demo clean
+.PHONY: install test demo bench clean
 
 install: $(STAMP)
 
@@ -20,6 +20,9 @@ test: install
 
 demo: install
 	$(PY) -m trl_bapo.demo
+
+bench: install
+	$(PY) -m trl_bapo.benchmark
 
 clean:
 	rm -rf $(VENV) demo_outputs .pytest_cache

@@ -10,6 +10,8 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from accelerate import Accelerator
+from accelerate.utils import gather_object
 
 # Per-row 2-D fields and their padding: prompts are left-padded, completions right-padded (as TRL pads them).
 LEFT_PADDED = {"prompt_ids", "prompt_mask"}
@@ -24,7 +26,7 @@ RIGHT_PADDED = {
 }
 PAD_VALUES = {"tool_mask": 1, "importance_sampling_ratio": 1.0}
 # Fields that hold one value for the whole batch rather than one per row.
-BATCH_SCALARS = {"num_items_in_batch"}
+BATCH_SCALARS = {"num_items_in_batch", "bapo_loss_scale"}
 
 # How each TRL loss type normalises a micro-batch (trl 1.16.0, GRPOTrainer._compute_loss).
 PER_SEQUENCE_LOSSES = {"grpo", "sapo", "luspo", "dr_grpo"}
@@ -97,6 +99,24 @@ def unmeasured_rows(logps: torch.Tensor) -> torch.Tensor:
     """Rows whose behaviour log-probs are still the NaN placeholder. After `concat_batches` re-pads a row next
     to a wider part, only its original columns are NaN, so any NaN marks the row."""
     return torch.isnan(logps).any(dim=1)
+
+
+def gather_batch(batch: dict[str, Any], accelerator: Accelerator, pad_token_id: int) -> dict[str, Any]:
+    """The rows of every process, in process order, on every process (padded to the widest process)."""
+    if accelerator.num_processes == 1:
+        return batch
+    gathered = {}
+    for key, value in batch.items():
+        if key in BATCH_SCALARS or value is None:
+            gathered[key] = value
+        elif isinstance(value, torch.Tensor):
+            if value.dim() >= 2:
+                pad_value = pad_token_id if key.endswith("_ids") else PAD_VALUES.get(key, 0)
+                value = accelerator.pad_across_processes(value, dim=1, pad_index=pad_value, pad_first=key in LEFT_PADDED)
+            gathered[key] = accelerator.gather(value)
+        else:
+            gathered[key] = gather_object(value)
+    return gathered
 
 
 def masked_row(batch: dict[str, Any]) -> dict[str, Any]:

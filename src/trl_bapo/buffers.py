@@ -49,6 +49,13 @@ class DifficultBuffer:
     def prompts(self) -> list[Any]:
         return [example["prompt"] for example in self._entries.values()]
 
+    def state_dict(self) -> dict[str, Any]:
+        return {"capacity": self.capacity, "examples": list(self._entries.values())}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.capacity = state["capacity"]
+        self._entries = OrderedDict((prompt_key(example), example) for example in state["examples"])
+
 
 @dataclass
 class ReplayGroup:
@@ -93,3 +100,10 @@ class HighQualityBuffer:
 
     def groups(self) -> list[ReplayGroup]:
         return list(self._groups)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"window": self.window, "groups": [vars(group) for group in self._groups]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.window = state["window"]
+        self._groups = [ReplayGroup(**group) for group in state["groups"]]

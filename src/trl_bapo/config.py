@@ -135,6 +135,15 @@ class BAPOConfig(GRPOConfig):
         metadata={"help": "Most prompt batches generated per rollout step under `dynamic_sampling` (DAPO: 4)."},
     )
 
+    resume_without_bapo_state: bool = field(
+        default=False,
+        metadata={
+            "help": "When resuming from a checkpoint that has no readable BAPO state (buffers, thresholds, rollout "
+            "snapshot), start with empty buffers instead of failing. Off by default so a resume never resets "
+            "them silently."
+        },
+    )
+
     def __post_init__(self):
         self._validate_bapo_fields()
         super().__post_init__()

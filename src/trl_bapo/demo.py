@@ -11,7 +11,7 @@ import json
 import time
 from pathlib import Path
 
-from transformers import AutoTokenizer
+from transformers import AutoTokenizer, PrinterCallback
 
 from trl_bapo import BAPOConfig, BAPOTrainer
 from trl_bapo.callbacks import CompositionPrinter
@@ -79,6 +79,7 @@ def main(argv: list[str] | None = None) -> dict:
         train_dataset=train,
         callbacks=[CompositionPrinter(PROMPTS_PER_STEP)],
     )
+    trainer.remove_callback(PrinterCallback)  # the composition lines replace the raw metric dicts
     trainer.train()
 
     print("[4/4] evaluating the trained model", flush=True)

@@ -41,6 +41,12 @@ class RolloutSnapshot:
         """Rollout steps since the snapshot was taken (0 on refresh steps)."""
         return step - self.step
 
+    def state_dict(self) -> dict:
+        return {"delay": self.delay, "step": self.step, "weights": self.weights}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.delay, self.step, self.weights = state["delay"], state["step"], state["weights"]
+
     def num_elements(self) -> int:
         return sum(tensor.numel() for tensor in self.weights.values())
 

@@ -235,15 +235,19 @@ def reward_function(task: str) -> Callable[..., list[float]]:
     return _REWARDS[task]
 
 
-def task_splits(task: str, train_size: int, heldout_size: int, seed: int) -> tuple[Dataset, Dataset]:
-    """Train and held-out splits with no prompt in common, so held-out accuracy measures generalisation."""
+def task_splits(
+    task: str, train_size: int, heldout_size: int, seed: int, **generator_options: int
+) -> tuple[Dataset, Dataset]:
+    """Train and held-out splits with no prompt in common, so held-out accuracy measures generalisation.
+
+    `generator_options` go to the task's generator (e.g. `max_digits` or `max_numbers`)."""
     _check_task(task)
     needed = train_size + heldout_size
     count = needed
     while True:
         # Generators are prefix-stable for a seed, so asking for more problems only appends new ones.
         unique: dict[str, dict] = {}
-        for problem in _GENERATORS[task](count, seed):
+        for problem in _GENERATORS[task](count, seed, **generator_options):
             unique.setdefault(problem["prompt"], problem)
         if len(unique) >= needed:
             break

@@ -5,6 +5,9 @@ Overrides, each checked against trl 1.16.0:
   rollout as is, and cuts it with BAPO's own rule (TRL's `split_tensor_dict` drops rows that do not divide).
 - `_calculate_rewards`: calls TRL's and keeps the gathered rewards, which decide every group's fate.
 - `compute_loss`: scales TRL's loss by the micro-batch's share of the assembled batch.
+- `_save_checkpoint` / `_load_optimizer_and_scheduler`: write and read BAPO's state (buffers, counters,
+  thresholds' running reward, rollout snapshot, random generator) beside TRL's in every checkpoint, through the
+  same hooks TRL uses for its own entropy-controller state.
 - `__init__`: with `kl_reference="behavior"`, stops TRL from building a frozen reference model that the
   behaviour-policy KL never reads.
 
@@ -15,6 +18,7 @@ log-probs of every sample travel in TRL's `old_per_token_logps`, which TRL's los
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections import defaultdict
 from collections.abc import Iterator
@@ -22,12 +26,16 @@ from contextlib import contextmanager
 from typing import Any
 
 import torch
+from accelerate.utils import broadcast, gather_object
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+from transformers.utils import logging
 from trl import GRPOTrainer
 from trl.models.utils import disable_gradient_checkpointing
-from trl.trainer.utils import get_config_model_id, shuffle_sequence_dict
+from trl.trainer.utils import get_config_model_id
 
 from trl_bapo.batch import (
     concat_batches,
+    gather_batch,
     masked_row,
     num_rows,
     select_rows,
@@ -51,6 +59,10 @@ from trl_bapo.selection import (
 )
 
 BEHAVIOUR_LOGPS = "old_per_token_logps"
+BAPO_STATE_FILE = "bapo_state.pt"
+BAPO_STATE_VERSION = 1
+
+logger = logging.get_logger(__name__)
 
 
 class BAPOTrainer(GRPOTrainer):
@@ -83,11 +95,6 @@ class BAPOTrainer(GRPOTrainer):
                 "dynamic_sampling draws extra prompts by index and needs a map-style train dataset; pass a "
                 "datasets.Dataset rather than an IterableDataset, or set dynamic_sampling=False."
             )
-        if self.accelerator.num_processes > 1:
-            raise NotImplementedError(
-                "BAPOTrainer runs in a single process for now: its buffers are not yet shared across ranks. "
-                "Launch with one process."
-            )
 
         self._batch_groups = args.generation_batch_size // self.num_generations  # B, prompts per rollout batch
         self._rollout_step = 0  # t in Algorithm 1
@@ -115,16 +122,33 @@ class BAPOTrainer(GRPOTrainer):
             batch, filler = self._assemble_batch(generation_batch)
             self._skip_update = num_rows(batch) == 0
             self._install_skip_hooks()
-            batch = shuffle_sequence_dict(batch)
-            self._buffered_inputs = split_micro_batches(
-                batch, self.args.steps_per_generation, self.loss_type, filler
+            # Every process holds the whole batch and takes its own share of micro-batches, so all of them run
+            # the same number of forward/backward passes whatever the batch size.
+            steps, rank = self.args.steps_per_generation, self.accelerator.process_index
+            chunks = split_micro_batches(
+                select_rows(batch, self._shared_permutation(num_rows(batch))),
+                steps * self.accelerator.num_processes,
+                self.loss_type,
+                filler,
             )
+            self._buffered_inputs = [self._finish_behaviour_logps(c) for c in chunks[rank * steps : (rank + 1) * steps]]
         return self._buffered_inputs[self._step % self.args.steps_per_generation]
 
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
         rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
         self._last_rewards_per_func = rewards_per_func
         return rewards_per_func
+
+    def _save_checkpoint(self, model, trial):
+        super()._save_checkpoint(model, trial)
+        if self.args.should_save:
+            folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+            torch.save(self._bapo_state(), os.path.join(folder, BAPO_STATE_FILE))
+
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        super()._load_optimizer_and_scheduler(checkpoint)
+        if checkpoint is not None:
+            self._load_bapo_state(checkpoint)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         loss = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
@@ -133,7 +157,10 @@ class BAPOTrainer(GRPOTrainer):
     # ---- Algorithm 1, one rollout step ---------------------------------------------------------------------
 
     def _assemble_batch(self, inputs: list[dict[str, Any]]) -> tuple[dict[str, Any], dict[str, Any]]:
-        """Runs rollout step t and returns the training batch X1 + X2 + X3 and a loss-free filler row."""
+        """Runs rollout step t and returns the training batch X1 + X2 + X3 and a loss-free filler row.
+
+        Decisions are taken on the rollout gathered from every process, so they are the same everywhere.
+        """
         args, group_size = self.args, self.num_generations
         started, self._scoring_seconds = time.perf_counter(), 0.0
         self._rollout_step += 1
@@ -143,7 +170,9 @@ class BAPOTrainer(GRPOTrainer):
         lag = self._snapshot.lag(t)
 
         with self._snapshot.applied(policy, t):
-            fresh, rewards, inputs = self._sample_fresh(inputs)
+            rounds = self._sample_fresh(inputs)
+            rewards = torch.cat([round_rewards for _, round_rewards, _ in rounds])
+            inputs = [example for _, _, examples in rounds for example in examples]
             accuracy = group_accuracy(rewards, group_size)
             self._reward_sum += float(torch.nansum(rewards))
             self._reward_count += int((~torch.isnan(rewards)).sum())
@@ -165,7 +194,7 @@ class BAPOTrainer(GRPOTrainer):
             # Behaviour log-probs are taken now, while alpha is in the model: for X1 when it is off-policy or
             # the KL needs them, and for every group kept for later replay.
             needs_logps = high | (x1 & (lag > 0 or self._behaviour_kl))
-            self._attach_behaviour_logps(fresh, group_rows(needs_logps.nonzero().flatten(), group_size))
+            fresh = self._gather_rounds(rounds, needs_logps)
         self._rollouts += len(inputs)
 
         if args.use_difficult_replay:
@@ -197,7 +226,7 @@ class BAPOTrainer(GRPOTrainer):
             ]
         )
 
-        batch = self._finish_behaviour_logps(concat_batches(parts, self._tokenizer.pad_token_id))
+        batch = concat_batches(parts, self._tokenizer.pad_token_id)
         batch["num_items_in_batch"] = (batch["completion_mask"] * batch.get("tool_mask", 1)).sum()
         self._log_step(
             x1=num_x1,
@@ -217,23 +246,30 @@ class BAPOTrainer(GRPOTrainer):
         )
         return batch, self._filler_row(batch if num_rows(batch) else fresh)
 
-    def _sample_fresh(self, inputs: list[dict[str, Any]]) -> tuple[dict[str, Any], torch.Tensor, list[dict[str, Any]]]:
-        """X_on: one rollout batch, or with `dynamic_sampling` as many as DAPO draws (at most
+    def _sample_fresh(self, inputs: list[dict[str, Any]]) -> list[tuple[dict[str, Any], torch.Tensor, list]]:
+        """X_on as rounds of (this process's rows, every process's rewards, every process's dataset rows): one
+        rollout batch, or with `dynamic_sampling` as many as DAPO draws (at most
         `dynamic_sampling_max_rounds`) until B groups have non-zero reward variance."""
-        batch, rewards = self._score(inputs)
+        rounds = [self._score(inputs)]
         if not self.args.dynamic_sampling:
-            return batch, rewards, inputs
-        batches, inputs = [batch], list(inputs)
-        while len(batches) < self.args.dynamic_sampling_max_rounds and (
-            int(group_has_variance(rewards, self.num_generations).sum()) < self._batch_groups
+            return rounds
+        while len(rounds) < self.args.dynamic_sampling_max_rounds and (
+            sum(int(group_has_variance(r, self.num_generations).sum()) for _, r, _ in rounds) < self._batch_groups
         ):
-            more = self._next_prompts()
-            batch, more_rewards = self._score(more)
-            batches.append(batch)
-            inputs += more
-            rewards = torch.cat([rewards, more_rewards])
-        self._log_step(sampling_rounds=len(batches))
-        return concat_batches(batches, self._tokenizer.pad_token_id), rewards, inputs
+            rounds.append(self._score(self._local_share(self._next_prompts())))
+        self._log_step(sampling_rounds=len(rounds))
+        return rounds
+
+    def _gather_rounds(self, rounds: list, needs_logps: torch.Tensor) -> dict[str, Any]:
+        """Measures behaviour log-probs of this process's rows that need them, then gathers every round."""
+        gathered, first_group = [], 0
+        for batch, rewards, _ in rounds:
+            num_groups = len(rewards) // self.num_generations
+            needed = group_rows(needs_logps[first_group : first_group + num_groups].nonzero().flatten(), self.num_generations)
+            self._attach_behaviour_logps(batch, self._local_rows(needed, num_rows(batch)))
+            gathered.append(gather_batch(batch, self.accelerator, self._tokenizer.pad_token_id))
+            first_group += num_groups
+        return gathered[0] if len(gathered) == 1 else concat_batches(gathered, self._tokenizer.pad_token_id)
 
     def _next_prompts(self) -> list[dict[str, Any]]:
         """B more prompts, each repeated G times as TRL's sampler does, from a shuffled pass over the data."""
@@ -248,18 +284,64 @@ class BAPOTrainer(GRPOTrainer):
     def _reevaluate(self) -> tuple[dict[str, Any], int]:
         """X2 (eq. 6): regenerate the oldest prompts of B_bad with the current policy; keep c1 < mu < 1.
 
-        Prompts that are no longer difficult leave B_bad, so the buffer keeps only what is still unsolved.
+        Prompts that are no longer difficult leave B_bad, so the buffer keeps only what is still unsolved. The
+        prompts are shared evenly between processes (repeating a few when they do not divide), because TRL
+        gathers rewards across processes and expects every process to score as many rows.
         """
         group_size, c1 = self.num_generations, self.args.c1
         examples = self._difficult.oldest(self.args.max_reevaluation_prompts)
+        processes = self.accelerator.num_processes
+        scored = examples + examples[: -len(examples) % processes]
         with self._muted_metrics():
-            batch, rewards = self._score([example for example in examples for _ in range(group_size)])
+            batch, rewards, _ = self._score(
+                self._local_share([example for example in scored for _ in range(group_size)])
+            )
         self._attach_behaviour_logps(batch, torch.tensor([], dtype=torch.long))
-        self._rollouts += len(examples) * group_size
-        accuracy = group_accuracy(rewards, group_size)
+        batch = gather_batch(batch, self.accelerator, self._tokenizer.pad_token_id)
+        self._rollouts += len(scored) * group_size
+        accuracy = group_accuracy(rewards, group_size)[: len(examples)]
         self._difficult.remove([ex for ex, hard in zip(examples, difficult_mask(accuracy, c1)) if not hard])
         keep = improved_mask(accuracy, c1).nonzero().flatten()
         return select_rows(batch, group_rows(keep, group_size)), len(examples)
+
+    # ---- checkpoint state -----------------------------------------------------------------------------------
+
+    def _bapo_state(self) -> dict[str, Any]:
+        return {
+            "version": BAPO_STATE_VERSION,
+            "rollout_step": self._rollout_step,
+            "snapshot": self._snapshot.state_dict(),
+            "difficult": self._difficult.state_dict(),
+            "high_quality": self._high_quality.state_dict(),
+            "generator": self._generator.get_state(),
+            "reward_sum": self._reward_sum,
+            "reward_count": self._reward_count,
+            "rollouts": self._rollouts,
+            "prompt_order": self._prompt_order,
+        }
+
+    def _load_bapo_state(self, checkpoint: str) -> None:
+        path = os.path.join(checkpoint, BAPO_STATE_FILE)
+        try:
+            state = torch.load(path, map_location=self.accelerator.device, weights_only=False)
+            if state["version"] != BAPO_STATE_VERSION:
+                raise ValueError(f"version {state['version']}, this trl-bapo reads {BAPO_STATE_VERSION}")
+            self._snapshot.load_state_dict(state["snapshot"])
+            self._difficult.load_state_dict(state["difficult"])
+            self._high_quality.load_state_dict(state["high_quality"])
+            self._generator.set_state(state["generator"].cpu())
+            self._rollout_step, self._rollouts = state["rollout_step"], state["rollouts"]
+            self._reward_sum, self._reward_count = state["reward_sum"], state["reward_count"]
+            self._prompt_order = state["prompt_order"]
+        except Exception as error:  # a missing, truncated or foreign file: all mean the state is unusable
+            if not self.args.resume_without_bapo_state:
+                raise ValueError(
+                    f"Cannot resume BAPO from {checkpoint}: its BAPO state {path} is missing or unreadable ({error}). "
+                    "Resuming without it would silently empty the buffers and reset the thresholds and rollout "
+                    "policy. Resume from a checkpoint written by BAPOTrainer, or set resume_without_bapo_state=True "
+                    "to start with empty buffers."
+                ) from error
+            logger.warning("Resuming from %s with empty BAPO buffers: %s", checkpoint, error)
 
     # ---- helpers --------------------------------------------------------------------------------------------
 
@@ -268,8 +350,9 @@ class BAPOTrainer(GRPOTrainer):
         """Global average training reward over every fresh completion so far (eq. 8)."""
         return self._reward_sum / self._reward_count if self._reward_count else 0.0
 
-    def _score(self, inputs: list[dict[str, Any]]) -> tuple[dict[str, Any], torch.Tensor]:
-        """TRL's generation and scoring, plus each completion's reward (weighted over reward functions)."""
+    def _score(self, inputs: list[dict[str, Any]]) -> tuple[dict[str, Any], torch.Tensor, list[dict[str, Any]]]:
+        """TRL's generation and scoring of this process's rows, with every process's rewards (weighted over
+        reward functions) and dataset rows."""
         started = time.perf_counter()
         with self._reference_kl_off():
             batch = self._generate_and_score_completions(inputs)
@@ -279,7 +362,24 @@ class BAPOTrainer(GRPOTrainer):
         per_func = self._last_rewards_per_func
         rewards = (per_func * self.reward_weights.to(per_func.device).unsqueeze(0)).nansum(dim=1)
         rewards[torch.isnan(per_func).all(dim=1)] = math.nan
-        return batch, rewards.cpu()
+        examples = inputs if self.accelerator.num_processes == 1 else gather_object(inputs)
+        return batch, rewards.cpu(), examples
+
+    def _local_share(self, rows: list) -> list:
+        """This process's contiguous share of a list that every process holds, as TRL's sampler splits it."""
+        share = len(rows) // self.accelerator.num_processes
+        return rows[self.accelerator.process_index * share : (self.accelerator.process_index + 1) * share]
+
+    def _local_rows(self, rows: torch.Tensor, local_count: int) -> torch.Tensor:
+        """The rows, given in gathered numbering, that this process holds, in its own numbering."""
+        first = self.accelerator.process_index * local_count
+        return rows[(rows >= first) & (rows < first + local_count)] - first
+
+    def _shared_permutation(self, count: int) -> torch.Tensor:
+        """TRL's shuffle draws from the global RNG, which drifts apart across processes during generation; every
+        process takes process 0's draw so they cut the same batch the same way."""
+        permutation = torch.randperm(count).to(self.accelerator.device)
+        return broadcast(permutation, from_process=0).cpu() if self.accelerator.num_processes > 1 else permutation.cpu()
 
     def _policy_logps(self, batch: dict[str, Any]) -> torch.Tensor:
         """Per-token log-probs of the completions under the weights now in the model."""
@@ -305,21 +405,22 @@ class BAPOTrainer(GRPOTrainer):
             logps[rows.to(logps.device)] = self._policy_logps(select_rows(batch, rows))
         batch[BEHAVIOUR_LOGPS] = logps
 
-    def _finish_behaviour_logps(self, batch: dict[str, Any]) -> dict[str, Any]:
-        """Makes the behaviour log-probs whole, or drops them when every row is on-policy and nothing needs
-        them: TRL then takes the ratio against the detached current log-probs, exactly as GRPO does."""
-        logps = batch[BEHAVIOUR_LOGPS]
+    def _finish_behaviour_logps(self, chunk: dict[str, Any]) -> dict[str, Any]:
+        """Makes a micro-batch's behaviour log-probs whole, or drops them when every row is on-policy and nothing
+        needs them: TRL then takes the ratio against the detached current log-probs, exactly as GRPO does."""
+        logps = chunk.get(BEHAVIOUR_LOGPS)
+        if logps is None:  # the filler row, scored against itself
+            return chunk
         missing = unmeasured_rows(logps)
         if missing.all() and not self._behaviour_kl:
-            batch.pop(BEHAVIOUR_LOGPS, None)
-            return batch
+            chunk.pop(BEHAVIOUR_LOGPS)
+            return chunk
         rows = missing.nonzero().flatten()
         if len(rows):
-            logps[rows] = self._policy_logps(select_rows(batch, rows))
-        batch[BEHAVIOUR_LOGPS] = logps
+            logps[rows] = self._policy_logps(select_rows(chunk, rows))
         if self._behaviour_kl:
-            batch["ref_per_token_logps"] = logps
-        return batch
+            chunk["ref_per_token_logps"] = logps
+        return chunk
 
     def _filler_row(self, batch: dict[str, Any]) -> dict[str, Any]:
         """A loss-free row for micro-batches with no rows; it is scored against itself, so no NaN or inf

@@ -1,0 +1,210 @@
+"""`trl-bapo`: every recipe parses into the paper's settings, and the demo recipe trains through the CLI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import datasets.config
+import pytest
+import transformers.training_args
+import yaml
+from trl import ModelConfig
+
+from trl_bapo import BAPOConfig
+from trl_bapo.cli import BAPOScriptArguments, load_prompts, load_reward, main, make_parser, resolve_model
+
+RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+DEMO = RECIPES / "demo.yaml"
+GPU_COUNT = 8  # the GPU recipes' batch sizes are written for 8 GPUs
+
+
+def recipe_paths() -> list[Path]:
+    return sorted(RECIPES.glob("*.yaml"))
+
+
+@pytest.fixture
+def bf16_gpu(monkeypatch):
+    # The GPU recipes set bf16, which TrainingArguments refuses on a machine without a bf16 GPU; parse them as a
+    # GPU machine would.
+    monkeypatch.setattr(transformers.training_args, "is_torch_bf16_gpu_available", lambda: True)
+
+
+@pytest.fixture
+def local_dataset(tmp_path, monkeypatch):
+    """Writes a one-row local dataset and returns its path; `datasets` caches it under tmp_path, not ~/.cache."""
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "cache")
+
+    def write(row: dict) -> str:
+        folder = tmp_path / "my_dataset"
+        folder.mkdir()
+        (folder / "train.jsonl").write_text(json.dumps(row) + "\n")
+        return str(folder)
+
+    return write
+
+
+def parse(recipe: Path, *overrides: str):
+    return make_parser().parse_args_and_config(["--config", str(recipe), *overrides])
+
+
+def test_recipes_exist():
+    assert {path.name for path in recipe_paths()} >= {
+        "demo.yaml",
+        "math_deepscaler.yaml",
+        "countdown.yaml",
+        "geometry3k.yaml",
+    }
+
+
+@pytest.mark.parametrize("recipe", recipe_paths(), ids=lambda path: path.name)
+def test_recipe_parses_into_paper_settings(recipe, bf16_gpu):
+    script_args, config, model_args = parse(recipe)
+    assert isinstance(script_args, BAPOScriptArguments)
+    assert isinstance(config, BAPOConfig)
+    assert isinstance(model_args, ModelConfig)
+    assert script_args.reward_funcs and script_args.dataset_name and model_args.model_name_or_path
+
+    # BAPO at Table 3's values
+    assert config.num_generations == 8
+    assert config.rollout_delay == 5
+    assert config.reevaluation_interval == 5
+    assert config.max_reevaluation_prompts == 128
+    assert config.c1 == 0.125
+    assert config.c2_range == (0.125, 0.5)
+    assert config.c3_range == (0.25, 0.625)
+    assert config.online_filter == "range"
+    assert config.online_filter_gaussian_mean == 0.5
+    assert config.online_filter_gaussian_std == 0.2
+    assert config.kl_reference == "behavior"
+    assert config.beta == 0.001
+    assert config.temperature == 1.0
+    assert not config.use_vllm
+
+    # Every key the recipe sets reaches a dataclass unchanged (no typo silently ignored, no YAML "1e-6" string).
+    settings = yaml.safe_load(recipe.read_text())
+    for key, value in settings.items():
+        owner = next(args for args in (script_args, config, model_args) if hasattr(args, key))
+        parsed = getattr(owner, key)
+        if key != "report_to":  # TrainingArguments turns "none" into []
+            assert parsed == value or str(parsed) == str(value), key
+
+
+@pytest.mark.parametrize("name", ["math_deepscaler.yaml", "countdown.yaml", "geometry3k.yaml"])
+def test_gpu_recipes_use_table_3_batches(name, bf16_gpu):
+    script_args, config, model_args = parse(RECIPES / name)
+    prompts_per_rollout = config.generation_batch_size // config.num_generations
+    mini_batch = config.per_device_train_batch_size * GPU_COUNT * config.gradient_accumulation_steps
+    assert prompts_per_rollout == 256
+    assert mini_batch // config.num_generations == 64
+    assert config.generation_batch_size % (config.per_device_train_batch_size * GPU_COUNT) == 0
+    assert config.learning_rate == 1e-6
+    assert config.top_p == 1.0
+    assert config.entropy_coef == 0.001
+    assert config.bf16 and config.gradient_checkpointing
+    assert model_args.dtype == "bfloat16"
+    expected = {"math_deepscaler.yaml": (8192, 3), "countdown.yaml": (1024, 3), "geometry3k.yaml": (2048, 30)}
+    assert (config.max_completion_length, config.num_train_epochs) == expected[name]
+
+
+def test_demo_recipe_matches_the_demo():
+    script_args, config, model_args = parse(DEMO)
+    assert model_args.model_name_or_path == "embedded"
+    assert script_args.dataset_name == "embedded-arithmetic"
+    assert script_args.reward_funcs == ["arithmetic"]
+    assert config.use_cpu
+    assert config.generation_batch_size // config.num_generations == 16
+    assert (config.max_completion_length, config.max_steps, config.learning_rate) == (8, 60, 1e-3)
+
+
+@pytest.mark.parametrize("recipe", recipe_paths(), ids=lambda path: path.name)
+def test_recipe_header_has_a_command(recipe):
+    header = recipe.read_text().split("\n\n", 1)[0]
+    assert f"--config recipes/{recipe.name}" in header
+
+
+@pytest.mark.parametrize("config", sorted((RECIPES / "accelerate").glob("*.yaml")), ids=lambda path: path.name)
+def test_accelerate_configs_load(config):
+    settings = yaml.safe_load(config.read_text())
+    assert settings["distributed_type"] in {"NO", "MULTI_GPU", "DEEPSPEED", "FSDP"}
+    assert settings["num_processes"] == (1 if settings["distributed_type"] == "NO" else GPU_COUNT)
+
+
+def test_accelerate_configs_present():
+    assert {path.name for path in (RECIPES / "accelerate").glob("*.yaml")} == {
+        "single_gpu.yaml",
+        "multi_gpu.yaml",
+        "deepspeed_zero3.yaml",
+        "fsdp.yaml",
+    }
+
+
+def test_demo_recipe_trains_through_the_cli(tiny_model_path, tmp_path):
+    trainer = main(
+        [
+            "--config", str(DEMO),
+            "--model_name_or_path", tiny_model_path,
+            "--dataset_name", "embedded-arithmetic",
+            "--max_steps", "2",
+            "--output_dir", str(tmp_path),
+            "--disable_tqdm", "true",
+        ]
+    )
+    assert trainer.state.global_step == 2
+    assert any("bapo/x1" in entry for entry in trainer.state.log_history)
+    assert (tmp_path / "config.json").exists()  # the trained model was saved
+
+
+def test_unknown_reward_fails_clearly():
+    with pytest.raises(ValueError, match=r"unknown reward function 'nope'.*accuracy.*arithmetic.*countdown"):
+        main(["--config", str(DEMO), "--reward_funcs", "nope"])
+
+
+def test_missing_reward_fails_clearly(tmp_path):
+    settings = yaml.safe_load(DEMO.read_text())
+    del settings["reward_funcs"]
+    recipe = tmp_path / "no_reward.yaml"
+    recipe.write_text(yaml.safe_dump(settings))
+    with pytest.raises(ValueError, match="reward_funcs is required"):
+        main(["--config", str(recipe)])
+
+
+def test_unknown_dataset_fails_clearly(local_dataset, tiny_model_path):
+    data = local_dataset({"question": "1+1=", "answer": "2"})
+    with pytest.raises(ValueError, match="no 'prompt' column") as error:
+        main(["--config", str(DEMO), "--dataset_name", data, "--model_name_or_path", tiny_model_path])
+    for supported in ("DeepScaleR-Preview-Dataset", "Countdown-Tasks-3to4", "geometry3k", "embedded-arithmetic"):
+        assert supported in str(error.value)
+
+
+def test_dataset_with_prompt_column_loads_as_is(local_dataset):
+    script_args = BAPOScriptArguments(dataset_name=local_dataset({"prompt": "1+1=", "answer": "2"}))
+    dataset = load_prompts(script_args, "train")
+    assert dataset[0] == {"prompt": "1+1=", "answer": "2"}
+
+
+def test_embedded_model_needs_an_embedded_dataset():
+    with pytest.raises(ValueError, match="embedded-arithmetic or embedded-countdown"):
+        resolve_model(ModelConfig(model_name_or_path="embedded"), BAPOScriptArguments(dataset_name="some/dataset"))
+
+
+def test_task_rewards_read_chat_completions_and_answer_tags():
+    countdown = load_reward("countdown")
+    completions = [
+        [{"role": "assistant", "content": "3 * 4 = 12, then 12 + 5.\n<answer>(3 * 4) + 5</answer>"}],
+        [{"role": "assistant", "content": "<answer>3 + 4 + 5</answer>"}],
+        "(3*4)+5",  # the embedded tiny model writes bare answers
+    ]
+    assert countdown(completions, numbers=[[3, 4, 5]] * 3, target=[17] * 3) == [1.0, 0.0, 1.0]
+    assert countdown.__name__ == "countdown_reward"  # TRL logs rewards under the function's name
+    assert load_reward("arithmetic")([[{"role": "assistant", "content": " 12"}]], answer=["12"]) == [1.0]
+
+
+def test_accuracy_reward_loads_or_asks_for_math_verify():
+    from trl.import_utils import is_math_verify_available
+
+    if is_math_verify_available():
+        assert callable(load_reward("accuracy"))
+    else:
+        with pytest.raises(ImportError, match="pip install math-verify"):
+            load_reward("accuracy")
