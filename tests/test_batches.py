@@ -106,14 +106,21 @@ def test_split_micro_batches_scales_and_fills():
         "num_items_in_batch": torch.tensor(10),
     }
     filler = {key: value[:1] if value.dim() else value for key, value in batch.items()}
-    chunks = split_micro_batches(batch, 3, "grpo", filler)
+    filler["completion_mask"] = torch.zeros_like(filler["completion_mask"])
+    chunks = split_micro_batches(batch, 3, "grpo", filler, pad_token_id=0)
     assert [len(c["advantages"]) for c in chunks] == [2, 2, 1]
     assert [c["bapo_loss_scale"] for c in chunks] == pytest.approx([2 * 3 / 5, 2 * 3 / 5, 1 * 3 / 5])
-    tokens = split_micro_batches(batch, 3, "bnpo", filler)
+    tokens = split_micro_batches(batch, 3, "bnpo", filler, pad_token_id=0)
     assert [c["bapo_loss_scale"] for c in tokens] == pytest.approx([4 * 3 / 10, 5 * 3 / 10, 1 * 3 / 10])
-    padded = split_micro_batches(batch, 7, "dapo", filler)
+    padded = split_micro_batches(batch, 7, "dapo", filler, pad_token_id=0)
     assert [c["bapo_loss_scale"] for c in padded] == [1.0] * 5 + [0.0] * 2
     assert padded[-1]["advantages"] is filler["advantages"]
+    # Equal sizes (several processes): 5 rows in 3 chunks of 2, the last one topped up with a filler row that
+    # counts in TRL's per-sequence mean, so its scale covers 2 rows.
+    equal = split_micro_batches(batch, 3, "grpo", filler, pad_token_id=0, equal_sizes=True)
+    assert [len(c["advantages"]) for c in equal] == [2, 2, 2]
+    assert equal[2]["completion_mask"][1].sum() == 0
+    assert [c["bapo_loss_scale"] for c in equal] == pytest.approx([2 * 3 / 5] * 3)
 
 
 def test_all_three_parts_with_behaviour_kl_train_without_nan(tiny_model_path, tmp_path):

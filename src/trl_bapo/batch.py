@@ -129,31 +129,40 @@ def masked_row(batch: dict[str, Any]) -> dict[str, Any]:
 
 
 def split_micro_batches(
-    batch: dict[str, Any], num_chunks: int, loss_type: str, filler: dict[str, Any]
+    batch: dict[str, Any],
+    num_chunks: int,
+    loss_type: str,
+    filler: dict[str, Any],
+    pad_token_id: int,
+    equal_sizes: bool = False,
 ) -> list[dict[str, Any]]:
     """Cuts `batch` into `num_chunks` micro-batches whose sizes differ by at most one row.
 
     TRL's `split_tensor_dict` assumes the rows divide evenly and drops the remainder; BAPO's batch size varies
     per step. Each chunk carries `bapo_loss_scale`, the factor that turns TRL's per-micro-batch normalisation
-    into a mean over the whole batch: with equal chunks it is exactly 1. An empty chunk gets `filler` (a row
-    without loss) and scale 0.
+    into a mean over the whole batch: with equal chunks it is exactly 1. A chunk without rows gets `filler` (a
+    row without loss) and scale 0. With `equal_sizes`, filler rows bring every chunk to the same size, because
+    TRL gathers per-sequence metrics across processes and needs equal shapes on every process.
     """
     total = num_rows(batch)
-    tokens = loss_mask(batch).sum(dim=1).float() if total else torch.zeros(0)
-    bounds = torch.tensor_split(torch.arange(total), num_chunks)
+    tokens = loss_mask(batch).sum(dim=1).float()
+    size = max(1, -(-total // num_chunks)) if equal_sizes else 1
     chunks = []
-    for rows in bounds:
-        if len(rows) == 0:
-            chunk, scale = dict(filler), 0.0
-        else:
-            chunk = select_rows(batch, rows)
-            scale = _chunk_scale(len(rows), float(tokens[rows].sum()), total, float(tokens.sum()), num_chunks, loss_type)
-        chunk["bapo_loss_scale"] = scale
+    for rows in torch.tensor_split(torch.arange(total), num_chunks):
+        parts = [select_rows(batch, rows)] if len(rows) else []
+        parts += [filler] * (size - len(rows) if equal_sizes else int(not len(rows)))
+        chunk = concat_batches(parts, pad_token_id) if len(parts) > 1 else dict(parts[0])
+        chunk["bapo_loss_scale"] = (
+            _chunk_scale(num_rows(chunk), float(tokens[rows].sum()), total, float(tokens.sum()), num_chunks, loss_type)
+            if len(rows)
+            else 0.0
+        )
         chunks.append(chunk)
     return chunks
 
 
 def _chunk_scale(rows: int, tokens: float, total_rows: int, total_tokens: float, num_chunks: int, loss_type: str) -> float:
+    # `rows` counts filler rows too: TRL's per-sequence losses average over every row of the micro-batch.
     if loss_type in PER_SEQUENCE_LOSSES:
         return rows * num_chunks / total_rows
     if loss_type in PER_TOKEN_LOSSES:

@@ -130,6 +130,8 @@ class BAPOTrainer(GRPOTrainer):
                 steps * self.accelerator.num_processes,
                 self.loss_type,
                 filler,
+                self._tokenizer.pad_token_id,
+                equal_sizes=self.accelerator.num_processes > 1,
             )
             self._buffered_inputs = [self._finish_behaviour_logps(c) for c in chunks[rank * steps : (rank + 1) * steps]]
         return self._buffered_inputs[self._step % self.args.steps_per_generation]
@@ -157,7 +159,8 @@ class BAPOTrainer(GRPOTrainer):
     # ---- Algorithm 1, one rollout step ---------------------------------------------------------------------
 
     def _assemble_batch(self, inputs: list[dict[str, Any]]) -> tuple[dict[str, Any], dict[str, Any]]:
-        """Runs rollout step t and returns the training batch X1 + X2 + X3 and a loss-free filler row.
+        """Runs rollout step t and returns the training batch X1 + X2 + X3 and a loss-free filler row (which
+        keeps the batch's fields, so it can share a micro-batch with real rows).
 
         Decisions are taken on the rollout gathered from every process, so they are the same everywhere.
         """
@@ -244,7 +247,7 @@ class BAPOTrainer(GRPOTrainer):
             skipped=float(num_rows(batch) == 0),
             assembly_seconds=time.perf_counter() - started - self._scoring_seconds,
         )
-        return batch, self._filler_row(batch if num_rows(batch) else fresh)
+        return batch, masked_row(batch if num_rows(batch) else fresh)
 
     def _sample_fresh(self, inputs: list[dict[str, Any]]) -> list[tuple[dict[str, Any], torch.Tensor, list]]:
         """X_on as rounds of (this process's rows, every process's rewards, every process's dataset rows): one
@@ -408,9 +411,7 @@ class BAPOTrainer(GRPOTrainer):
     def _finish_behaviour_logps(self, chunk: dict[str, Any]) -> dict[str, Any]:
         """Makes a micro-batch's behaviour log-probs whole, or drops them when every row is on-policy and nothing
         needs them: TRL then takes the ratio against the detached current log-probs, exactly as GRPO does."""
-        logps = chunk.get(BEHAVIOUR_LOGPS)
-        if logps is None:  # the filler row, scored against itself
-            return chunk
+        logps = chunk[BEHAVIOUR_LOGPS]
         missing = unmeasured_rows(logps)
         if missing.all() and not self._behaviour_kl:
             chunk.pop(BEHAVIOUR_LOGPS)
@@ -421,15 +422,6 @@ class BAPOTrainer(GRPOTrainer):
         if self._behaviour_kl:
             chunk["ref_per_token_logps"] = logps
         return chunk
-
-    def _filler_row(self, batch: dict[str, Any]) -> dict[str, Any]:
-        """A loss-free row for micro-batches with no rows; it is scored against itself, so no NaN or inf
-        from a missing behaviour log-prob can reach the loss."""
-        filler = masked_row(batch)
-        filler.pop(BEHAVIOUR_LOGPS, None)
-        if self._behaviour_kl:
-            filler["ref_per_token_logps"] = self._policy_logps(filler)
-        return filler
 
     def _log_step(self, **values: float) -> None:
         for name, value in values.items():
