@@ -64,7 +64,7 @@ def test_every_bapo_field_is_documented():
         (dict(mini_test=True, high_quality_lower_range=[0.5, 0.5]), "mini_test"),
         (dict(mini_test=True, online_filter="gaussian"), "mini_test"),
         (dict(num_generations=1, per_device_train_batch_size=1), "at least 2 generations"),
-        (dict(use_vllm=True), "use_vllm"),
+        (dict(use_vllm=True, rollout_delay=2, reevaluation_interval=3), "multiple of rollout_delay"),
         (dict(kl_reference="behavior", beta=0.01, sync_ref_model=True), "sync_ref_model"),
     ],
 )

@@ -38,7 +38,9 @@ SHARED = dict(
     per_device_train_batch_size=GROUP_SIZE * PROMPTS_PER_STEP // 2,
     gradient_accumulation_steps=2,
     max_completion_length=8,
-    learning_rate=1e-3,
+    # The best of 1e-4, 2e-4, 5e-4 and 1e-3 for GRPO (held-out accuracy, 200 steps, seed 0); higher rates
+    # degrade every method on this model.
+    learning_rate=1e-4,
     beta=0.001,
     temperature=1.0,
     logging_steps=1,

@@ -147,10 +147,13 @@ class BAPOConfig(GRPOConfig):
     def __post_init__(self):
         self._validate_bapo_fields()
         super().__post_init__()
-        if self.use_vllm:
+        # vLLM holds the rollout policy and is refreshed only every v steps; re-evaluation needs the current
+        # policy, which vLLM holds only on refresh steps. Forcing a sync off-schedule would refresh alpha early.
+        if self.use_vllm and self.use_difficult_replay and self.reevaluation_interval % self.rollout_delay:
             raise ValueError(
-                "use_vllm=True is not supported by BAPOTrainer yet: its delayed rollout policy is only implemented "
-                "for transformers generation. Set use_vllm=False."
+                f"With use_vllm=True, reevaluation_interval (m={self.reevaluation_interval}) must be a multiple of "
+                f"rollout_delay (v={self.rollout_delay}): re-evaluation needs the current policy, which vLLM holds "
+                "only on refresh steps. Set reevaluation_interval to a multiple of rollout_delay."
             )
 
     @property

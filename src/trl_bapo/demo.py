@@ -35,7 +35,7 @@ def demo_config(output_dir: str, steps: int, seed: int) -> BAPOConfig:
         gradient_accumulation_steps=2,
         max_completion_length=8,
         max_steps=steps,
-        learning_rate=5e-4,
+        learning_rate=1e-4,
         beta=0.001,
         temperature=1.0,
         logging_steps=1,

@@ -1,7 +1,8 @@
 """The delayed rollout policy alpha = pi_{theta_{t-v}} (Algorithm 1, lines 3-6).
 
 The snapshot holds a copy of the trainable parameters only (the adapter weights under PEFT), taken on refresh
-steps. Generation with alpha swaps the snapshot into the live model for the duration of the rollout and swaps
+steps. With vLLM the engine itself holds alpha: it receives weights only on refresh steps, and the snapshot
+keeps just the schedule. Generation with alpha swaps the snapshot into the live model for the duration of the rollout and swaps
 the trained weights back afterwards, so no second model is kept in memory and TRL's own generation path
 (including `unwrap_model_for_generation`) runs unchanged.
 """
@@ -27,13 +28,16 @@ class RolloutSnapshot:
         self.step: int | None = None
         self.weights: dict[str, torch.Tensor] = {}
 
-    def maybe_refresh(self, model: nn.Module, step: int) -> bool:
-        """Copies the policy into the snapshot when `step` is a refresh step; returns whether it did."""
+    def maybe_refresh(self, model: nn.Module, step: int, keep_weights: bool = True) -> bool:
+        """Copies the policy into the snapshot when `step` is a refresh step; returns whether it did.
+
+        `keep_weights=False` only keeps the schedule, for an engine (vLLM) that holds alpha's weights itself."""
         if self.step is not None and step % self.delay != 0:
             return False
         self.step = step
         # With v = 1 the snapshot is always the live policy: nothing to copy.
-        if self.delay > 1:
+        self.weights = {}
+        if self.delay > 1 and keep_weights:
             self.weights = {name: param.detach().clone() for name, param in trainable_parameters(model).items()}
         return True
 
@@ -53,7 +57,7 @@ class RolloutSnapshot:
     @contextmanager
     def applied(self, model: nn.Module, step: int) -> Iterator[None]:
         """Runs the block with the snapshot's weights in `model`, then restores the trained weights."""
-        if self.lag(step) == 0:
+        if self.lag(step) == 0 or not self.weights:
             yield
             return
         params = trainable_parameters(model)

@@ -255,4 +255,6 @@ def task_splits(
             raise ValueError(f"{task} has too few distinct prompts for {needed} problems")
         count *= 2
     rows = list(unique.values())[:needed]
-    return Dataset.from_list(rows[:train_size]), Dataset.from_list(rows[train_size:])
+    # Held-out prompts are taken first: easy prompts are few (200 one-digit sums), and taken last they would
+    # all be used up by the training split, leaving a held-out set of hard prompts only.
+    return Dataset.from_list(rows[heldout_size:]), Dataset.from_list(rows[:heldout_size])
