@@ -25,6 +25,14 @@ COMMON = dict(
     disable_tqdm=True,
 )
 
+FEATURES_OFF = dict(
+    online_filter="none",
+    use_difficult_replay=False,
+    use_high_quality_replay=False,
+    kl_reference="ref",
+    shuffle_dataset=True,
+)
+
 
 def length_reward(completions, **kwargs):
     """Graded reward so that groups differ and GRPO has something to learn from on an untrained model."""
@@ -44,16 +52,7 @@ def _train(trainer_class, config, model_path, tmp_path):
 
 def test_bapo_with_features_off_matches_grpo(tiny_model_path, tmp_path):
     grpo = _train(GRPOTrainer, GRPOConfig(output_dir=str(tmp_path / "grpo"), **COMMON), tiny_model_path, tmp_path)
-    bapo_off = make_config(
-        tmp_path / "bapo",
-        rollout_delay=1,
-        online_filter="none",
-        use_difficult_replay=False,
-        use_high_quality_replay=False,
-        kl_reference="ref",
-        shuffle_dataset=True,
-        **COMMON,
-    )
+    bapo_off = make_config(tmp_path / "bapo", rollout_delay=1, **FEATURES_OFF, **COMMON)
     bapo = _train(BAPOTrainer, bapo_off, tiny_model_path, tmp_path)
     initial = parameters(load_tiny_model(tiny_model_path))
 
@@ -62,15 +61,6 @@ def test_bapo_with_features_off_matches_grpo(tiny_model_path, tmp_path):
         torch.testing.assert_close(bapo[name], grpo[name], rtol=0, atol=1e-7, msg=f"{name} differs from GRPO")
 
     # The same run with a delayed rollout policy must end elsewhere: the comparison above can fail.
-    delayed = make_config(
-        tmp_path / "delayed",
-        rollout_delay=2,
-        online_filter="none",
-        use_difficult_replay=False,
-        use_high_quality_replay=False,
-        kl_reference="ref",
-        shuffle_dataset=True,
-        **COMMON,
-    )
+    delayed = make_config(tmp_path / "delayed", rollout_delay=2, **FEATURES_OFF, **COMMON)
     bapo_delayed = _train(BAPOTrainer, delayed, tiny_model_path, tmp_path)
     assert any(not torch.allclose(bapo_delayed[name], grpo[name], atol=1e-6) for name in grpo)

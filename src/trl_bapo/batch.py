@@ -58,9 +58,16 @@ def select_rows(batch: dict[str, Any], rows: torch.Tensor | list[int]) -> dict[s
 
 
 def to_device(batch: dict[str, Any], device: torch.device | str) -> dict[str, Any]:
-    return {
-        key: value.to(device) if isinstance(value, torch.Tensor) else value for key, value in batch.items()
-    }
+    """Moves tensors, and the per-row tensors of split image fields, to `device`."""
+
+    def move(value: Any) -> Any:
+        if isinstance(value, torch.Tensor):
+            return value.to(device)
+        if isinstance(value, list):
+            return [move(item) for item in value]
+        return value
+
+    return {key: move(value) for key, value in batch.items()}
 
 
 def _pad_to(tensor: torch.Tensor, width: int, value: float, left: bool) -> torch.Tensor:

@@ -22,33 +22,14 @@ from transformers import AutoTokenizer, PrinterCallback
 from trl import GRPOConfig, GRPOTrainer
 
 from trl_bapo import BAPOConfig, BAPOTrainer
-from trl_bapo.embedded import embedded_datasets, embedded_model
+from trl_bapo.embedded import GROUP_SIZE, PROMPTS_PER_STEP, TRAINING, embedded_datasets, embedded_model
 from trl_bapo.evaluation import accuracy_bins, prompt_accuracies, unlock_rate
 from trl_bapo.plots import plot_accuracy_bins, plot_composition, plot_reward
 from trl_bapo.tasks import ARITHMETIC, TASKS, reward_function
 from trl_bapo.tiny import load_tiny_model
 
-GROUP_SIZE = 8
-PROMPTS_PER_STEP = 16
 TRACKED_PROMPTS = 256
 
-# Settings every method shares (paper Table 3 where it applies to a model this size).
-SHARED = dict(
-    num_generations=GROUP_SIZE,
-    per_device_train_batch_size=GROUP_SIZE * PROMPTS_PER_STEP // 2,
-    gradient_accumulation_steps=2,
-    max_completion_length=8,
-    # The best of 1e-4, 2e-4, 5e-4 and 1e-3 for GRPO (held-out accuracy, 200 steps, seed 0); higher rates
-    # degrade every method on this model.
-    learning_rate=1e-4,
-    beta=0.001,
-    temperature=1.0,
-    logging_steps=1,
-    report_to=[],
-    save_strategy="no",
-    use_cpu=True,
-    disable_tqdm=True,
-)
 OFF = dict(rollout_delay=1, use_difficult_replay=False, use_high_quality_replay=False, kl_reference="ref")
 METHODS: dict[str, dict] = {
     "grpo": {},
@@ -67,7 +48,7 @@ def run_method(
     model_path = embedded_model(task)
     train, heldout = embedded_datasets(task)
     reward = reward_function(task)
-    common = dict(SHARED, output_dir=str(output_dir / f"{method}-{seed}"), max_steps=steps, seed=seed)
+    common = dict(TRAINING, output_dir=str(output_dir / f"{method}-{seed}"), max_steps=steps, seed=seed)
     if method == "grpo":
         trainer = GRPOTrainer(model=str(model_path), reward_funcs=reward, args=GRPOConfig(**common), train_dataset=train)
     else:

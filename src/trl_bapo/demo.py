@@ -15,36 +15,18 @@ from transformers import AutoTokenizer, PrinterCallback
 
 from trl_bapo import BAPOConfig, BAPOTrainer
 from trl_bapo.callbacks import CompositionPrinter
-from trl_bapo.embedded import embedded_datasets, embedded_model
+from trl_bapo.embedded import GROUP_SIZE, PROMPTS_PER_STEP, TRAINING, embedded_datasets, embedded_model
 from trl_bapo.evaluation import accuracy_bins, migration_matrix, prompt_accuracies, unlock_rate
 from trl_bapo.plots import plot_accuracy_bins, plot_composition, plot_migration, plot_reward
 from trl_bapo.tasks import ARITHMETIC, TASKS, reward_function
 from trl_bapo.tiny import load_tiny_model
 
-GROUP_SIZE = 8
-PROMPTS_PER_STEP = 16
 TRACKED_PROMPTS = 128  # fixed subset of training prompts for accuracy bins, migration and unlock rate
 
 
 def demo_config(output_dir: str, steps: int, seed: int) -> BAPOConfig:
-    """BAPO with the paper's settings (Table 3), scaled to the tiny model: G = 8, 16 prompts per step."""
-    return BAPOConfig(
-        output_dir=output_dir,
-        num_generations=GROUP_SIZE,
-        per_device_train_batch_size=GROUP_SIZE * PROMPTS_PER_STEP // 2,
-        gradient_accumulation_steps=2,
-        max_completion_length=8,
-        max_steps=steps,
-        learning_rate=1e-4,
-        beta=0.001,
-        temperature=1.0,
-        logging_steps=1,
-        report_to=[],
-        save_strategy="no",
-        use_cpu=True,
-        seed=seed,
-        disable_tqdm=True,
-    )
+    """BAPO with the paper's settings (Table 3) on the embedded default's training settings."""
+    return BAPOConfig(**TRAINING, output_dir=output_dir, max_steps=steps, seed=seed)
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -1,4 +1,5 @@
-"""A tiny Qwen2-architecture model and a character-level tokenizer, built by code (nothing is downloaded).
+"""A tiny Qwen2-architecture model and a character-level tokenizer, built by code (nothing is downloaded), and a
+tiny vision-language model (LLaVA layout: a CLIP vision tower on the same Qwen2 language model).
 
 Tests and the demo run on it. `build_tiny_model` writes a model directory that TRL loads by path, like any
 hub model, so the same code path (including a frozen reference model built from the path) is exercised.
@@ -16,25 +17,56 @@ from pathlib import Path
 
 import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+from transformers import (
+    AutoModelForCausalLM,
+    CLIPImageProcessorPil,
+    CLIPVisionConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaProcessor,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
 
 SPECIAL_TOKENS = ["<pad>", "<eos>", "<unk>"]
 CHARACTERS = list("0123456789+-*/()=?,.: ") + [chr(c) for c in range(ord("a"), ord("z") + 1)]
 
 
-def build_tokenizer() -> PreTrainedTokenizerFast:
-    vocab = {token: index for index, token in enumerate(SPECIAL_TOKENS + CHARACTERS)}
+IMAGE_TOKEN = "<image>"
+# Chat template of the tiny VLM: "u:<image>2+3=a:" for a user turn with an image, then the assistant's answer.
+VLM_CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ message['role'][0] }}:{% if message['content'] is string %}"
+    "{{ message['content'] }}{% else %}{% for part in message['content'] %}{% if part['type'] == 'image' %}<image>"
+    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}{% endif %}"
+    "{% if message['role'] == 'assistant' %}<eos>{% endif %}{% endfor %}{% if add_generation_prompt %}a:{% endif %}"
+)
+
+
+def build_tokenizer(extra_special_tokens: Sequence[str] = ()) -> PreTrainedTokenizerFast:
+    vocab = {token: index for index, token in enumerate(SPECIAL_TOKENS + list(extra_special_tokens) + CHARACTERS)}
     tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
     tokenizer.decoder = decoders.Fuse()
     return PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>"
+        tokenizer_object=tokenizer,
+        pad_token="<pad>",
+        eos_token="<eos>",
+        unk_token="<unk>",
+        additional_special_tokens=list(extra_special_tokens),
     )
 
 
 def build_model(tokenizer: PreTrainedTokenizerFast, seed: int = 0, hidden_size: int = 64, layers: int = 2):
     torch.manual_seed(seed)
-    config = Qwen2Config(
+    model = Qwen2ForCausalLM(_text_config(tokenizer, hidden_size, layers))
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    return model
+
+
+def _text_config(tokenizer: PreTrainedTokenizerFast, hidden_size: int, layers: int) -> Qwen2Config:
+    return Qwen2Config(
         vocab_size=len(tokenizer),
         hidden_size=hidden_size,
         intermediate_size=4 * hidden_size,
@@ -47,10 +79,6 @@ def build_model(tokenizer: PreTrainedTokenizerFast, seed: int = 0, hidden_size: 
         eos_token_id=tokenizer.eos_token_id,
         bos_token_id=None,
     )
-    model = Qwen2ForCausalLM(config)
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    return model
 
 
 def warm_start(
@@ -118,3 +146,40 @@ def build_tiny_model(
 
 def load_tiny_model(path: str | Path) -> Qwen2ForCausalLM:
     return AutoModelForCausalLM.from_pretrained(path)
+
+
+def build_tiny_vlm(path: str | Path, seed: int = 0) -> Path:
+    """Writes a tiny LLaVA-style VLM (28x28 images, 4 image tokens) and its processor to `path`.
+
+    LLaVA's processor needs only PIL; Qwen2-VL's also builds a video processor that needs torchvision, which
+    cannot be installed beside the CPU build of torch this project pins."""
+    path = Path(path)
+    if path.is_dir():
+        return path
+    tokenizer = build_tokenizer([IMAGE_TOKEN])
+    tokenizer.chat_template = VLM_CHAT_TEMPLATE
+    image_processor = CLIPImageProcessorPil(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28})
+    processor = LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        chat_template=VLM_CHAT_TEMPLATE,
+        patch_size=14,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+    )
+    torch.manual_seed(seed)
+    config = LlavaConfig(
+        vision_config=CLIPVisionConfig(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=28, patch_size=14
+        ),
+        text_config=_text_config(tokenizer, hidden_size=64, layers=2),
+        image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+        vision_feature_select_strategy="default",
+        vision_feature_layer=-1,
+    )
+    model = LlavaForConditionalGeneration(config)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+    return path

@@ -31,7 +31,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import logging
 from trl import GRPOTrainer
 from trl.models.utils import disable_gradient_checkpointing
-from trl.trainer.utils import get_config_model_id
+from trl.trainer.utils import get_config_model_id, split_pixel_values_by_grid, unsplit_pixel_values_by_grid
 
 from trl_bapo.batch import (
     concat_batches,
@@ -60,6 +60,19 @@ from trl_bapo.selection import (
 
 BEHAVIOUR_LOGPS = "old_per_token_logps"
 BAPO_STATE_FILE = "bapo_state.pt"
+# Image fields TRL's forward takes besides the token ids (trl 1.16.0, GRPOTrainer._compute_loss).
+MULTIMODAL_FIELDS = (
+    "pixel_values",
+    "image_grid_thw",
+    "num_images",
+    "pixel_attention_mask",
+    "spatial_shapes",
+    "num_tiles",
+    "image_sizes",
+    "token_type_ids",
+    "mm_token_type_ids",
+    "image_position_ids",
+)
 BAPO_STATE_VERSION = 1
 
 logger = logging.get_logger(__name__)
@@ -144,7 +157,10 @@ class BAPOTrainer(GRPOTrainer):
                 self._tokenizer.pad_token_id,
                 equal_sizes=self.accelerator.num_processes > 1,
             )
-            self._buffered_inputs = [self._finish_behaviour_logps(c) for c in chunks[rank * steps : (rank + 1) * steps]]
+            self._buffered_inputs = [
+                unsplit_pixel_values_by_grid(self._finish_behaviour_logps(chunk))
+                for chunk in chunks[rank * steps : (rank + 1) * steps]
+            ]
         return self._buffered_inputs[self._step % self.args.steps_per_generation]
 
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
@@ -374,8 +390,8 @@ class BAPOTrainer(GRPOTrainer):
         with self._reference_kl_off():
             batch = self._generate_and_score_completions(inputs)
         self._scoring_seconds += time.perf_counter() - started
-        if "pixel_values" in batch:
-            raise NotImplementedError("BAPOTrainer does not support image inputs yet.")
+        # Image fields become one entry per row (TRL's own split), so rows can be selected, stored and replayed.
+        batch = split_pixel_values_by_grid(batch)
         per_func = self._last_rewards_per_func
         rewards = (per_func * self.reward_weights.to(per_func.device).unsqueeze(0)).nansum(dim=1)
         rewards[torch.isnan(per_func).all(dim=1)] = math.nan
@@ -400,6 +416,7 @@ class BAPOTrainer(GRPOTrainer):
 
     def _policy_logps(self, batch: dict[str, Any]) -> torch.Tensor:
         """Per-token log-probs of the completions under the weights now in the model."""
+        batch = unsplit_pixel_values_by_grid(batch)
         input_ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], dim=1)
         attention_mask = torch.cat([batch["prompt_mask"], batch["completion_mask"]], dim=1)
         with torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs):
@@ -409,6 +426,7 @@ class BAPOTrainer(GRPOTrainer):
                 attention_mask,
                 batch["completion_ids"].size(1),
                 batch_size=self.args.per_device_train_batch_size,
+                **{key: batch[key] for key in MULTIMODAL_FIELDS if key in batch},
             )
         return logps
 
