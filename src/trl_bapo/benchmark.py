@@ -29,6 +29,9 @@ from trl_bapo.tasks import ARITHMETIC, TASKS, reward_function
 from trl_bapo.tiny import load_tiny_model
 
 TRACKED_PROMPTS = 256
+# Every evaluation samples with this seed (the base model's too): common random numbers keep the unlock rate
+# and accuracy differences about the weights, not about which samples were drawn.
+EVAL_SEED = 0
 
 OFF = dict(rollout_delay=1, use_difficult_replay=False, use_high_quality_replay=False, kl_reference="ref")
 METHODS: dict[str, dict] = {
@@ -63,7 +66,9 @@ def run_method(
     heldout_rows = list(heldout)
     tracked = [train[i] for i in range(TRACKED_PROMPTS)]
     logs = [entry for entry in trainer.state.log_history if "reward" in entry]
-    tracked_after = prompt_accuracies(trainer.model, tokenizer, tracked, reward, num_samples=GROUP_SIZE, seed=seed)
+    tracked_after = prompt_accuracies(
+        trainer.model, tokenizer, tracked, reward, num_samples=GROUP_SIZE, seed=EVAL_SEED
+    )
     if tracked_before is None:
         tracked_before = base_accuracies(task)
     record = {
@@ -74,7 +79,7 @@ def run_method(
         "rollouts": logs[-1].get("bapo/rollouts", steps * PROMPTS_PER_STEP * GROUP_SIZE),
         "wall_seconds": wall,
         "eval_accuracy": _mean(
-            prompt_accuracies(trainer.model, tokenizer, heldout_rows, reward, num_samples=GROUP_SIZE, seed=seed)
+            prompt_accuracies(trainer.model, tokenizer, heldout_rows, reward, num_samples=GROUP_SIZE, seed=EVAL_SEED)
         ),
         "eval_accuracy_greedy": _mean(prompt_accuracies(trainer.model, tokenizer, heldout_rows, reward, greedy=True)),
         "unlock_rate": unlock_rate(tracked_before, tracked_after),
@@ -100,6 +105,7 @@ def base_accuracies(task: str) -> list[float]:
         [train[i] for i in range(TRACKED_PROMPTS)],
         reward_function(task),
         num_samples=GROUP_SIZE,
+        seed=EVAL_SEED,
     )
 
 
