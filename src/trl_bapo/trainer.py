@@ -12,7 +12,9 @@ Overrides, each checked against trl 1.16.0:
   behaviour-policy KL never reads.
 
 Everything else, generation, reward scoring, advantages and the clipped surrogate, is TRL's. The behaviour
-log-probs of every sample travel in TRL's `old_per_token_logps`, which TRL's loss already divides by.
+log-probs of every sample travel in TRL's `old_per_token_logps`, which TRL's loss already divides by. With vLLM,
+BAPO steers TRL's own sync check (`_last_loaded_step`) so weights reach the engine only on refresh steps. Image
+fields are split per row and merged back with TRL's `split_pixel_values_by_grid` / `unsplit_pixel_values_by_grid`.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from trl.trainer.utils import get_config_model_id, split_pixel_values_by_grid, u
 from trl_bapo.batch import (
     concat_batches,
     gather_batch,
+    loss_mask,
     masked_row,
     num_rows,
     select_rows,
@@ -260,7 +263,7 @@ class BAPOTrainer(GRPOTrainer):
         )
 
         batch = concat_batches(parts, self._tokenizer.pad_token_id)
-        batch["num_items_in_batch"] = (batch["completion_mask"] * batch.get("tool_mask", 1)).sum()
+        batch["num_items_in_batch"] = loss_mask(batch).sum()
         self._log_step(
             x1=num_x1,
             x2=num_x2,
