@@ -106,6 +106,15 @@ class BAPOTrainer(GRPOTrainer):
         finally:
             args.beta = beta
         self.beta = beta
+        sharded = self.is_fsdp_enabled or (
+            self.is_deepspeed_enabled and self.accelerator.state.deepspeed_plugin.zero_stage == 3
+        )
+        if sharded and args.rollout_delay > 1 and not self.use_vllm:
+            raise NotImplementedError(
+                "The delayed rollout policy swaps a copy of each process's parameters into the model, which sharded "
+                "parameters (DeepSpeed ZeRO-3, FSDP) do not allow yet. Use vLLM (use_vllm=True, which holds the "
+                "rollout weights itself), DDP or ZeRO-1/2, or rollout_delay=1."
+            )
         if args.dynamic_sampling and not hasattr(self.train_dataset, "__getitem__"):
             raise ValueError(
                 "dynamic_sampling draws extra prompts by index and needs a map-style train dataset; pass a "
