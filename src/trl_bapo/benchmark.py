@@ -23,7 +23,7 @@ from trl import GRPOConfig, GRPOTrainer
 
 from trl_bapo import BAPOConfig, BAPOTrainer
 from trl_bapo.embedded import GROUP_SIZE, PROMPTS_PER_STEP, TRAINING, embedded_datasets, embedded_model
-from trl_bapo.evaluation import accuracy_bins, prompt_accuracies, unlock_rate
+from trl_bapo.evaluation import accuracy_bins, prompt_accuracies, relock_rate, unlock_rate
 from trl_bapo.plots import plot_accuracy_bins, plot_composition, plot_reward
 from trl_bapo.tasks import ARITHMETIC, TASKS, reward_function
 from trl_bapo.tiny import load_tiny_model
@@ -83,6 +83,7 @@ def run_method(
         ),
         "eval_accuracy_greedy": _mean(prompt_accuracies(trainer.model, tokenizer, heldout_rows, reward, greedy=True)),
         "unlock_rate": unlock_rate(tracked_before, tracked_after),
+        "relock_rate": relock_rate(tracked_before, tracked_after),
         "zero_std_fraction": _mean([entry["frac_reward_zero_std"] for entry in logs]),
         "batch_fill": _mean([entry.get("bapo/batch_fill", 1.0) for entry in logs]),
         "reward_curve": [entry["reward"] for entry in logs],
@@ -112,8 +113,8 @@ def base_accuracies(task: str) -> list[float]:
 def summarize(records: list[dict], base_bins: list[int], output: Path, seconds: float) -> str:
     """Writes the plots and returns RESULTS.md: medians with min-max per method, and the targets."""
     methods = [m for m in METHODS if any(r["method"] == m for r in records)]
-    metrics = ["eval_accuracy", "eval_accuracy_greedy", "rollouts", "unlock_rate", "zero_std_fraction",
-               "batch_fill", "seconds_per_step"]
+    metrics = ["eval_accuracy", "eval_accuracy_greedy", "rollouts", "unlock_rate", "relock_rate",
+               "zero_std_fraction", "batch_fill", "seconds_per_step"]
     for record in records:
         record.setdefault("seconds_per_step", record["wall_seconds"] / record["steps"])
     median = {m: {k: statistics.median(r[k] for r in records if r["method"] == m) for k in metrics} for m in methods}
@@ -124,7 +125,8 @@ def summarize(records: list[dict], base_bins: list[int], output: Path, seconds: 
 
     rows = [
         f"| {m} | {cell(m, 'eval_accuracy', 3)} | {cell(m, 'eval_accuracy_greedy', 3)} | {cell(m, 'rollouts', 0)} "
-        f"| {cell(m, 'unlock_rate', 3)} | {cell(m, 'zero_std_fraction', 2)} | {cell(m, 'batch_fill', 2)} "
+        f"| {cell(m, 'unlock_rate', 3)} | {cell(m, 'relock_rate', 3)} | {cell(m, 'zero_std_fraction', 2)} "
+        f"| {cell(m, 'batch_fill', 2)} "
         f"| {cell(m, 'seconds_per_step', 3)} |"
         for m in methods
     ]
@@ -145,9 +147,9 @@ def summarize(records: list[dict], base_bins: list[int], output: Path, seconds: 
         f"Machine: {platform.machine()}, {torch.get_num_threads()} torch threads, {platform.platform()}; "
         f"commit {_commit()}; whole run {seconds / 60:.1f} min.",
         "",
-        "| method | held-out mean@8 | held-out greedy | rollouts | unlock rate | zero-std share | batch fill "
-        "| s / step |",
-        "|---|---|---|---|---|---|---|---|",
+        "| method | held-out mean@8 | held-out greedy | rollouts | unlock rate | relock rate | zero-std share "
+        "| batch fill | s / step |",
+        "|---|---|---|---|---|---|---|---|---|",
         *rows,
         "",
         "## Targets (same run, medians)",
@@ -210,7 +212,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
             print(
                 f"{method:>11} seed {seed}: held-out {record['eval_accuracy']:.3f} greedy "
                 f"{record['eval_accuracy_greedy']:.3f} rollouts {record['rollouts']:.0f} unlock "
-                f"{record['unlock_rate']:.3f} fill {record['batch_fill']:.2f} {record['wall_seconds']:.0f}s",
+                f"{record['unlock_rate']:.3f} relock {record['relock_rate']:.3f} fill {record['batch_fill']:.2f} "
+                f"{record['wall_seconds']:.0f}s",
                 flush=True,
             )
             (output / "results.json").write_text(json.dumps(records, indent=1))

@@ -70,6 +70,13 @@ def unlock_rate(before: Sequence[float], after: Sequence[float]) -> float:
     return sum(a > 0 for a in unsolved) / len(unsolved) if unsolved else 0.0
 
 
+def relock_rate(before: Sequence[float], after: Sequence[float]) -> float:
+    """Share of the prompts solved at least once (>= 1/G) before training that fall to 0/G after it: the control
+    for `unlock_rate`, since a policy that only moves at random unlocks and relocks alike."""
+    solved = [a for b, a in zip(before, after) if b > 0]
+    return sum(a == 0 for a in solved) / len(solved) if solved else 0.0
+
+
 def migration_matrix(before: Sequence[float], after: Sequence[float], num_samples: int) -> list[list[int]]:
     """counts[i][j]: prompts that moved from accuracy bin i/G to bin j/G (the paper's fig. 15)."""
     counts = [[0] * (num_samples + 1) for _ in range(num_samples + 1)]
