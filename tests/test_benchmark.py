@@ -5,7 +5,7 @@ import json
 from trl_bapo import benchmark
 
 RECORD_KEYS = {"method", "seed", "task", "steps", "rollouts", "wall_seconds", "eval_accuracy",
-               "eval_accuracy_greedy", "unlock_rate", "zero_std_fraction", "batch_fill"}
+               "eval_accuracy_greedy", "unlock_rate", "relock_rate", "zero_std_fraction", "batch_fill"}
 
 
 def test_bench_harness_runs_two_steps_of_bapo(tmp_path, monkeypatch):
