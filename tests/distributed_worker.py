@@ -12,9 +12,10 @@ import torch
 from accelerate import PartialState
 from datasets import Dataset
 
-from trl_bapo import BAPOConfig, BAPOTrainer
+from trl_bapo import BAPOTrainer
 
-GROUP_SIZE = 4
+from conftest import make_config  # this script's folder is on sys.path when it runs
+
 # Per rollout step, 6 prompts; k correct out of 4 before global step 3 and from then on. The last step has
 # only homogeneous groups and (with a 1-step B_high) nothing to replay: its batch is empty.
 STEPS = [
@@ -38,12 +39,10 @@ def step_reward(prompts, completions, trainer_state, **kwargs):
 
 
 def main(output_dir: str, model_path: str) -> None:
-    args = BAPOConfig(
-        output_dir=output_dir,
+    args = make_config(
+        output_dir,
         per_device_train_batch_size=4,
         gradient_accumulation_steps=3,  # 3 micro-batches per process, 6 in all, for batches of any size
-        num_generations=GROUP_SIZE,
-        max_completion_length=4,
         max_steps=len(STEPS),
         learning_rate=1e-2,
         beta=0.01,
@@ -52,13 +51,6 @@ def main(output_dir: str, model_path: str) -> None:
         high_quality_buffer_steps=1,
         high_quality_lower_range=[0.5, 0.5],
         high_quality_upper_range=[0.75, 0.75],
-        logging_steps=1,
-        report_to=[],
-        save_strategy="no",
-        use_cpu=True,
-        seed=0,
-        disable_tqdm=True,
-        shuffle_dataset=False,
     )
     trainer = BAPOTrainer(
         model=model_path, reward_funcs=step_reward, args=args, train_dataset=Dataset.from_dict({"prompt": list(PLAN)})
