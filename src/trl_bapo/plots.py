@@ -20,12 +20,21 @@ def _save(figure, path: Path) -> Path:
     return path
 
 
-def plot_reward(curves: dict[str, Sequence[float]], path: Path, title: str = "Training reward") -> Path:
-    """One line per run: mean reward of the fresh rollouts at each step."""
+def plot_reward(
+    curves: dict[str, Sequence[float]], path: Path, title: str = "Training reward", window: int = 10
+) -> Path:
+    """One line per run: mean reward of the fresh rollouts, as a `window`-step moving average (single steps of
+    16 prompts are too noisy to compare by eye)."""
     figure, axis = plt.subplots(figsize=(6, 3.5))
     for label, values in curves.items():
-        axis.plot(range(1, len(values) + 1), values, label=label)
-    axis.set(xlabel="optimizer step", ylabel="mean reward of fresh rollouts", title=title)
+        width = min(window, len(values))
+        averaged = [sum(values[i : i + width]) / width for i in range(len(values) - width + 1)]
+        axis.plot(range(width, len(values) + 1), averaged, label=label)
+    axis.set(
+        xlabel="optimizer step",
+        ylabel=f"fresh-rollout reward ({window}-step average)" if window > 1 else "fresh-rollout reward",
+        title=title,
+    )
     axis.legend()
     axis.grid(alpha=0.3)
     return _save(figure, path)
