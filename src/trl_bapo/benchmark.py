@@ -78,6 +78,7 @@ def run_method(
         "steps": steps,
         "rollouts": logs[-1].get("bapo/rollouts", steps * PROMPTS_PER_STEP * GROUP_SIZE),
         "wall_seconds": wall,
+        "seconds_per_step": wall / steps,
         "eval_accuracy": _mean(
             prompt_accuracies(trainer.model, tokenizer, heldout_rows, reward, num_samples=GROUP_SIZE, seed=EVAL_SEED)
         ),
@@ -115,8 +116,6 @@ def summarize(records: list[dict], base_bins: list[int], output: Path, seconds: 
     methods = [m for m in METHODS if any(r["method"] == m for r in records)]
     metrics = ["eval_accuracy", "eval_accuracy_greedy", "rollouts", "unlock_rate", "relock_rate",
                "zero_std_fraction", "batch_fill", "seconds_per_step"]
-    for record in records:
-        record.setdefault("seconds_per_step", record["wall_seconds"] / record["steps"])
     median = {m: {k: statistics.median(r[k] for r in records if r["method"] == m) for k in metrics} for m in methods}
 
     def cell(method: str, key: str, digits: int) -> str:
