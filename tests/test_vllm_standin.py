@@ -93,3 +93,28 @@ def test_vllm_stand_in_syncs_on_refresh_steps_and_supplies_behaviour_logps(tiny_
     assert checked, "no behaviour log-probs were checked"
     assert [log["bapo/policy_lag"] for log in bapo_logs(trainer)] == [0, 0, 1, 0, 1]
     assert all(math.isfinite(log["grad_norm"]) for log in bapo_logs(trainer))
+
+
+def test_vllm_stand_in_gets_weights_on_the_first_step_after_a_resume(tiny_model_path, tmp_path):
+    """A restarted engine holds the base model: the first resumed step syncs even off the refresh schedule."""
+    plan = {f"{t}{name}=": ks for t in range(6) for name, ks in zip("abcd", [[2], [3], [0, 2], [1]])}
+
+    def trainer_with_stand_in(**overrides):
+        args = make_config(tmp_path, rollout_delay=4, reevaluation_interval=4, save_strategy="steps", save_steps=2,
+                           **overrides)
+        trainer = BAPOTrainer(
+            model=tiny_model_path, reward_funcs=ScriptedReward(plan), args=args, train_dataset=prompt_dataset(list(plan))
+        )
+        stand_in = StandInVLLMGeneration(trainer, tiny_model_path, args.max_completion_length)
+        trainer.use_vllm, trainer.vllm_generation = True, stand_in
+        trainer._configure_vllm()
+        return trainer, stand_in
+
+    first, first_engine = trainer_with_stand_in(max_steps=2)
+    first.train()
+    assert first_engine.syncs == [0]  # t = 1 only; t = 2 is not a refresh step (v = 4)
+    resumed, engine = trainer_with_stand_in(max_steps=5)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
+    # t = 3 (global step 2) is the first step of the new trainer, t = 4 (global step 3) a refresh step.
+    assert engine.syncs == [2, 3]
+    assert [log["bapo/policy_lag"] for log in bapo_logs(resumed)][-3:] == [2, 0, 1]  # history holds steps 1-2 too

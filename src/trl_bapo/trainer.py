@@ -146,7 +146,7 @@ class BAPOTrainer(GRPOTrainer):
         if self.vllm_importance_sampling_correction:
             logger.info("BAPO takes its ratio against vLLM's log-probs; TRL's vLLM importance sampling is off.")
         self.vllm_importance_sampling_correction = False
-        self._last_loaded_step = -1
+        self._vllm_synced = False
 
     # ---- TRL overrides -------------------------------------------------------------------------------------
 
@@ -210,8 +210,10 @@ class BAPOTrainer(GRPOTrainer):
         policy = self.accelerator.unwrap_model(self.model)
         refreshed = self._snapshot.maybe_refresh(policy, t, keep_weights=not self.use_vllm)
         if self.use_vllm:
-            # TRL syncs vLLM whenever the optimizer has stepped; BAPO syncs it only on refresh steps.
-            self._last_loaded_step = -1 if refreshed else self.state.global_step
+            # TRL syncs vLLM whenever the optimizer has stepped; BAPO syncs it only on refresh steps, and on the
+            # first step of this trainer, since a (re)started engine holds the base model, not alpha.
+            self._last_loaded_step = -1 if refreshed or not self._vllm_synced else self.state.global_step
+            self._vllm_synced = True
         lag = self._snapshot.lag(t)
 
         with self._snapshot.applied(policy, t):
