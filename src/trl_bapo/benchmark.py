@@ -23,7 +23,7 @@ from trl import GRPOConfig, GRPOTrainer
 
 from trl_bapo import BAPOConfig, BAPOTrainer
 from trl_bapo.embedded import GROUP_SIZE, PROMPTS_PER_STEP, TRAINING, embedded_datasets, embedded_model
-from trl_bapo.evaluation import accuracy_bins, prompt_accuracies, relock_rate, unlock_rate
+from trl_bapo.evaluation import accuracy_bins, evaluate_policy, prompt_accuracies, relock_rate, unlock_rate
 from trl_bapo.plots import plot_accuracy_bins, plot_composition, plot_reward
 from trl_bapo.tasks import ARITHMETIC, TASKS, reward_function
 from trl_bapo.tiny import load_tiny_model
@@ -66,9 +66,8 @@ def run_method(
     heldout_rows = list(heldout)
     tracked = [train[i] for i in range(TRACKED_PROMPTS)]
     logs = [entry for entry in trainer.state.log_history if "reward" in entry]
-    tracked_after = prompt_accuracies(
-        trainer.model, tokenizer, tracked, reward, num_samples=GROUP_SIZE, seed=EVAL_SEED
-    )
+    after = evaluate_policy(trainer.model, tokenizer, heldout_rows, tracked, reward, GROUP_SIZE, seed=EVAL_SEED)
+    tracked_after = after["tracked"]
     if tracked_before is None:
         tracked_before = base_accuracies(task)
     record = {
@@ -79,14 +78,12 @@ def run_method(
         "rollouts": logs[-1].get("bapo/rollouts", steps * PROMPTS_PER_STEP * GROUP_SIZE),
         "wall_seconds": wall,
         "seconds_per_step": wall / steps,
-        "eval_accuracy": _mean(
-            prompt_accuracies(trainer.model, tokenizer, heldout_rows, reward, num_samples=GROUP_SIZE, seed=EVAL_SEED)
-        ),
-        "eval_accuracy_greedy": _mean(prompt_accuracies(trainer.model, tokenizer, heldout_rows, reward, greedy=True)),
+        "eval_accuracy": after["heldout"],
+        "eval_accuracy_greedy": after["greedy"],
         "unlock_rate": unlock_rate(tracked_before, tracked_after),
         "relock_rate": relock_rate(tracked_before, tracked_after),
-        "zero_std_fraction": _mean([entry["frac_reward_zero_std"] for entry in logs]),
-        "batch_fill": _mean([entry.get("bapo/batch_fill", 1.0) for entry in logs]),
+        "zero_std_fraction": statistics.fmean(entry["frac_reward_zero_std"] for entry in logs),
+        "batch_fill": statistics.fmean(entry.get("bapo/batch_fill", 1.0) for entry in logs),
         "reward_curve": [entry["reward"] for entry in logs],
         "tracked_bins": accuracy_bins(tracked_after, GROUP_SIZE),
     }
@@ -184,10 +181,6 @@ def _commit() -> str:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     except OSError:
         return "unknown"
-
-
-def _mean(values: Sequence[float]) -> float:
-    return sum(values) / len(values)
 
 
 def main(argv: list[str] | None = None) -> list[dict]:

@@ -16,7 +16,7 @@ from transformers import AutoTokenizer, PrinterCallback
 from trl_bapo import BAPOConfig, BAPOTrainer
 from trl_bapo.callbacks import CompositionPrinter
 from trl_bapo.embedded import GROUP_SIZE, PROMPTS_PER_STEP, TRAINING, embedded_datasets, embedded_model
-from trl_bapo.evaluation import accuracy_bins, migration_matrix, prompt_accuracies, unlock_rate
+from trl_bapo.evaluation import accuracy_bins, evaluate_policy, migration_matrix, unlock_rate
 from trl_bapo.plots import plot_accuracy_bins, plot_composition, plot_migration, plot_reward
 from trl_bapo.tasks import ARITHMETIC, TASKS, reward_function
 from trl_bapo.tiny import load_tiny_model
@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> dict:
     print("[2/4] evaluating the base model", flush=True)
     base = load_tiny_model(model_path)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
-    before = _evaluate(base, tokenizer, heldout_rows, tracked, reward)
+    before = evaluate_policy(base, tokenizer, heldout_rows, tracked, reward, GROUP_SIZE)
 
     print(f"[3/4] training BAPO for {options.steps} steps", flush=True)
     config = demo_config(str(output / "run"), options.steps, options.seed)
@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> dict:
     trainer.train()
 
     print("[4/4] evaluating the trained model", flush=True)
-    after = _evaluate(trainer.model, tokenizer, heldout_rows, tracked, reward)
+    after = evaluate_policy(trainer.model, tokenizer, heldout_rows, tracked, reward, GROUP_SIZE)
     logs = [entry for entry in trainer.state.log_history if "bapo/x1" in entry]
     summary = {
         "task": options.task,
@@ -102,18 +102,6 @@ def main(argv: list[str] | None = None) -> dict:
         f"done in {summary['seconds']:.0f} s"
     )
     return summary
-
-
-def _evaluate(model, tokenizer, heldout_rows, tracked, reward) -> dict:
-    return {
-        "heldout": _mean(prompt_accuracies(model, tokenizer, heldout_rows, reward, num_samples=GROUP_SIZE)),
-        "greedy": _mean(prompt_accuracies(model, tokenizer, heldout_rows, reward, greedy=True)),
-        "tracked": prompt_accuracies(model, tokenizer, tracked, reward, num_samples=GROUP_SIZE),
-    }
-
-
-def _mean(values: list[float]) -> float:
-    return sum(values) / len(values)
 
 
 if __name__ == "__main__":

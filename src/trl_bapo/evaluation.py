@@ -6,6 +6,7 @@ G samples per prompt at temperature 1, or one greedy completion.
 
 from __future__ import annotations
 
+import statistics
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -54,6 +55,26 @@ def prompt_accuracies(
     rewards = reward_func(prompts=[row["prompt"] for row in expanded], completions=completions, **columns)
     per_prompt = torch.tensor(rewards, dtype=torch.float32).view(len(rows), samples)
     return per_prompt.mean(dim=1).tolist()
+
+
+def evaluate_policy(
+    model,
+    tokenizer,
+    heldout_rows: Sequence[dict[str, Any]],
+    tracked_rows: Sequence[dict[str, Any]],
+    reward_func: Callable[..., list[float]],
+    num_samples: int,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Held-out accuracy (mean over `num_samples` samples, and greedy) and the per-prompt accuracy of a fixed set
+    of training prompts, the measures `make demo` and `make bench` report."""
+    sampled = prompt_accuracies(model, tokenizer, heldout_rows, reward_func, num_samples=num_samples, seed=seed)
+    greedy = prompt_accuracies(model, tokenizer, heldout_rows, reward_func, greedy=True)
+    return {
+        "heldout": statistics.fmean(sampled),
+        "greedy": statistics.fmean(greedy),
+        "tracked": prompt_accuracies(model, tokenizer, tracked_rows, reward_func, num_samples=num_samples, seed=seed),
+    }
 
 
 def accuracy_bins(accuracies: Sequence[float], num_samples: int) -> list[int]:
