@@ -1,10 +1,11 @@
 """The delayed rollout policy alpha = pi_{theta_{t-v}} (Algorithm 1, lines 3-6).
 
-The snapshot holds a copy of the trainable parameters only (the adapter weights under PEFT), taken on refresh
-steps. With vLLM the engine itself holds alpha: it receives weights only on refresh steps, and the snapshot
-keeps just the schedule. Generation with alpha swaps the snapshot into the live model for the duration of the rollout and swaps
-the trained weights back afterwards, so no second model is kept in memory and TRL's own generation path
-(including `unwrap_model_for_generation`) runs unchanged.
+The snapshot holds this process's share of the trainable parameters only (the adapter weights under PEFT; a shard
+under FSDP2 or ZeRO-3, see `trl_bapo.engines`), in CPU memory, taken on refresh steps. Generation with alpha swaps
+the snapshot with the trained weights, one tensor at a time, and swaps them back afterwards: no second model sits
+on the accelerator, and TRL's own generation path (including `unwrap_model_for_generation`) runs unchanged. With
+vLLM the engine itself holds alpha: it receives weights only on refresh steps, and the snapshot keeps just the
+schedule.
 """
 
 from __future__ import annotations
@@ -15,9 +16,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-
-def trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
-    return {name: param for name, param in model.named_parameters() if param.requires_grad}
+from trl_bapo.engines import check_swappable, host_copy, local_shard, release_gathered, trainable_parameters
 
 
 class RolloutSnapshot:
@@ -36,9 +35,17 @@ class RolloutSnapshot:
             return False
         self.step = step
         # With v = 1 the snapshot is always the live policy: nothing to copy.
-        self.weights = {}
-        if self.delay > 1 and keep_weights:
-            self.weights = {name: param.detach().clone() for name, param in trainable_parameters(model).items()}
+        if self.delay == 1 or not keep_weights:
+            self.weights = {}
+            return True
+        if not self.weights:
+            check_swappable(model)
+        release_gathered(model)
+        for name, param in trainable_parameters(model).items():
+            if name in self.weights:
+                self.weights[name].copy_(local_shard(param))
+            else:
+                self.weights[name] = host_copy(local_shard(param))
         return True
 
     def lag(self, step: int) -> int:
@@ -46,28 +53,33 @@ class RolloutSnapshot:
         return step - self.step
 
     def state_dict(self) -> dict:
-        return {"delay": self.delay, "step": self.step, "weights": self.weights}
+        return {"step": self.step, "weights": self.weights}
 
     def load_state_dict(self, state: dict) -> None:
-        self.delay, self.step, self.weights = state["delay"], state["step"], state["weights"]
+        self.step = state["step"]
+        self.weights = {name: host_copy(tensor) for name, tensor in state["weights"].items()}
 
     def num_elements(self) -> int:
         return sum(tensor.numel() for tensor in self.weights.values())
 
     @contextmanager
     def applied(self, model: nn.Module, step: int) -> Iterator[None]:
-        """Runs the block with the snapshot's weights in `model`, then restores the trained weights."""
+        """Runs the block with the snapshot's weights in `model`, then puts the trained weights back."""
         if self.lag(step) == 0 or not self.weights:
             yield
             return
-        params = trainable_parameters(model)
-        trained = {name: params[name].detach().clone() for name in self.weights}
-        with torch.no_grad():
-            for name, tensor in self.weights.items():
-                params[name].copy_(tensor)
+        self._swap(model)
         try:
             yield
         finally:
-            with torch.no_grad():
-                for name, tensor in trained.items():
-                    params[name].copy_(tensor)
+            self._swap(model)
+
+    @torch.no_grad()
+    def _swap(self, model: nn.Module) -> None:
+        # Exchanges the snapshot with the model's weights in place; swapping twice restores both exactly.
+        release_gathered(model)
+        for name, param in trainable_parameters(model).items():
+            shard, stored = local_shard(param), self.weights[name]
+            held = shard.clone()
+            shard.copy_(stored)
+            stored.copy_(held)
