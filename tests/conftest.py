@@ -13,6 +13,7 @@ from collections import Counter, defaultdict
 import pytest
 import torch
 from datasets import Dataset
+from transformers import TrainerCallback
 
 from trl_bapo import BAPOConfig
 from trl_bapo.tiny import build_tiny_model
@@ -110,6 +111,17 @@ class BatchRecorder:
             return original(model, inputs, *args, **kwargs)
 
         trainer.compute_loss = compute_loss
+
+
+class StopAt(TrainerCallback):
+    """Ends training after optimizer step `step`, as an interrupted run would end."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            control.should_training_stop = True
 
 
 def bapo_logs(trainer) -> list[dict]:

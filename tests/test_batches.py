@@ -15,7 +15,8 @@ from conftest import GROUP_SIZE, ScriptedReward, bapo_logs, make_config, paramet
 def test_empty_batch_trains_on_nothing(tiny_model_path, tmp_path):
     """All groups homogeneous, nothing to replay: every step is skipped, weights stay put, no NaN."""
     prompts = [f"{i}=" for i in range(16)]
-    args = make_config(tmp_path, max_steps=3, reevaluation_interval=1, beta=0.01, learning_rate=1e-2)
+    # With weight decay, an optimizer step that ran on the zero gradient would move the weights.
+    args = make_config(tmp_path, max_steps=3, reevaluation_interval=1, beta=0.01, learning_rate=1e-2, weight_decay=0.1)
     trainer = BAPOTrainer(
         model=tiny_model_path, reward_funcs=ScriptedReward({}, default=0), args=args,
         train_dataset=prompt_dataset(prompts),

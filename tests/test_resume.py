@@ -2,26 +2,18 @@
 
 import os
 
+import numpy as np
 import pytest
 import torch
-from transformers import TrainerCallback
+from PIL import Image
 
 from trl_bapo import BAPOTrainer
-from trl_bapo.trainer import BAPO_STATE_FILE
+from trl_bapo.checkpoint import read_state, state_file, write_state
 
-from conftest import ScriptedReward, make_config, parameters, prompt_dataset
+from conftest import ScriptedReward, StopAt, bapo_logs, make_config, parameters, prompt_dataset
 
 PLAN = {f"{t}{name}=": ks for t in range(8) for name, ks in zip("abcd", [[2], [0, 2], [0, 0], [1]])}
 SETTINGS = dict(max_steps=6, rollout_delay=4, reevaluation_interval=2, learning_rate=1e-2, beta=0.01)
-
-
-class StopAt(TrainerCallback):
-    def __init__(self, step):
-        self.step = step
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step == self.step:
-            control.should_training_stop = True
 
 
 def _trainer(output_dir, reward, **overrides):
@@ -59,7 +51,7 @@ def test_six_steps_equal_three_plus_resume_plus_three(tiny_model_path, tmp_path)
     straight.train()
 
     reward, checkpoint = _interrupted_run(tiny_model_path, tmp_path)
-    assert os.path.exists(checkpoint / BAPO_STATE_FILE)
+    assert os.path.exists(state_file(checkpoint, 0))
     resumed = _trainer(tmp_path / "split", reward, save_strategy="steps", save_steps=3)
     resumed.train(resume_from_checkpoint=str(checkpoint))
 
@@ -75,14 +67,55 @@ def test_six_steps_equal_three_plus_resume_plus_three(tiny_model_path, tmp_path)
 
 def test_resume_without_bapo_state_fails_clearly_unless_asked(tiny_model_path, tmp_path):
     reward, checkpoint = _interrupted_run(tiny_model_path, tmp_path)
-    (checkpoint / BAPO_STATE_FILE).write_bytes(b"not a checkpoint")
+    with open(state_file(checkpoint, 0), "wb") as file:
+        file.write(b"not a checkpoint")
     with pytest.raises(ValueError, match="resume_without_bapo_state"):
         _trainer(tmp_path / "split", reward).train(resume_from_checkpoint=str(checkpoint))
-    os.remove(checkpoint / BAPO_STATE_FILE)
-    with pytest.raises(ValueError, match="missing or unreadable"):
+    os.remove(state_file(checkpoint, 0))
+    with pytest.raises(ValueError, match="could not read .*FileNotFoundError"):
         _trainer(tmp_path / "split", reward).train(resume_from_checkpoint=str(checkpoint))
 
     empty = _trainer(tmp_path / "split", reward, resume_without_bapo_state=True)
     empty.train(resume_from_checkpoint=str(checkpoint))
     assert empty.state.global_step == 6
     assert empty._rollout_step == 3  # counted from the resume: the buffers started empty
+
+
+class RunsCodeOnLoad:
+    """Unpickling this calls `print`: a stand-in for a tampered checkpoint that runs code."""
+
+    def __reduce__(self):
+        return (print, ("code ran while loading a checkpoint",))
+
+
+def test_state_that_would_run_code_is_refused(tiny_model_path, tmp_path, capsys):
+    reward, checkpoint = _interrupted_run(tiny_model_path, tmp_path)
+    torch.save({"version": 2, "payload": RunsCodeOnLoad()}, state_file(checkpoint, 0))
+    with pytest.raises(ValueError, match="could not read .*not a file of tensors and plain data"):
+        _trainer(tmp_path / "split", reward).train(resume_from_checkpoint=str(checkpoint))
+    assert "code ran" not in capsys.readouterr().out
+
+
+def test_changed_buffer_settings_apply_on_resume_with_a_note(tiny_model_path, tmp_path, caplog):
+    reward, checkpoint = _interrupted_run(tiny_model_path, tmp_path)
+    resumed = _trainer(tmp_path / "split", reward, difficult_buffer_size=1, rollout_delay=2, max_steps=4)
+    resumed.train(resume_from_checkpoint=str(checkpoint))
+    notes = [r.getMessage() for r in caplog.records if "the configured value applies" in r.getMessage()]
+    assert any(n.startswith("difficult_buffer_size was 4") and "is 1 now" in n for n in notes), notes
+    assert any(n.startswith("rollout_delay was 4") and "is 2 now" in n for n in notes), notes
+    assert len(resumed._difficult) == 1 and resumed._snapshot.delay == 2
+    # t = 4 is a refresh step under the new delay of 2.
+    assert bapo_logs(resumed)[-1]["bapo/policy_lag"] == 0
+
+
+def test_state_file_keeps_images_and_arrays_of_dataset_rows(tmp_path):
+    """B_bad keeps dataset rows; an image or array column survives the safe (weights_only) round trip."""
+    image = Image.new("RGB", (3, 2), color=(10, 200, 30))
+    rows = [{"prompt": [{"role": "user", "content": "2+3="}], "image": image, "mask": np.arange(4), "n": np.int64(7)}]
+    write_state(str(tmp_path / "state.pt"), {"difficult": {"examples": rows}})
+    loaded = read_state(str(tmp_path / "state.pt"))["difficult"]["examples"][0]
+    assert loaded["prompt"] == rows[0]["prompt"] and loaded["n"] == 7
+    assert np.array_equal(loaded["mask"], rows[0]["mask"])
+    assert loaded["image"].mode == "RGB" and list(loaded["image"].getdata()) == list(image.getdata())
+    with pytest.raises(TypeError, match=r"state\['difficult'\]\['examples'\]\[0\]\['when'\] of type object"):
+        write_state(str(tmp_path / "bad.pt"), {"difficult": {"examples": [{"when": object()}]}})

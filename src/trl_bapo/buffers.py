@@ -50,11 +50,12 @@ class DifficultBuffer:
         return [example["prompt"] for example in self._entries.values()]
 
     def state_dict(self) -> dict[str, Any]:
-        return {"capacity": self.capacity, "examples": list(self._entries.values())}
+        return {"examples": list(self._entries.values())}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.capacity = state["capacity"]
-        self._entries = OrderedDict((prompt_key(example), example) for example in state["examples"])
+        """Restores the prompts; beyond this buffer's capacity the oldest leave, as they would on `add`."""
+        self._entries = OrderedDict()
+        self.add(state["examples"])
 
 
 @dataclass
@@ -102,8 +103,7 @@ class HighQualityBuffer:
         return list(self._groups)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"window": self.window, "groups": [vars(group) for group in self._groups]}
+        return {"groups": [vars(group) for group in self._groups]}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.window = state["window"]
         self._groups = [ReplayGroup(**group) for group in state["groups"]]

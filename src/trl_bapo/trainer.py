@@ -1,13 +1,13 @@
 """`BAPOTrainer`: TRL's GRPOTrainer with Batch Adaptation Policy Optimization (Algorithm 1, appendix A.8).
 
-Overrides, each checked against trl 1.16.0:
+Overrides, each checked against trl 1.16.0 and transformers 5.23:
 - `_prepare_inputs`: on generation steps, builds the training batch X1 + X2 + X3 instead of using the fresh
   rollout as is, and cuts it with BAPO's own rule (TRL's `split_tensor_dict` drops rows that do not divide).
 - `_calculate_rewards`: calls TRL's and keeps the gathered rewards, which decide every group's fate.
 - `compute_loss`: scales TRL's loss by the micro-batch's share of the assembled batch.
-- `_save_checkpoint` / `_load_optimizer_and_scheduler`: write and read BAPO's state (buffers, counters,
-  thresholds' running reward, rollout snapshot, random generator) beside TRL's in every checkpoint, through the
-  same hooks TRL uses for its own entropy-controller state.
+- `_save_optimizer_and_scheduler` / `_load_optimizer_and_scheduler`: write and read BAPO's state (buffers,
+  counters, thresholds' running reward, rollout snapshot, random generator) beside the optimizer's in every
+  checkpoint. transformers calls both on every process, and saves before it pushes a checkpoint to the Hub.
 - `__init__`: with `kl_reference="behavior"`, stops TRL from building a frozen reference model that the
   behaviour-policy KL never reads.
 
@@ -15,6 +15,8 @@ Everything else, generation, reward scoring, advantages and the clipped surrogat
 log-probs of every sample travel in TRL's `old_per_token_logps`, which TRL's loss already divides by. With vLLM,
 BAPO steers TRL's own sync check (`_last_loaded_step`) so weights reach the engine only on refresh steps. Image
 fields are split per row and merged back with TRL's `split_pixel_values_by_grid` / `unsplit_pixel_values_by_grid`.
+Under FSDP2 and DeepSpeed the rollout snapshot holds each process's own shards (`trl_bapo.engines`), and every
+forward BAPO adds runs on every process the same number of times, since a sharded forward is a collective.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from typing import Any
 
 import torch
 from accelerate.utils import broadcast, gather_object
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+from transformers import TrainerCallback
 from transformers.utils import logging
 from trl import GRPOTrainer
 from trl.models.utils import disable_gradient_checkpointing
@@ -47,7 +49,9 @@ from trl_bapo.batch import (
     unmeasured_rows,
 )
 from trl_bapo.buffers import DifficultBuffer, HighQualityBuffer, ReplayGroup
+from trl_bapo.checkpoint import STATE_VERSION, UNREADABLE, read_state, state_file, unreadable_reason, write_state
 from trl_bapo.config import BAPOConfig
+from trl_bapo.engines import local_shard, trainable_parameters
 from trl_bapo.rollout import RolloutSnapshot
 from trl_bapo.selection import (
     adaptive_threshold,
@@ -62,7 +66,6 @@ from trl_bapo.selection import (
 )
 
 BEHAVIOUR_LOGPS = "old_per_token_logps"
-BAPO_STATE_FILE = "bapo_state.pt"
 # Image fields TRL's forward takes besides the token ids (trl 1.16.0, GRPOTrainer._compute_loss).
 MULTIMODAL_FIELDS = (
     "pixel_values",
@@ -76,7 +79,6 @@ MULTIMODAL_FIELDS = (
     "mm_token_type_ids",
     "image_position_ids",
 )
-BAPO_STATE_VERSION = 1
 
 logger = logging.get_logger(__name__)
 
@@ -106,15 +108,14 @@ class BAPOTrainer(GRPOTrainer):
         finally:
             args.beta = beta
         self.beta = beta
-        sharded = self.is_fsdp_enabled or (
-            self.is_deepspeed_enabled and self.accelerator.state.deepspeed_plugin.zero_stage == 3
-        )
-        if sharded and args.rollout_delay > 1 and not self.use_vllm:
+        if self._dist.fsdp_version == 1 and args.rollout_delay > 1 and not self.use_vllm:
             raise NotImplementedError(
-                "The delayed rollout policy swaps a copy of each process's parameters into the model, which sharded "
-                "parameters (DeepSpeed ZeRO-3, FSDP) do not allow yet. Use vLLM (use_vllm=True, which holds the "
-                "rollout weights itself), DDP or ZeRO-1/2, or rollout_delay=1."
+                "The delayed rollout policy swaps each process's parameter shards, which FSDP1's flattened "
+                "parameters do not expose. Use FSDP2 (fsdp_version: 2 in the accelerate config), vLLM "
+                "(use_vllm=True, which holds the rollout weights itself), or rollout_delay=1."
             )
+        # Under FSDP and ZeRO-3 every forward is a collective that all processes must enter together.
+        self._collective_forwards = self.accelerator.num_processes > 1 and (self._dist.is_fsdp or self._dist.is_zero3)
         if args.dynamic_sampling and not hasattr(self.train_dataset, "__getitem__"):
             raise ValueError(
                 "dynamic_sampling draws extra prompts by index and needs a map-style train dataset; pass a "
@@ -133,7 +134,8 @@ class BAPOTrainer(GRPOTrainer):
         self._rollouts = 0
         self._prompt_order: list[int] = []  # dynamic sampling's own pass over the train dataset
         self._skip_update = False
-        self._skip_hooks_installed = False
+        self._frozen_step = FrozenStep()
+        self.add_callback(self._frozen_step)
         self._last_rewards_per_func: torch.Tensor | None = None
         self._scoring_seconds = 0.0  # time spent in TRL's generation and scoring during this rollout step
         if self.use_vllm:
@@ -157,7 +159,6 @@ class BAPOTrainer(GRPOTrainer):
         if self._step % generate_every == 0 or self._buffered_inputs is None:
             batch, filler = self._assemble_batch(generation_batch)
             self._skip_update = num_rows(batch) == 0
-            self._install_skip_hooks()
             # Every process holds the whole batch and takes its own share of micro-batches, so all of them run
             # the same number of forward/backward passes whatever the batch size.
             steps, rank = self.args.steps_per_generation, self.accelerator.process_index
@@ -173,6 +174,8 @@ class BAPOTrainer(GRPOTrainer):
                 unsplit_pixel_values_by_grid(self._finish_behaviour_logps(chunk))
                 for chunk in chunks[rank * steps : (rank + 1) * steps]
             ]
+        if self._skip_update:
+            self._frozen_step.hold(self.optimizer)
         return self._buffered_inputs[self._step % self.args.steps_per_generation]
 
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
@@ -180,11 +183,10 @@ class BAPOTrainer(GRPOTrainer):
         self._last_rewards_per_func = rewards_per_func
         return rewards_per_func
 
-    def _save_checkpoint(self, model, trial):
-        super()._save_checkpoint(model, trial)
-        if self.args.should_save:
-            folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
-            torch.save(self._bapo_state(), os.path.join(folder, BAPO_STATE_FILE))
+    def _save_optimizer_and_scheduler(self, output_dir):
+        super()._save_optimizer_and_scheduler(output_dir)
+        os.makedirs(output_dir, exist_ok=True)
+        write_state(state_file(output_dir, self.accelerator.process_index), self._bapo_state())
 
     def _load_optimizer_and_scheduler(self, checkpoint):
         super()._load_optimizer_and_scheduler(checkpoint)
@@ -332,30 +334,33 @@ class BAPOTrainer(GRPOTrainer):
         """X2 (eq. 6): regenerate the oldest prompts of B_bad with the current policy; keep c1 < mu < 1.
 
         Prompts that are no longer difficult leave B_bad, so the buffer keeps only what is still unsolved. The
-        prompts are shared evenly between processes (repeating a few when they do not divide), because TRL
-        gathers rewards across processes and expects every process to score as many rows.
+        prompts are shared between processes with accelerate's split, padded by repeating the last prompt, because
+        TRL gathers rewards across processes and expects every process to score as many rows; a prompt scored
+        twice counts once.
         """
         group_size, c1 = self.num_generations, self.args.c1
         examples = self._difficult.oldest(self.args.max_reevaluation_prompts)
-        processes = self.accelerator.num_processes
-        scored = examples + examples[: -len(examples) % processes]
-        with self._muted_metrics():
-            batch, rewards, _ = self._score(
-                self._local_share([example for example in scored for _ in range(group_size)])
-            )
+        with self.accelerator.split_between_processes(list(range(len(examples))), apply_padding=True) as share:
+            with self._muted_metrics():
+                batch, rewards, _ = self._score([examples[i] for i in share for _ in range(group_size)])
+            scored = share if self.accelerator.num_processes == 1 else gather_object(share)
         self._attach_behaviour_logps(batch, torch.tensor([], dtype=torch.long))
         batch = gather_batch(batch, self.accelerator, self._tokenizer.pad_token_id)
         self._rollouts += len(scored) * group_size
-        accuracy = group_accuracy(rewards, group_size)[: len(examples)]
+        first = torch.tensor([scored.index(i) for i in range(len(examples))])  # each prompt's first scored group
+        accuracy = group_accuracy(rewards, group_size)[first]
         self._difficult.remove([ex for ex, hard in zip(examples, difficult_mask(accuracy, c1)) if not hard])
-        keep = improved_mask(accuracy, c1).nonzero().flatten()
+        keep = first[improved_mask(accuracy, c1)]
         return select_rows(batch, group_rows(keep, group_size)), len(examples)
 
     # ---- checkpoint state -----------------------------------------------------------------------------------
 
     def _bapo_state(self) -> dict[str, Any]:
         return {
-            "version": BAPO_STATE_VERSION,
+            "version": STATE_VERSION,
+            "processes": self.accelerator.num_processes,
+            "sharded": self._dist.is_fsdp or self._dist.is_zero3,
+            "settings": self._bapo_settings(),
             "rollout_step": self._rollout_step,
             "snapshot": self._snapshot.state_dict(),
             "difficult": self._difficult.state_dict(),
@@ -367,28 +372,75 @@ class BAPOTrainer(GRPOTrainer):
             "prompt_order": self._prompt_order,
         }
 
+    def _bapo_settings(self) -> dict[str, int]:
+        return {
+            "rollout_delay": self._snapshot.delay,
+            "difficult_buffer_size": self._difficult.capacity,
+            "high_quality_buffer_steps": self._high_quality.window,
+        }
+
     def _load_bapo_state(self, checkpoint: str) -> None:
-        path = os.path.join(checkpoint, BAPO_STATE_FILE)
+        """Reads this process's state file, then decides together with every other process whether to resume
+        from the states: if any process cannot read its own, none resumes from them, so no process runs on with
+        buffers the others lack."""
+        rank = self.accelerator.process_index
+        path = state_file(checkpoint, rank)
+        if not os.path.exists(path) and rank > 0:  # written by fewer processes; the shared parts are in file 0
+            path = state_file(checkpoint, 0)
+        state, error = None, None
         try:
-            state = torch.load(path, map_location=self.accelerator.device, weights_only=False)
-            if state["version"] != BAPO_STATE_VERSION:
-                raise ValueError(f"version {state['version']}, this trl-bapo reads {BAPO_STATE_VERSION}")
-            self._snapshot.load_state_dict(state["snapshot"])
-            self._difficult.load_state_dict(state["difficult"])
-            self._high_quality.load_state_dict(state["high_quality"])
-            self._generator.set_state(state["generator"].cpu())
-            self._rollout_step, self._rollouts = state["rollout_step"], state["rollouts"]
-            self._reward_sum, self._reward_count = state["reward_sum"], state["reward_count"]
-            self._prompt_order = state["prompt_order"]
-        except Exception as error:  # a missing, truncated or foreign file: all mean the state is unusable
-            if not self.args.resume_without_bapo_state:
-                raise ValueError(
-                    f"Cannot resume BAPO from {checkpoint}: its BAPO state {path} is missing or unreadable ({error}). "
-                    "Resuming without it would silently empty the buffers and reset the thresholds and rollout "
-                    "policy. Resume from a checkpoint written by BAPOTrainer, or set resume_without_bapo_state=True "
-                    "to start with empty buffers."
-                ) from error
-            logger.warning("Resuming from %s with empty BAPO buffers: %s", checkpoint, error)
+            state = self._checked_state(read_state(path))
+        except UNREADABLE as caught:
+            error = f"process {rank} could not read {path} ({unreadable_reason(caught)})"
+        except (KeyError, ValueError) as caught:
+            error = f"process {rank} could not use {path} ({type(caught).__name__}: {caught})"
+        errors = [e for e in (gather_object([error]) if self.accelerator.num_processes > 1 else [error]) if e]
+        if not errors:
+            self._apply_bapo_state(state)
+            return
+        if not self.args.resume_without_bapo_state:
+            raise ValueError(
+                f"Cannot resume BAPO from {checkpoint}: {'; '.join(errors)}. Resuming without that state would "
+                "silently empty the buffers and reset the thresholds and the rollout policy. Resume from a checkpoint "
+                "written by BAPOTrainer, or set resume_without_bapo_state=True to start with empty buffers."
+            )
+        logger.warning("Resuming from %s with empty BAPO buffers: %s", checkpoint, "; ".join(errors))
+
+    def _checked_state(self, state: dict[str, Any]) -> dict[str, Any]:
+        """`state`, with its snapshot dropped where it cannot be placed: shards of another number of processes."""
+        if state["version"] != STATE_VERSION:
+            raise ValueError(f"state version {state['version']}, this trl-bapo reads version {STATE_VERSION}")
+        if state["sharded"] and state["processes"] != self.accelerator.num_processes:
+            logger.warning(
+                "The checkpoint's rollout snapshot holds the shards of %d processes, not %d; the rollout policy "
+                "restarts from the current weights on the first step.",
+                state["processes"],
+                self.accelerator.num_processes,
+            )
+            state["snapshot"] = {"step": None, "weights": {}}
+        policy = self.accelerator.unwrap_model(self.model)
+        shards = {name: local_shard(param) for name, param in trainable_parameters(policy).items()}
+        for name, tensor in state["snapshot"]["weights"].items():
+            if name not in shards or shards[name].shape != tensor.shape:
+                raise ValueError(f"its rollout snapshot does not fit this model: parameter {name!r} differs")
+        return state
+
+    def _apply_bapo_state(self, state: dict[str, Any]) -> None:
+        for name, current in self._bapo_settings().items():
+            if state["settings"][name] != current:
+                logger.warning(
+                    "%s was %s in the checkpoint and is %s now; the configured value applies.",
+                    name,
+                    state["settings"][name],
+                    current,
+                )
+        self._snapshot.load_state_dict(state["snapshot"])
+        self._difficult.load_state_dict(state["difficult"])
+        self._high_quality.load_state_dict(state["high_quality"])
+        self._generator.set_state(state["generator"])
+        self._rollout_step, self._rollouts = state["rollout_step"], state["rollouts"]
+        self._reward_sum, self._reward_count = state["reward_sum"], state["reward_count"]
+        self._prompt_order = state["prompt_order"]
 
     # ---- helpers --------------------------------------------------------------------------------------------
 
@@ -428,9 +480,18 @@ class BAPOTrainer(GRPOTrainer):
         permutation = torch.randperm(count).to(self.accelerator.device)
         return broadcast(permutation, from_process=0).cpu() if self.accelerator.num_processes > 1 else permutation.cpu()
 
-    def _policy_logps(self, batch: dict[str, Any]) -> torch.Tensor:
-        """Per-token log-probs of the completions under the weights now in the model."""
-        batch = unsplit_pixel_values_by_grid(batch)
+    def _policy_logps(self, batch: dict[str, Any], rows: torch.Tensor) -> torch.Tensor:
+        """Per-token log-probs of the completions of `rows` under the weights now in the model.
+
+        Every process calls this at the same points. Where a forward is a collective (FSDP, ZeRO-3), each runs as
+        many forward passes as the process with the most rows, repeating its first row where it has fewer."""
+        count = len(rows)
+        if self._collective_forwards:
+            counts = self.accelerator.gather(torch.tensor([count], device=self.accelerator.device))
+            rows = torch.cat([rows, rows.new_zeros(int(counts.max()) - count)])
+        if not len(rows):
+            return torch.empty(0, batch["completion_ids"].size(1), device=batch["completion_ids"].device)
+        batch = unsplit_pixel_values_by_grid(select_rows(batch, rows))
         input_ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], dim=1)
         attention_mask = torch.cat([batch["prompt_mask"], batch["completion_mask"]], dim=1)
         with torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs):
@@ -442,7 +503,7 @@ class BAPOTrainer(GRPOTrainer):
                 batch_size=self.args.per_device_train_batch_size,
                 **{key: batch[key] for key in MULTIMODAL_FIELDS if key in batch},
             )
-        return logps
+        return logps[:count]
 
     def _attach_behaviour_logps(self, batch: dict[str, Any], rows: torch.Tensor) -> None:
         """Fills `old_per_token_logps` for `rows` with the current model's log-probs; other rows get NaN, meaning
@@ -455,8 +516,7 @@ class BAPOTrainer(GRPOTrainer):
         if BEHAVIOUR_LOGPS in batch:
             return
         logps = torch.full(batch["completion_mask"].shape, math.nan, device=batch["completion_mask"].device)
-        if len(rows):
-            logps[rows.to(logps.device)] = self._policy_logps(select_rows(batch, rows))
+        logps[rows.to(logps.device)] = self._policy_logps(batch, rows)
         batch[BEHAVIOUR_LOGPS] = logps
 
     def _finish_behaviour_logps(self, chunk: dict[str, Any]) -> dict[str, Any]:
@@ -464,12 +524,13 @@ class BAPOTrainer(GRPOTrainer):
         needs them: TRL then takes the ratio against the detached current log-probs, exactly as GRPO does."""
         logps = chunk[BEHAVIOUR_LOGPS]
         missing = unmeasured_rows(logps)
-        if missing.all() and not self._behaviour_kl:
+        on_policy = bool(missing.all()) and not self._behaviour_kl
+        rows = missing.nonzero().flatten()
+        measured = self._policy_logps(chunk, rows[:0] if on_policy else rows)
+        if on_policy:
             chunk.pop(BEHAVIOUR_LOGPS)
             return chunk
-        rows = missing.nonzero().flatten()
-        if len(rows):
-            logps[rows] = self._policy_logps(select_rows(chunk, rows))
+        logps[rows] = measured
         if self._behaviour_kl:
             chunk["ref_per_token_logps"] = logps
         return chunk
@@ -499,23 +560,30 @@ class BAPOTrainer(GRPOTrainer):
         finally:
             self._metrics["train"] = metrics
 
-    def _install_skip_hooks(self) -> None:
-        """An empty batch must not move the weights: a zero gradient still moves them through Adam's momentum
-        and weight decay, so the optimizer steps of a skipped rollout step run with a learning rate of 0."""
-        if self._skip_hooks_installed or self.optimizer is None:
+
+class FrozenStep(TrainerCallback):
+    """Keeps the optimizer steps of an empty assembled batch from moving the weights.
+
+    A zero gradient still moves them through Adam's momentum and weight decay, so those steps run at learning rate
+    0, set through the optimizer's `param_groups`, which every engine's optimizer exposes (DeepSpeed's ZeRO
+    optimizers included). The trainer calls `hold` before each micro-batch's backward pass, where DeepSpeed takes
+    its step; the rate comes back right after the step, before the scheduler reads it, unless an engine's own
+    scheduler has already set a new one.
+    """
+
+    def __init__(self):
+        self._rates: list[float] | None = None
+
+    def hold(self, optimizer) -> None:
+        if self._rates is None:
+            self._rates = [group["lr"] for group in optimizer.param_groups]
+        for group in optimizer.param_groups:
+            group["lr"] = 0.0
+
+    def on_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
+        if self._rates is None:
             return
-        optimizer = getattr(self.optimizer, "optimizer", self.optimizer)
-
-        def before_step(opt, *_):
-            if self._skip_update:
-                for group in opt.param_groups:
-                    group["bapo_lr"], group["lr"] = group["lr"], 0.0
-
-        def after_step(opt, *_):
-            for group in opt.param_groups:
-                if "bapo_lr" in group:
-                    group["lr"] = group.pop("bapo_lr")
-
-        optimizer.register_step_pre_hook(before_step)
-        optimizer.register_step_post_hook(after_step)
-        self._skip_hooks_installed = True
+        for group, rate in zip(optimizer.param_groups, self._rates):
+            if group["lr"] == 0.0:
+                group["lr"] = rate
+        self._rates = None
