@@ -1,31 +1,63 @@
-"""Trains BAPO in every process of `accelerate launch --num_processes 2`; run by test_distributed.py.
+"""Trains BAPO in every process of `accelerate launch`; run by test_distributed.py.
 
-Writes, per process, what must agree across processes: final weights, buffer contents, counters, and how many
-forward/backward passes the process ran.
+    accelerate launch [engine flags] distributed_worker.py SCENARIO OUTPUT_DIR MODEL_PATH
+
+Scenarios:
+- `train`: 6 rollout steps with v = 5; writes, per process, what must agree across processes (buffers, counters,
+  logs, the full weights), how many forward/backward passes it ran, and fingerprints of the full weights after
+  every optimizer step and at every generation (taken inside the reward function, which every process calls).
+- `resume`: 6 straight steps, then 3 steps with a checkpoint, then a resume for 3 more; then the same resume with
+  this process's state file corrupted on process 1 only. Writes the three runs' states and the errors.
+- `reevaluate`: one prompt in B_bad, re-evaluated by more processes than it has prompts.
+
+The engine is whatever the launcher configured (DDP, FSDP2, DeepSpeed ZeRO-2/3). One thing differs from a GPU run:
+accelerate 1.15 puts several CPU processes in its MULTI_CPU mode and there ignores an FSDP configuration, although
+FSDP2 itself runs over gloo. `CPUFSDPTrainer` turns FSDP on with the plugin the launcher configured, after which
+accelerate's own FSDP2 preparation (`fully_shard`) and checkpointing run unchanged.
 """
 
+import hashlib
 import json
+import os
 import sys
 from pathlib import Path
 
 import torch
 from accelerate import PartialState
+from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 from datasets import Dataset
+from torch.distributed.tensor import DTensor
+from transformers import TrainerCallback
 
 from trl_bapo import BAPOTrainer
+from trl_bapo.checkpoint import state_file
 
-from conftest import make_config  # this script's folder is on sys.path when it runs
+from conftest import StopAt, make_config  # this script's folder is on sys.path when it runs
 
-# Per rollout step, 6 prompts; k correct out of 4 before global step 3 and from then on. The last step has
-# only homogeneous groups and (with a 1-step B_high) nothing to replay: its batch is empty.
+# Per rollout step, 6 prompts; k correct out of 4 before global step 3 and from then on. The last step has only
+# homogeneous groups and (with a 1-step B_high) nothing to replay: its batch is empty.
 STEPS = [
     {"a": (2, 2), "b": (0, 0), "c": (1, 1), "d": (4, 4), "e": (3, 3), "f": (0, 2)},
     {"g": (0, 2), "h": (2, 2), "i": (4, 4), "j": (0, 0), "k": (2, 2), "l": (1, 1)},
     {"m": (0, 0), "n": (3, 3), "o": (0, 3), "p": (4, 4), "q": (4, 4), "r": (2, 2)},
     {"s": (0, 0), "t": (4, 4), "u": (0, 0), "v": (4, 4), "w": (0, 0), "x": (4, 4)},
-    {"y": (0, 0), "z": (4, 4), "ab": (0, 0), "ac": (4, 4), "ad": (4, 4), "ae": (0, 0)},
+    {"y": (0, 0), "z": (1, 1), "ab": (0, 0), "ac": (1, 1), "ad": (4, 4), "ae": (1, 1)},
+    {"af": (0, 0), "ag": (4, 4), "ah": (0, 0), "ai": (4, 4), "aj": (4, 4), "ak": (0, 0)},
 ]
 PLAN = {f"{name}=": ks for step in STEPS for name, ks in step.items()}
+SETTINGS = dict(
+    per_device_train_batch_size=4,
+    gradient_accumulation_steps=3,  # 3 micro-batches per process, 6 in all, for batches of any size
+    max_steps=len(STEPS),
+    learning_rate=1e-2,
+    weight_decay=0.1,  # so that an optimizer step on an empty batch would move the weights
+    beta=0.01,
+    rollout_delay=5,
+    reevaluation_interval=2,
+    high_quality_buffer_steps=1,
+    high_quality_lower_range=[0.5, 0.5],
+    high_quality_upper_range=[0.75, 0.75],
+)
 
 
 def step_reward(prompts, completions, trainer_state, **kwargs):
@@ -38,48 +70,171 @@ def step_reward(prompts, completions, trainer_state, **kwargs):
     return rewards
 
 
-def main(output_dir: str, model_path: str) -> None:
-    args = make_config(
-        output_dir,
-        per_device_train_batch_size=4,
-        gradient_accumulation_steps=3,  # 3 micro-batches per process, 6 in all, for batches of any size
-        max_steps=len(STEPS),
-        learning_rate=1e-2,
-        beta=0.01,
-        rollout_delay=2,
-        reevaluation_interval=2,
-        high_quality_buffer_steps=1,
-        high_quality_lower_range=[0.5, 0.5],
-        high_quality_upper_range=[0.75, 0.75],
-    )
-    trainer = BAPOTrainer(
+class CPUFSDPTrainer(BAPOTrainer):
+    def create_accelerator_and_postprocess(self):
+        super().create_accelerator_and_postprocess()
+        fsdp_configured = os.environ.get("ACCELERATE_USE_FSDP") == "true"
+        if fsdp_configured and self.accelerator.distributed_type == DistributedType.MULTI_CPU:
+            # AcceleratorState copies PartialState's fields whenever it is built again, so both must say FSDP.
+            PartialState().distributed_type = self.accelerator.state.distributed_type = DistributedType.FSDP
+            self.accelerator.state.fsdp_plugin = FullyShardedDataParallelPlugin()
+            self.is_fsdp_enabled = True
+
+
+def full_weights(trainer) -> dict[str, torch.Tensor]:
+    """Every parameter whole, gathered with the engine's own call (a collective under FSDP2 and ZeRO-3)."""
+    params = dict(trainer.accelerator.unwrap_model(trainer.model).named_parameters())
+    if trainer._dist.is_zero3:
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(params.values())):
+            return {name: param.detach().cpu().clone() for name, param in params.items()}
+    return {n: (p.full_tensor() if isinstance(p, DTensor) else p).detach().cpu().clone() for n, p in params.items()}
+
+
+def fingerprint(weights: dict[str, torch.Tensor]) -> str:
+    digest = hashlib.sha1()
+    for name in sorted(weights):
+        digest.update(weights[name].float().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def sharded_fraction(trainer) -> float:
+    """Share of the trainable elements this process holds: 1 unsharded, about 1/processes sharded."""
+    held = total = 0
+    for param in trainer.accelerator.unwrap_model(trainer.model).parameters():
+        if hasattr(param, "ds_tensor"):
+            held, total = held + param.ds_tensor.numel(), total + param.ds_numel
+        elif isinstance(param, DTensor):
+            held, total = held + param.to_local().numel(), total + param.numel()
+        else:
+            held, total = held + param.numel(), total + param.numel()
+    return held / total
+
+
+class Fingerprints(TrainerCallback):
+    def __init__(self, trainer):
+        self.trainer = trainer
+        self.trained = []  # trained[k]: after k optimizer steps
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.trained.append(fingerprint(full_weights(self.trainer)))
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.trained.append(fingerprint(full_weights(self.trainer)))
+
+
+def make_trainer(output_dir, model_path, **overrides):
+    args = make_config(output_dir, **{**SETTINGS, **overrides})
+    return CPUFSDPTrainer(
         model=model_path, reward_funcs=step_reward, args=args, train_dataset=Dataset.from_dict({"prompt": list(PLAN)})
     )
-    passes = []
+
+
+def bapo_state(trainer) -> dict:
+    return {
+        "difficult": trainer._difficult.prompts(),
+        "high_quality": [[g.prompt, g.step, g.accuracy] for g in trainer._high_quality.groups()],
+        "counters": [trainer._rollout_step, trainer._rollouts, trainer._reward_sum, trainer._reward_count],
+        "logs": [
+            {k: v for k, v in e.items() if k.startswith("bapo/") and k != "bapo/assembly_seconds"}
+            for e in trainer.state.log_history
+            if "bapo/x1" in e
+        ],
+    }
+
+
+def train(output_dir: Path, model_path: str) -> dict:
+    trainer = make_trainer(output_dir, model_path)
+    passes, generations = [], []
     compute_loss = trainer.compute_loss
 
     def counting_compute_loss(model, inputs, *a, **k):
         passes.append(int((inputs["completion_mask"].sum(dim=1) > 0).sum()))  # rows that carry loss
         return compute_loss(model, inputs, *a, **k)
 
+    def recording_reward(prompts, completions, trainer_state, **kwargs):
+        # The first scoring of a step is its fresh rollout; a second one is the re-evaluation of B_bad.
+        fresh = not generations or generations[-1][0] != trainer_state.global_step
+        generations.append([trainer_state.global_step, fresh, fingerprint(full_weights(trainer))])
+        return step_reward(prompts, completions, trainer_state, **kwargs)
+
     trainer.compute_loss = counting_compute_loss
+    trainer.reward_funcs[0] = recording_reward
+    prints = Fingerprints(trainer)
+    trainer.add_callback(prints)
     trainer.train()
-    rank = PartialState().process_index
-    torch.save({n: p.detach().cpu() for n, p in trainer.model.named_parameters()}, Path(output_dir) / f"weights-{rank}.pt")
-    logs = [
-        {k: v for k, v in e.items() if k.startswith("bapo/") and k != "bapo/assembly_seconds"}
-        for e in trainer.state.log_history
-        if "bapo/x1" in e
-    ]
-    result = {
+    torch.save(full_weights(trainer), output_dir / f"weights-{PartialState().process_index}.pt")
+    return {
+        **bapo_state(trainer),
         "passes": passes,
-        "difficult": trainer._difficult.prompts(),
-        "high_quality": [[g.prompt, g.step, g.accuracy] for g in trainer._high_quality.groups()],
-        "counters": [trainer._rollout_step, trainer._rollouts, trainer._reward_sum, trainer._reward_count],
-        "logs": logs,
+        "generations": generations,
+        "trained": prints.trained,
+        "sharded_fraction": sharded_fraction(trainer),
+        "snapshot_elements": trainer._snapshot.num_elements(),
     }
-    (Path(output_dir) / f"rank-{rank}.json").write_text(json.dumps(result))
+
+
+class History(TrainerCallback):
+    """Buffers, counters and a fingerprint of the weights after every optimizer step."""
+
+    def __init__(self, trainer):
+        self.trainer, self.steps = trainer, {}
+
+    def on_step_end(self, args, state, control, **kwargs):
+        recorded = bapo_state(self.trainer)
+        del recorded["logs"]
+        self.steps[state.global_step] = {**recorded, "weights": fingerprint(full_weights(self.trainer))}
+
+
+def resume(output_dir: Path, model_path: str) -> dict:
+    straight = make_trainer(output_dir / "straight", model_path)
+    straight_history = History(straight)
+    straight.add_callback(straight_history)
+    straight.train()
+    split = make_trainer(output_dir / "split", model_path, save_strategy="steps", save_steps=3)
+    split.add_callback(StopAt(3))
+    split.train()
+    checkpoint = output_dir / "split" / "checkpoint-3"
+    resumed = make_trainer(output_dir / "split", model_path)
+    resumed_history = History(resumed)
+    resumed.add_callback(resumed_history)
+    resumed.train(resume_from_checkpoint=str(checkpoint))
+    result = {"straight": straight_history.steps, "resumed": resumed_history.steps}
+    rank = PartialState().process_index
+    if rank == 1:
+        Path(state_file(str(checkpoint), rank)).write_bytes(b"corrupted")
+    PartialState().wait_for_everyone()
+    try:
+        make_trainer(output_dir / "split", model_path).train(resume_from_checkpoint=str(checkpoint))
+        result["corrupt_error"] = None
+    except ValueError as error:
+        result["corrupt_error"] = str(error)
+    return result
+
+
+def reevaluate(output_dir: Path, model_path: str) -> dict:
+    # "a=" is the one difficult prompt of step 1 (0/4); from global step 1 on it is 2/4, so re-evaluation at step 2
+    # moves it to X2. The other prompts never enter B_bad.
+    plan = {"a=": 0, "b=": 2, "c=": 4, "d=": 1, "e=": 3, "f=": 4}
+
+    def reward(prompts, completions, trainer_state, **kwargs):
+        rewards, seen = [], {}
+        for prompt in prompts:
+            k = 2 if prompt == "a=" and trainer_state.global_step > 0 else plan[prompt]
+            rewards.append(float(seen.get(prompt, 0) < k))
+            seen[prompt] = seen.get(prompt, 0) + 1
+        return rewards
+
+    args = make_config(output_dir, **{**SETTINGS, "max_steps": 2, "gradient_accumulation_steps": 2})
+    trainer = CPUFSDPTrainer(
+        model=model_path, reward_funcs=reward, args=args, train_dataset=Dataset.from_dict({"prompt": list(plan) * 2})
+    )
+    trainer.train()
+    return bapo_state(trainer)
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:])
+    scenario, output, model = sys.argv[1:]
+    result = {"train": train, "resume": resume, "reevaluate": reevaluate}[scenario](Path(output), model)
+    (Path(output) / f"{scenario}-{PartialState().process_index}.json").write_text(json.dumps(result))

@@ -1,4 +1,11 @@
-"""Two processes on CPU (`accelerate launch --num_processes 2`): BAPO end to end, ranks in lockstep."""
+"""Several processes on CPU over gloo, under each engine users launch BAPO with: DDP, FSDP2, DeepSpeed ZeRO-2/3.
+
+Every test runs `accelerate launch` on tests/distributed_worker.py (which says what it records) and checks what
+the processes wrote. accelerate starts several CPU processes only through its multi-GPU launcher (or an engine's
+config); they then run over gloo. FSDP2 comes from the shipped recipe recipes/accelerate/fsdp.yaml; DeepSpeed
+from tests/engines/zero{2,3}.json, where ZeRO-3's `stage3_param_persistence_threshold` of 100 partitions the
+tiny model's matrices and keeps its norms (64 values) persistent, as real models have both kinds.
+"""
 
 import json
 import os
@@ -6,37 +13,118 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
-WORKER = Path(__file__).with_name("distributed_worker.py")
+from trl_bapo.embedded import embedded_model
+
+HERE = Path(__file__).parent
+WORKER = HERE / "distributed_worker.py"
+ROOT = HERE.parent
+ENGINES = {
+    "ddp": ["--multi_gpu"],
+    "fsdp2": ["--config_file", str(ROOT / "recipes" / "accelerate" / "fsdp.yaml")],
+    "zero2": ["--use_deepspeed", "--deepspeed_config_file", str(HERE / "engines" / "zero2.json")],
+    "zero3": ["--use_deepspeed", "--deepspeed_config_file", str(HERE / "engines" / "zero3.json")],
+}
+SHARDED = {"fsdp2", "zero3"}
+STEPS = 6
+REFRESHED_AT = {1: 1, 2: 1, 3: 1, 4: 1, 5: 5, 6: 5}  # v = 5: refreshed at t = 1 and t mod 5 == 0
 
 
-def test_two_processes_agree_on_buffers_passes_and_weights(tiny_model_path, tmp_path):
-    # accelerate starts several processes only through its multi-GPU launcher; without GPUs they run on the
-    # CPU over gloo (MULTI_CPU).
+def launch(engine: str, *args: str, processes: int = 2, module: bool = False) -> subprocess.CompletedProcess:
     command = [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+        sys.executable, "-m", "accelerate.commands.launch", *ENGINES[engine], "--num_processes", str(processes),
         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-        str(WORKER), str(tmp_path), tiny_model_path,
+        *(["-m"] if module else []), *args,
     ]
     environment = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
-    # Bounded: a rank waiting on a collective the other never enters would hang here, not pass.
-    run = subprocess.run(command, capture_output=True, text=True, timeout=600, env=environment)
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    # Bounded: a process waiting on a collective the other never enters would hang here, not pass.
+    run = subprocess.run(command, capture_output=True, text=True, timeout=600, env=environment, cwd=HERE)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-5000:]
+    return run
 
-    ranks = [json.loads((tmp_path / f"rank-{r}.json").read_text()) for r in range(2)]
-    weights = [torch.load(tmp_path / f"weights-{r}.pt") for r in range(2)]
-    for key in ("difficult", "high_quality", "counters", "logs"):
+
+def run_worker(engine: str, scenario: str, out: Path, model: str, processes: int = 2) -> list[dict]:
+    launch(engine, str(WORKER), scenario, str(out), model, processes=processes)
+    return [json.loads((out / f"{scenario}-{rank}.json").read_text()) for rank in range(processes)]
+
+
+@pytest.mark.parametrize("engine", list(ENGINES))
+def test_engine_trains_bapo_with_the_delayed_policy_in_lockstep(engine, tiny_model_path, tmp_path):
+    ranks = run_worker(engine, "train", tmp_path, tiny_model_path)
+    for key in ("difficult", "high_quality", "counters", "logs", "generations", "trained"):
         assert ranks[0][key] == ranks[1][key], key
-    assert len(ranks[0]["passes"]) == len(ranks[1]["passes"]) == 5 * 3
+    weights = [torch.load(tmp_path / f"weights-{rank}.pt") for rank in range(2)]
     for name in weights[0]:
         assert torch.equal(weights[0][name], weights[1][name]), name
 
-    logs = ranks[0]["logs"]
+    # The engine really shards: under FSDP2 and ZeRO-3 each process holds half of every parameter, and so does
+    # its share of the rollout snapshot, which lives in CPU memory.
+    fraction, snapshot = ranks[0]["sharded_fraction"], [rank["snapshot_elements"] for rank in ranks]
+    total = sum(weight.numel() for weight in weights[0].values())
+    if engine in SHARDED:
+        assert 0.45 < fraction < 0.55 and sum(snapshot) == pytest.approx(total, rel=0.01)
+    else:
+        assert fraction == 1 and snapshot == [total, total]
+
+    logs, trained, generations = ranks[0]["logs"], ranks[0]["trained"], ranks[0]["generations"]
+    assert [log["bapo/policy_lag"] for log in logs] == [t - REFRESHED_AT[t] for t in range(1, STEPS + 1)]
+    # Fresh rollouts come from alpha, the weights of the last refresh; re-evaluations (t = 2, 4, 6) from the
+    # current weights. trained[k] is the fingerprint of the full weights after k optimizer steps.
+    fresh = [g for g in generations if g[1]]
+    reevaluated = [g for g in generations if not g[1]]
+    assert [g[0] for g in fresh] == list(range(STEPS)) and [g[0] for g in reevaluated] == [1, 3, 5]
+    for step, _, weights_used in fresh:
+        assert weights_used == trained[REFRESHED_AT[step + 1] - 1], f"step {step + 1} did not roll out with alpha"
+    for step, _, weights_used in reevaluated:
+        assert weights_used == trained[step], f"re-evaluation at step {step + 1} did not use the current policy"
+    assert len(set(trained[:6])) == 6, "some step did not move the weights; the lag checks above are vacuous"
+
     sizes = [log["bapo/x1"] + log["bapo/x2"] + log["bapo/x3"] for log in logs]
-    assert any(size % 2 for size in sizes), f"no odd-sized batch: {sizes}"
-    assert logs[-1]["bapo/skipped"] == 1, "the last step was meant to be empty"
+    assert sizes == [3, 5, 4, 3, 3, 0], "the scripted composition changed"
+    assert logs[-1]["bapo/skipped"] == 1 and trained[-1] == trained[-2], "the empty step moved the weights"
     assert sum(log["bapo/x2"] for log in logs) > 0 and sum(log["bapo/x3"] for log in logs) > 0
-    # Every row is trained exactly once across the two ranks: per step, the rows with loss add up to the batch.
+    # Same number of forward/backward passes on both processes, and every row trained exactly once across them.
+    assert len(ranks[0]["passes"]) == len(ranks[1]["passes"]) == STEPS * 3
     rows = [a + b for a, b in zip(ranks[0]["passes"], ranks[1]["passes"])]
-    assert [sum(rows[3 * t : 3 * t + 3]) for t in range(5)] == [size * 4 for size in sizes]
+    assert [sum(rows[3 * t : 3 * t + 3]) for t in range(STEPS)] == [size * 4 for size in sizes]
+
+
+@pytest.mark.parametrize("engine", ["ddp", "fsdp2", "zero3"])
+def test_resume_on_two_processes_equals_straight_run(engine, tiny_model_path, tmp_path):
+    ranks = run_worker(engine, "resume", tmp_path, tiny_model_path)
+    for rank in ranks:
+        for step in ("4", "5", "6"):
+            assert rank["resumed"][step] == rank["straight"][step], f"step {step} differs after the resume"
+        assert rank["straight"]["4"]["difficult"] and rank["straight"]["4"]["high_quality"], "buffers were empty"
+    # Process 1's state file was corrupted: both processes fail, with the same message naming it.
+    errors = [rank["corrupt_error"] for rank in ranks]
+    assert errors[0] and errors[0] == errors[1]
+    assert "process 1 could not read" in errors[0] and "resume_without_bapo_state" in errors[0]
+
+
+def test_reevaluation_with_more_processes_than_difficult_prompts(tiny_model_path, tmp_path):
+    ranks = run_worker("ddp", "reevaluate", tmp_path, tiny_model_path, processes=3)
+    assert ranks[0] == ranks[1] == ranks[2]
+    second = ranks[0]["logs"][1]
+    # One prompt in B_bad, scored by 3 processes (2 of them repeat it): it counts once, moves to X2 and leaves B_bad.
+    assert second["bapo/reevaluated"] == 1 and second["bapo/x2"] == 1 and ranks[0]["difficult"] == []
+    assert second["bapo/rollouts"] == 2 * 24 + 3 * 4
+
+
+def test_cli_resume_on_two_processes(tmp_path):
+    """The commands a user runs: save at step 2 on two processes, then resume from that checkpoint."""
+    embedded_model()  # built here once, not by both processes at the same time
+    out = str(tmp_path / "out")
+    common = ["trl_bapo.cli", "--config", str(ROOT / "recipes" / "demo.yaml"), "--output_dir", out]
+    launch("ddp", *common, "--save_strategy", "steps", "--save_steps", "2", "--max_steps", "2", module=True)
+    launch(
+        "ddp", *common, "--max_steps", "3", "--save_steps", "3", "--save_strategy", "steps",
+        "--resume_from_checkpoint", f"{out}/checkpoint-2", module=True,
+    )
+    history = json.loads(Path(out, "checkpoint-3", "trainer_state.json").read_text())["log_history"]
+    rollouts = {entry["step"]: entry["bapo/rollouts"] for entry in history if "bapo/rollouts" in entry}
+    # 32 prompts x 8 completions per step on two processes; the count goes on from the checkpoint's.
+    assert rollouts == {1: 256, 2: 512, 3: 768}
+    assert {"bapo_state_0.pt", "bapo_state_1.pt"} <= set(os.listdir(Path(out, "checkpoint-3")))
