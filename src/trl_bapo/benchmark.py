@@ -3,14 +3,17 @@
 Every method trains the same warm-started tiny model on the same prompts for the same number of optimizer
 steps with the same shared settings; only the method's own switches differ. GRPO runs on `trl.GRPOTrainer`
 itself. Each run records held-out accuracy, rollouts, wall time, unlock rate, zero-variance share and batch
-fill; `bench/results.json` holds the records and `bench/RESULTS.md` the medians over seeds.
+fill, and its peak memory (each run in a fresh process, so peaks do not carry over from one run to the next);
+`bench/results.json` holds the records and `bench/RESULTS.md` the medians over seeds.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import platform
+import resource
 import statistics
 import subprocess
 import time
@@ -44,10 +47,9 @@ METHODS: dict[str, dict] = {
 }
 
 
-def run_method(
-    method: str, seed: int, steps: int, task: str, output_dir: Path, tracked_before: Sequence[float] | None = None
-) -> dict:
-    """Trains one method from the embedded model and measures it; returns the run record."""
+def run_method(method: str, seed: int, steps: int, task: str, output_dir: Path, tracked_before: Sequence[float]) -> dict:
+    """Trains one method from the embedded model and measures it; returns the run record. `tracked_before` holds
+    the base model's accuracy on the first training prompts, the ones whose unlock and relock are measured."""
     model_path = embedded_model(task)
     train, heldout = embedded_datasets(task)
     reward = reward_function(task)
@@ -61,15 +63,14 @@ def run_method(
     started = time.perf_counter()
     trainer.train()
     wall = time.perf_counter() - started
+    memory = peak_memory()
 
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     heldout_rows = list(heldout)
-    tracked = [train[i] for i in range(TRACKED_PROMPTS)]
+    tracked = [train[i] for i in range(len(tracked_before))]
     logs = [entry for entry in trainer.state.log_history if "reward" in entry]
     after = evaluate_policy(trainer.model, tokenizer, heldout_rows, tracked, reward, GROUP_SIZE, seed=EVAL_SEED)
     tracked_after = after["tracked"]
-    if tracked_before is None:
-        tracked_before = base_accuracies(task)
     record = {
         "method": method,
         "seed": seed,
@@ -78,6 +79,7 @@ def run_method(
         "rollouts": logs[-1].get("bapo/rollouts", steps * PROMPTS_PER_STEP * GROUP_SIZE),
         "wall_seconds": wall,
         "seconds_per_step": wall / steps,
+        **memory,
         "eval_accuracy": after["heldout"],
         "eval_accuracy_greedy": after["greedy"],
         "unlock_rate": unlock_rate(tracked_before, tracked_after),
@@ -94,14 +96,28 @@ def run_method(
     return record
 
 
-def base_accuracies(task: str) -> list[float]:
-    """Per-prompt accuracy of the base model on the tracked training prompts (fixed evaluation seed)."""
+def peak_memory() -> dict[str, float]:
+    """Peak resident memory of this process so far in MiB, and on a GPU the peak allocated CUDA memory."""
+    memory = {"peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    if torch.cuda.is_available():
+        memory["peak_cuda_mib"] = torch.cuda.max_memory_allocated() / 2**20
+    return memory
+
+
+def run_in_fresh_process(*args) -> dict:
+    """`run_method` in a new process, so that its peak memory is its own."""
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply(run_method, args)
+
+
+def base_accuracies(task: str, count: int = TRACKED_PROMPTS) -> list[float]:
+    """Per-prompt accuracy of the base model on the first `count` training prompts (fixed evaluation seed)."""
     model_path = embedded_model(task)
     train, _ = embedded_datasets(task)
     return prompt_accuracies(
         load_tiny_model(model_path),
         AutoTokenizer.from_pretrained(model_path),
-        [train[i] for i in range(TRACKED_PROMPTS)],
+        [train[i] for i in range(count)],
         reward_function(task),
         num_samples=GROUP_SIZE,
         seed=EVAL_SEED,
@@ -112,7 +128,7 @@ def summarize(records: list[dict], base_bins: list[int], output: Path, seconds: 
     """Writes the plots and returns RESULTS.md: medians with min-max per method, and the targets."""
     methods = [m for m in METHODS if any(r["method"] == m for r in records)]
     metrics = ["eval_accuracy", "eval_accuracy_greedy", "rollouts", "unlock_rate", "relock_rate",
-               "zero_std_fraction", "batch_fill", "seconds_per_step"]
+               "zero_std_fraction", "batch_fill", "seconds_per_step", "peak_rss_mib"]
     median = {m: {k: statistics.median(r[k] for r in records if r["method"] == m) for k in metrics} for m in methods}
 
     def cell(method: str, key: str, digits: int) -> str:
@@ -123,7 +139,7 @@ def summarize(records: list[dict], base_bins: list[int], output: Path, seconds: 
         f"| {m} | {cell(m, 'eval_accuracy', 3)} | {cell(m, 'eval_accuracy_greedy', 3)} | {cell(m, 'rollouts', 0)} "
         f"| {cell(m, 'unlock_rate', 3)} | {cell(m, 'relock_rate', 3)} | {cell(m, 'zero_std_fraction', 2)} "
         f"| {cell(m, 'batch_fill', 2)} "
-        f"| {cell(m, 'seconds_per_step', 3)} |"
+        f"| {cell(m, 'seconds_per_step', 3)} | {cell(m, 'peak_rss_mib', 0)} |"
         for m in methods
     ]
     curves = {m: [statistics.median(v) for v in zip(*(r["reward_curve"] for r in records if r["method"] == m))]
@@ -144,8 +160,8 @@ def summarize(records: list[dict], base_bins: list[int], output: Path, seconds: 
         f"commit {_commit()}; whole run {seconds / 60:.1f} min.",
         "",
         "| method | held-out mean@8 | held-out greedy | rollouts | unlock rate | relock rate | zero-std share "
-        "| batch fill | s / step |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| batch fill | s / step | peak RSS MiB |",
+        "|---|---|---|---|---|---|---|---|---|---|",
         *rows,
         "",
         "## Targets (same run, medians)",
@@ -170,10 +186,11 @@ def _targets(median: dict) -> list[str]:
         ("BAPO unlock rate >= 1.5 x GRPO", ratio(bapo["unlock_rate"], grpo["unlock_rate"]), 1.5, True),
         ("BAPO s/step <= 1.15 x GRPO", ratio(bapo["seconds_per_step"], grpo["seconds_per_step"]), 1.15, False),
     ]
+    memory = f"- BAPO peak RSS / GRPO's: {ratio(bapo['peak_rss_mib'], grpo['peak_rss_mib']):.2f} (reported, no target)"
     return [
         f"- {name}: ratio {value:.2f} -> {'met' if (value >= bound if at_least else value <= bound) else 'MISSED'}"
         for name, value, bound, at_least in checks
-    ]
+    ] + [memory]
 
 
 def _commit() -> str:
@@ -190,22 +207,25 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--task", default=ARITHMETIC, choices=TASKS)
     parser.add_argument("--output-dir", default="bench")
+    parser.add_argument(
+        "--tracked-prompts", type=int, default=TRACKED_PROMPTS, help="training prompts whose unlock is measured"
+    )
     options = parser.parse_args(argv)
     output = Path(options.output_dir)
     output.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    base = base_accuracies(options.task)
+    base = base_accuracies(options.task, options.tracked_prompts)
     records = []
     # Methods interleave within each seed so that machine load drifts hit every method alike.
     for seed in options.seeds:
         for method in options.methods:
-            record = run_method(method, seed, options.steps, options.task, output / "runs", base)
+            record = run_in_fresh_process(method, seed, options.steps, options.task, output / "runs", base)
             records.append(record)
             print(
                 f"{method:>11} seed {seed}: held-out {record['eval_accuracy']:.3f} greedy "
                 f"{record['eval_accuracy_greedy']:.3f} rollouts {record['rollouts']:.0f} unlock "
                 f"{record['unlock_rate']:.3f} relock {record['relock_rate']:.3f} fill {record['batch_fill']:.2f} "
-                f"{record['wall_seconds']:.0f}s",
+                f"{record['wall_seconds']:.0f}s peak RSS {record['peak_rss_mib']:.0f} MiB",
                 flush=True,
             )
             (output / "results.json").write_text(json.dumps(records, indent=1))
