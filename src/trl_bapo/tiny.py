@@ -57,21 +57,23 @@ def build_tokenizer(extra_special_tokens: Sequence[str] = ()) -> PreTrainedToken
     )
 
 
-def build_model(tokenizer: PreTrainedTokenizerFast, seed: int = 0, hidden_size: int = 64, layers: int = 2):
+def build_model(
+    tokenizer: PreTrainedTokenizerFast, seed: int = 0, hidden_size: int = 64, layers: int = 2, heads: int = 4
+) -> Qwen2ForCausalLM:
     torch.manual_seed(seed)
-    model = Qwen2ForCausalLM(_text_config(tokenizer, hidden_size, layers))
+    model = Qwen2ForCausalLM(_text_config(tokenizer, hidden_size, layers, heads))
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     return model
 
 
-def _text_config(tokenizer: PreTrainedTokenizerFast, hidden_size: int, layers: int) -> Qwen2Config:
+def _text_config(tokenizer: PreTrainedTokenizerFast, hidden_size: int, layers: int, heads: int = 4) -> Qwen2Config:
     return Qwen2Config(
         vocab_size=len(tokenizer),
         hidden_size=hidden_size,
         intermediate_size=4 * hidden_size,
         num_hidden_layers=layers,
-        num_attention_heads=4,
+        num_attention_heads=heads,
         num_key_value_heads=2,
         max_position_embeddings=128,
         tie_word_embeddings=True,
@@ -123,13 +125,15 @@ def build_tiny_model(
     seed: int = 0,
     warm_start_pairs: Sequence[tuple[str, str]] = (),
     warm_start_steps: int = 0,
+    heads: int = 4,
 ) -> Path:
-    """Writes the tiny model and tokenizer to `path` (reused when already there) and returns the path."""
+    """Writes the tiny model and tokenizer to `path` (reused when already there) and returns the path. vLLM's CPU
+    attention takes head dimensions of 32 and more: `heads=2` gives that with the 64 hidden units."""
     path = Path(path)
     if path.is_dir():
         return path
     tokenizer = build_tokenizer()
-    model = build_model(tokenizer, seed=seed)
+    model = build_model(tokenizer, seed=seed, heads=heads)
     if warm_start_steps:
         warm_start(model, tokenizer, warm_start_pairs, warm_start_steps, seed=seed)
     # Written aside and renamed, so an interrupted build never leaves a half model to be reused.
