@@ -4,8 +4,8 @@ The snapshot holds this process's share of the trainable parameters only (the ad
 under FSDP2 or ZeRO-3, see `trl_bapo.engines`), in CPU memory, taken on refresh steps. Generation with alpha swaps
 the snapshot with the trained weights, one tensor at a time, and swaps them back afterwards: no second model sits
 on the accelerator, and TRL's own generation path (including `unwrap_model_for_generation`) runs unchanged. With
-vLLM the engine itself holds alpha: it receives weights only on refresh steps, and the snapshot keeps just the
-schedule.
+vLLM the engine generates with alpha, and the snapshot is what the engine is sent again when it lost alpha (a
+restarted engine, an evaluation), and what the trainer measures alpha's log-probs with.
 """
 
 from __future__ import annotations
@@ -27,16 +27,13 @@ class RolloutSnapshot:
         self.step: int | None = None
         self.weights: dict[str, torch.Tensor] = {}
 
-    def maybe_refresh(self, model: nn.Module, step: int, keep_weights: bool = True) -> bool:
-        """Copies the policy into the snapshot when `step` is a refresh step; returns whether it did.
-
-        `keep_weights=False` only keeps the schedule, for an engine (vLLM) that holds alpha's weights itself."""
+    def maybe_refresh(self, model: nn.Module, step: int) -> bool:
+        """Copies the policy into the snapshot when `step` is a refresh step; returns whether it did."""
         if self.step is not None and step % self.delay != 0:
             return False
         self.step = step
         # With v = 1 the snapshot is always the live policy: nothing to copy.
-        if self.delay == 1 or not keep_weights:
-            self.weights = {}
+        if self.delay == 1:
             return True
         if not self.weights:
             check_swappable(model)

@@ -13,7 +13,7 @@ Overrides, each checked against trl 1.16.0 and transformers 5.23:
 
 Everything else, generation, reward scoring, advantages and the clipped surrogate, is TRL's. The behaviour
 log-probs of every sample travel in TRL's `old_per_token_logps`, which TRL's loss already divides by. With vLLM,
-BAPO steers TRL's own sync check (`_last_loaded_step`) so weights reach the engine only on refresh steps. Image
+BAPO decides when TRL's own weight sync runs (`_sync_engine`), so the engine holds alpha at every rollout. Image
 fields are split per row and merged back with TRL's `split_pixel_values_by_grid` / `unsplit_pixel_values_by_grid`.
 Under FSDP2 and DeepSpeed the rollout snapshot holds each process's own shards (`trl_bapo.engines`), and every
 forward BAPO adds runs on every process the same number of times, since a sharded forward is a collective.
@@ -108,11 +108,10 @@ class BAPOTrainer(GRPOTrainer):
         finally:
             args.beta = beta
         self.beta = beta
-        if self._dist.fsdp_version == 1 and args.rollout_delay > 1 and not self.use_vllm:
+        if self._dist.fsdp_version == 1 and args.rollout_delay > 1:
             raise NotImplementedError(
                 "The delayed rollout policy swaps each process's parameter shards, which FSDP1's flattened "
-                "parameters do not expose. Use FSDP2 (fsdp_version: 2 in the accelerate config), vLLM "
-                "(use_vllm=True, which holds the rollout weights itself), or rollout_delay=1."
+                "parameters do not expose. Use FSDP2 (fsdp_version: 2 in the accelerate config) or rollout_delay=1."
             )
         # Under FSDP and ZeRO-3 every forward is a collective that all processes must enter together.
         self._collective_forwards = self.accelerator.num_processes > 1 and (self._dist.is_fsdp or self._dist.is_zero3)
@@ -138,23 +137,17 @@ class BAPOTrainer(GRPOTrainer):
         self.add_callback(self._frozen_step)
         self._last_rewards_per_func: torch.Tensor | None = None
         self._scoring_seconds = 0.0  # time spent in TRL's generation and scoring during this rollout step
-        if self.use_vllm:
-            self._configure_vllm()
-
-    def _configure_vllm(self) -> None:
-        """vLLM holds the rollout policy alpha and its per-token log-probs are the behaviour log-probs, so BAPO's
-        ratio already covers the engine mismatch that TRL's vLLM importance-sampling correction measures
-        separately; that correction is turned off."""
-        if self.vllm_importance_sampling_correction:
-            logger.info("BAPO takes its ratio against vLLM's log-probs; TRL's vLLM importance sampling is off.")
-        self.vllm_importance_sampling_correction = False
-        self._vllm_synced = False
+        self._engine_holds_alpha = False  # a (re)started vLLM engine holds the base model
 
     # ---- TRL overrides -------------------------------------------------------------------------------------
 
     def _prepare_inputs(self, generation_batch: dict[str, torch.Tensor | Any]) -> dict[str, torch.Tensor | Any]:
         if not self.model.training:
-            return super()._prepare_inputs(generation_batch)
+            synced = self._last_loaded_step
+            inputs = super()._prepare_inputs(generation_batch)
+            # Evaluation measures the current policy: TRL sent it to vLLM, which then no longer holds alpha.
+            self._engine_holds_alpha &= self._last_loaded_step == synced
+            return inputs
         generate_every = self.args.steps_per_generation * self.num_iterations
         if self._step % generate_every == 0 or self._buffered_inputs is None:
             batch, filler = self._assemble_batch(generation_batch)
@@ -210,12 +203,9 @@ class BAPOTrainer(GRPOTrainer):
         self._rollout_step += 1
         t = self._rollout_step
         policy = self.accelerator.unwrap_model(self.model)
-        refreshed = self._snapshot.maybe_refresh(policy, t, keep_weights=not self.use_vllm)
+        refreshed = self._snapshot.maybe_refresh(policy, t)
         if self.use_vllm:
-            # TRL syncs vLLM whenever the optimizer has stepped; BAPO syncs it only on refresh steps, and on the
-            # first step of this trainer, since a (re)started engine holds the base model, not alpha.
-            self._last_loaded_step = -1 if refreshed or not self._vllm_synced else self.state.global_step
-            self._vllm_synced = True
+            self._sync_engine(policy, t, refreshed)
         lag = self._snapshot.lag(t)
 
         with self._snapshot.applied(policy, t):
@@ -294,6 +284,16 @@ class BAPOTrainer(GRPOTrainer):
             assembly_seconds=time.perf_counter() - started - self._scoring_seconds,
         )
         return batch, masked_row(batch if num_rows(batch) else fresh)
+
+    def _sync_engine(self, policy: torch.nn.Module, t: int, refreshed: bool) -> None:
+        """vLLM generates with alpha: it gets the weights on refresh steps (line 5 of Algorithm 1), and alpha again
+        wherever it lost it, at the first step of a (re)started engine and after an evaluation. TRL would sync
+        whenever the optimizer has stepped; BAPO tells it the engine is up to date."""
+        if refreshed or not self._engine_holds_alpha:
+            with self._snapshot.applied(policy, t):
+                self.vllm_generation.sync_weights()
+            self._engine_holds_alpha = True
+        self._last_loaded_step = self.state.global_step
 
     def _sample_fresh(self, inputs: list[dict[str, Any]]) -> list[tuple[dict[str, Any], torch.Tensor, list]]:
         """X_on as rounds of (this process's rows, every process's rewards, every process's dataset rows): one
@@ -506,12 +506,21 @@ class BAPOTrainer(GRPOTrainer):
         return logps[:count]
 
     def _attach_behaviour_logps(self, batch: dict[str, Any], rows: torch.Tensor) -> None:
-        """Fills `old_per_token_logps` for `rows` with the current model's log-probs; other rows get NaN, meaning
-        "generated by the current policy, not measured yet". Keeps what TRL already measured; with vLLM, takes the
-        engine's own log-probs for every row (a token vLLM could not score is NaN and measured later)."""
+        """Fills `old_per_token_logps` for `rows` with the log-probs of the weights now in the model, the policy
+        that generated them; other rows get NaN, meaning "generated by the current policy, not measured yet".
+
+        Keeps what TRL already measured: with vLLM and TRL's importance-sampling correction on, TRL measured the
+        generating policy in the trainer and weighs the engine's mismatch itself. With the correction off, the
+        engine's own log-probs are the behaviour log-probs; a token the engine returned no log-prob for (NaN) gets
+        the trainer's, measured now, while the generating policy is still in the model."""
         sampled = batch.get("sampling_per_token_logps")
-        if sampled is not None:  # the engine that sampled (vLLM) is the behaviour policy
-            batch[BEHAVIOUR_LOGPS] = sampled.clone()
+        if sampled is not None and not self.vllm_importance_sampling_correction:
+            unscored = torch.isnan(sampled) & batch["completion_mask"].bool()
+            nan_rows = unscored.any(dim=1).nonzero().flatten()
+            behaviour = sampled.clone()
+            measured = self._policy_logps(batch, nan_rows)
+            behaviour[nan_rows] = torch.where(unscored[nan_rows], measured, sampled[nan_rows])
+            batch[BEHAVIOUR_LOGPS] = torch.nan_to_num(behaviour * batch["completion_mask"], nan=0.0)
             return
         if BEHAVIOUR_LOGPS in batch:
             return
