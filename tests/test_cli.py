@@ -160,6 +160,19 @@ def test_demo_recipe_trains_through_the_cli(tiny_model_path, tmp_path):
     assert (tmp_path / "config.json").exists()  # the trained model was saved
 
 
+def test_demo_recipe_evaluates_during_training(tmp_path):
+    """The command from the README's evaluation example: the embedded model, evaluated on the held-out split."""
+    trainer = main(
+        [
+            "--config", str(DEMO), "--max_steps", "2", "--eval_strategy", "steps", "--eval_steps", "1",
+            "--dataset_test_split", "test", "--output_dir", str(tmp_path), "--disable_tqdm", "true",
+        ]
+    )
+    evaluations = [entry for entry in trainer.state.log_history if "eval_loss" in entry]
+    assert [entry["step"] for entry in evaluations] == [1, 2]
+    assert all(0 <= entry["eval_reward"] <= 1 for entry in evaluations)
+
+
 def test_unknown_reward_fails_clearly():
     with pytest.raises(ValueError, match=r"unknown reward function 'nope'.*accuracy.*arithmetic.*countdown"):
         main(["--config", str(DEMO), "--reward_funcs", "nope"])

@@ -143,11 +143,7 @@ class BAPOTrainer(GRPOTrainer):
 
     def _prepare_inputs(self, generation_batch: dict[str, torch.Tensor | Any]) -> dict[str, torch.Tensor | Any]:
         if not self.model.training:
-            synced = self._last_loaded_step
-            inputs = super()._prepare_inputs(generation_batch)
-            # Evaluation measures the current policy: TRL sent it to vLLM, which then no longer holds alpha.
-            self._engine_holds_alpha &= self._last_loaded_step == synced
-            return inputs
+            return self._evaluation_inputs(generation_batch)
         generate_every = self.args.steps_per_generation * self.num_iterations
         if self._step % generate_every == 0 or self._buffered_inputs is None:
             batch, filler = self._assemble_batch(generation_batch)
@@ -187,8 +183,23 @@ class BAPOTrainer(GRPOTrainer):
             self._load_bapo_state(checkpoint)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if not model.training:
+            with self._reference_kl_off():
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         loss = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         return loss * inputs["bapo_loss_scale"] if "bapo_loss_scale" in inputs else loss
+
+    def _evaluation_inputs(self, generation_batch: dict[str, torch.Tensor | Any]) -> dict[str, torch.Tensor | Any]:
+        """TRL's evaluation, generating with the current policy. With the behaviour-policy KL, the policy that
+        generates the evaluation samples is the one evaluated, so the KL term is zero and no reference model is
+        read (TRL would look for one, or measure against the base model under PEFT)."""
+        synced = getattr(self, "_last_loaded_step", None)
+        with self._reference_kl_off():
+            inputs = super()._prepare_inputs(generation_batch)
+        if self.use_vllm:
+            # TRL sent the current weights to vLLM for the evaluation; the engine no longer holds alpha.
+            self._engine_holds_alpha &= self._last_loaded_step == synced
+        return inputs
 
     # ---- Algorithm 1, one rollout step ---------------------------------------------------------------------
 
