@@ -89,3 +89,39 @@ def test_images_survive_reevaluation_and_replay(tiny_vlm_path, tmp_path):
     assert any(text[1] == "c" for _, text in replayed), "re-evaluated rows were not checked"
     assert any(text[1] in "ab" for _, text in replayed), "replayed rows were not checked"
     assert all(math.isfinite(log["grad_norm"]) for log in logs)
+
+
+def test_prompts_that_share_their_text_stay_two_in_b_bad(tiny_vlm_path, tmp_path):
+    """Two problems with the same text over different images (Geometry3K's "Find x.") are two prompts of B_bad,
+    and re-evaluation generates for each with its own image."""
+    red, blue = (230, 20, 20), (20, 20, 230)
+
+    def row(text, colour):
+        return {
+            "prompt": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}],
+            "image": Image.new("RGB", (28, 28), colour),
+        }
+
+    rows = [row("7x=", red), row("7x=", blue), row("1a=", red), row("2a=", blue)]
+    reevaluated = []
+
+    def shared_text_is_hard(prompts, completions, image, trainer_state, **kwargs):
+        texts = [_text(prompt) for prompt in prompts]
+        if trainer_state.global_step == 1 and set(texts) == {"7x="}:
+            reevaluated.extend(picture.getpixel((0, 0)) for picture in image)
+        seen, rewards = {}, []
+        for text in texts:
+            rewards.append(float(text != "7x=" and seen.get(text, 0) < 2))
+            seen[text] = seen.get(text, 0) + 1
+        return rewards
+
+    args = make_config(tmp_path, max_steps=2, rollout_delay=2, reevaluation_interval=2)
+    trainer = BAPOTrainer(
+        model=tiny_vlm_path, reward_funcs=shared_text_is_hard, args=args, train_dataset=Dataset.from_list(rows)
+    )
+    trainer.train()
+
+    held = trainer._difficult.oldest(len(trainer._difficult))
+    assert [_text(example["prompt"]) for example in held] == ["7x=", "7x="]
+    assert {example["image"].getpixel((0, 0)) for example in held} == {red, blue}
+    assert set(reevaluated) == {red, blue} and bapo_logs(trainer)[1]["bapo/reevaluated"] == 2

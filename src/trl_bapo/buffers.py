@@ -7,13 +7,16 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from datasets.fingerprint import Hasher
 
 from trl_bapo.selection import high_quality_mask
 
 
 def prompt_key(example: dict[str, Any]) -> str:
-    """u_i of eq. 4: identifies a prompt by its content, so a prompt met again is not stored twice."""
-    return repr(example["prompt"])
+    """u_i of eq. 4: identifies a prompt by its whole dataset row (text, images, and the columns the rewards read),
+    so a prompt met again is not stored twice, while two problems that share their text ("Find x." over two
+    diagrams) stay two. The hash is `datasets`' own fingerprint, the same for equal content in any process."""
+    return Hasher.hash(example)
 
 
 class DifficultBuffer:
