@@ -162,3 +162,36 @@ def test_unmeasured_rows_survive_re_padding():
     assert merged["old_per_token_logps"].shape == (3, 5)
     assert unmeasured_rows(merged["old_per_token_logps"]).tolist() == [True, True, False]
     assert merged["completion_mask"][0].tolist() == [1, 1, 1, 0, 0]
+
+
+def test_token_types_over_prompt_and_completion_stay_aligned_when_parts_meet():
+    """TRL's token_type_ids (Gemma-3) and mm_token_type_ids (Qwen-VL) cover the left-padded prompt, then the
+    right-padded completion. Parts of different widths meet in every assembled batch; each half is re-padded on its
+    own side, so token types stay on their tokens. (No tiny model here emits these fields: checked on TRL-shaped
+    rows.)"""
+    image = 9  # the image token: type 1
+
+    def part(prompts, completions):
+        width = max(map(len, prompts))
+        prompt_ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
+        completion_width = max(map(len, completions))
+        completion_ids = torch.tensor([c + [0] * (completion_width - len(c)) for c in completions])
+        types = torch.cat([(prompt_ids == image).long(), torch.zeros_like(completion_ids)], dim=1)
+        return {
+            "prompt_ids": prompt_ids,
+            "prompt_mask": (prompt_ids != 0).long(),
+            "completion_ids": completion_ids,
+            "completion_mask": (completion_ids != 0).long(),
+            "token_type_ids": types,
+            "mm_token_type_ids": types.clone(),
+        }
+
+    merged = concat_batches(
+        [part([[9, 9, 3], [4, 9]], [[5, 6, 7]] * 2), part([[9, 9, 9, 9, 3]], [[5]]), part([[3]], [[5, 6, 7, 8]])], 0
+    )
+    prompt_width = merged["prompt_ids"].shape[1]
+    assert prompt_width == 5 and merged["completion_ids"].shape[1] == 4
+    for key in ("token_type_ids", "mm_token_type_ids"):
+        assert merged[key].shape == (4, 9)
+        assert torch.equal(merged[key][:, :prompt_width], (merged["prompt_ids"] == image).long())
+        assert not merged[key][:, prompt_width:].any()

@@ -25,6 +25,10 @@ RIGHT_PADDED = {
     "importance_sampling_ratio",
 }
 PAD_VALUES = {"tool_mask": 1, "importance_sampling_ratio": 1.0}
+TOKEN_IDS = {"prompt_ids", "completion_ids"}  # padded with the tokenizer's pad token, everything else as above or 0
+# Per-token fields over prompt and completion: TRL extends the prompt's token types with zeros for the completion,
+# so the first prompt-width columns are left-padded like prompt_ids and the rest right-padded like completion_ids.
+SPANNING = {"token_type_ids", "mm_token_type_ids"}
 # Fields that hold one value for the whole batch rather than one per row.
 BATCH_SCALARS = {"num_items_in_batch", "bapo_loss_scale"}
 
@@ -78,6 +82,16 @@ def _pad_to(tensor: torch.Tensor, width: int, value: float, left: bool) -> torch
     return torch.cat([padding, tensor] if left else [tensor, padding], dim=1)
 
 
+def _pad_value(key: str, pad_token_id: int) -> float:
+    return pad_token_id if key in TOKEN_IDS else PAD_VALUES.get(key, 0)
+
+
+def _split_spanning(batch: dict[str, Any], key: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The prompt and completion columns of a per-token field that spans both."""
+    width = batch["prompt_ids"].shape[1]
+    return batch[key][:, :width], batch[key][:, width:]
+
+
 def concat_batches(batches: list[dict[str, Any]], pad_token_id: int) -> dict[str, Any]:
     """Stacks the rows of several scored batches; 2-D fields are padded to the widest part."""
     keys = set(batches[0])
@@ -89,12 +103,22 @@ def concat_batches(batches: list[dict[str, Any]], pad_token_id: int) -> dict[str
         values = [batch[key] for batch in batches]
         if key in BATCH_SCALARS or values[0] is None:
             merged[key] = values[0]
+        elif key in SPANNING:
+            parts = [_split_spanning(batch, key) for batch in batches]
+            prompt_width = max(prompt.shape[1] for prompt, _ in parts)
+            completion_width = max(completion.shape[1] for _, completion in parts)
+            rows = [
+                torch.cat([_pad_to(prompt, prompt_width, 0, True), _pad_to(completion, completion_width, 0, False)], 1)
+                for prompt, completion in parts
+            ]
+            merged[key] = torch.cat(rows)
         elif isinstance(values[0], torch.Tensor) and values[0].dim() >= 2:
             width = max(value.shape[1] for value in values)
             if key not in LEFT_PADDED | RIGHT_PADDED and any(value.shape[1] != width for value in values):
                 raise NotImplementedError(f"BAPO cannot re-pad the batch field {key!r} across rollouts.")
-            pad_value = pad_token_id if key.endswith("_ids") else PAD_VALUES.get(key, 0)
-            merged[key] = torch.cat([_pad_to(v, width, pad_value, key in LEFT_PADDED) for v in values], dim=0)
+            merged[key] = torch.cat(
+                [_pad_to(v, width, _pad_value(key, pad_token_id), key in LEFT_PADDED) for v in values], dim=0
+            )
         elif isinstance(values[0], torch.Tensor):
             merged[key] = torch.cat(values, dim=0)
         else:
@@ -116,10 +140,16 @@ def gather_batch(batch: dict[str, Any], accelerator: Accelerator, pad_token_id: 
     for key, value in batch.items():
         if key in BATCH_SCALARS or value is None:
             gathered[key] = value
+        elif key in SPANNING:
+            prompt, completion = _split_spanning(batch, key)
+            prompt = accelerator.pad_across_processes(prompt, dim=1, pad_index=0, pad_first=True)
+            completion = accelerator.pad_across_processes(completion, dim=1, pad_index=0)
+            gathered[key] = torch.cat([accelerator.gather(prompt), accelerator.gather(completion)], dim=1)
         elif isinstance(value, torch.Tensor):
             if value.dim() >= 2:
-                pad_value = pad_token_id if key.endswith("_ids") else PAD_VALUES.get(key, 0)
-                value = accelerator.pad_across_processes(value, dim=1, pad_index=pad_value, pad_first=key in LEFT_PADDED)
+                value = accelerator.pad_across_processes(
+                    value, dim=1, pad_index=_pad_value(key, pad_token_id), pad_first=key in LEFT_PADDED
+                )
             gathered[key] = accelerator.gather(value)
         else:
             gathered[key] = gather_object(value)
