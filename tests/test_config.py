@@ -34,7 +34,7 @@ def test_mini_test_fixes_the_thresholds(tmp_path):
 
 
 def test_every_bapo_field_is_documented():
-    assert len(BAPO_FIELDS) == 19
+    assert len(BAPO_FIELDS) == 21
     for field in BAPO_FIELDS:
         assert len(field.metadata.get("help", "")) > 20, field.name
 
@@ -66,6 +66,8 @@ def test_every_bapo_field_is_documented():
         (dict(num_generations=1, per_device_train_batch_size=1), "at least 2 generations"),
         (dict(use_vllm=True, rollout_delay=2, reevaluation_interval=3), "multiple of rollout_delay"),
         (dict(kl_reference="behavior", beta=0.01, sync_ref_model=True), "sync_ref_model"),
+        (dict(correctness_threshold=float("nan")), "correctness_threshold"),
+        (dict(scale_rewards="batch"), "scale_rewards"),
     ],
 )
 def test_invalid_values_fail_at_construction_naming_the_field(tmp_path, kwargs, field):

@@ -7,6 +7,7 @@ and `c3_range` properties) so that `mini_test` can tell a user-set threshold fro
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from trl import GRPOConfig
@@ -111,6 +112,21 @@ class BAPOConfig(GRPOConfig):
             "Leave the thresholds and `online_filter` at their defaults with it."
         },
     )
+    correctness_reward: str | None = field(
+        default=None,
+        metadata={
+            "help": "What counts as a correct completion, when rewards are not 0/1 (say a format reward beside an "
+            "accuracy reward): the name of the reward function (as in TRL's `rewards/<name>/mean` log) whose value "
+            "decides it. Group accuracy mu(x) (Algorithm 1), the thresholds c1, c2, c3, r_tot of eq. 8 and the range "
+            "filter then read the share of correct completions; advantages still come from all rewards. None: mu(x) "
+            "is the mean of the weighted sum of rewards, as in the paper's 0/1 rewards (a warning is logged when "
+            "rewards leave [0, 1])."
+        },
+    )
+    correctness_threshold: float = field(
+        default=1.0,
+        metadata={"help": "With `correctness_reward`: a completion is correct when that reward is >= this value."},
+    )
     kl_reference: str = field(
         default="behavior",
         metadata={
@@ -157,6 +173,17 @@ class BAPOConfig(GRPOConfig):
             )
 
     @property
+    def bapo_assembles_batches(self) -> bool:
+        """Whether the training batch differs from the fresh rollout (anything but GRPO's settings)."""
+        return (
+            self.rollout_delay > 1
+            or self.online_filter != "none"
+            or self.use_difficult_replay
+            or self.use_high_quality_replay
+            or self.dynamic_sampling
+        )
+
+    @property
     def c1(self) -> float:
         if self.difficult_threshold is not None:
             return self.difficult_threshold
@@ -201,6 +228,16 @@ class BAPOConfig(GRPOConfig):
                 "sync_ref_model=True syncs a frozen reference model, but kl_reference='behavior' measures the KL "
                 "against the behaviour policy and keeps no reference model; set kl_reference='ref' or "
                 "sync_ref_model=False."
+            )
+        if not math.isfinite(self.correctness_threshold):
+            raise ValueError(f"correctness_threshold must be a finite number, got {self.correctness_threshold!r}.")
+        if self.scale_rewards == "batch" and self.bapo_assembles_batches:
+            raise ValueError(
+                "scale_rewards='batch' normalises advantages over each rollout TRL scores, but BAPO trains on a batch "
+                "assembled from several rollouts (X1, X2, X3), so rows would be scaled over three different sets "
+                "rather than over the batch (Algorithm 1, line 18). Use scale_rewards='group' (the paper's) or "
+                "'none', or switch BAPO's batch assembly off (online_filter='none', rollout_delay=1 and both replays "
+                "off)."
             )
         if not self.online_filter_gaussian_std > 0:
             raise ValueError(

@@ -15,6 +15,11 @@ import torch
 EPS = 1e-6
 
 
+def correct_completions(rewards: torch.Tensor, threshold: float) -> torch.Tensor:
+    """1 where a completion's deciding reward reaches `threshold`, else 0; NaN (unscorable) stays NaN."""
+    return torch.where(torch.isnan(rewards), rewards, (rewards >= threshold).float())
+
+
 def group_accuracy(rewards: torch.Tensor, num_generations: int) -> torch.Tensor:
     """mu(x) per group: shape (num_groups,), NaN for a group with no scorable completion."""
     return torch.nanmean(rewards.view(-1, num_generations), dim=1)

@@ -21,12 +21,14 @@ forward BAPO adds runs on every process the same number of times, since a sharde
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 import time
 from collections import defaultdict
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -55,6 +57,7 @@ from trl_bapo.engines import local_shard, trainable_parameters
 from trl_bapo.rollout import RolloutSnapshot
 from trl_bapo.selection import (
     adaptive_threshold,
+    correct_completions,
     difficult_mask,
     group_accuracy,
     group_has_variance,
@@ -81,6 +84,17 @@ MULTIMODAL_FIELDS = (
 )
 
 logger = logging.get_logger(__name__)
+
+
+@dataclass
+class ScoredRollout:
+    """One call of TRL's generation and scoring: this process's rows, and for every process's completions the
+    rewards (weighted over reward functions), whether each is correct, and the dataset rows they answer."""
+
+    rows: dict[str, Any]
+    rewards: torch.Tensor
+    correct: torch.Tensor
+    examples: list[dict[str, Any]]
 
 
 class BAPOTrainer(GRPOTrainer):
@@ -115,6 +129,15 @@ class BAPOTrainer(GRPOTrainer):
             )
         # Under FSDP and ZeRO-3 every forward is a collective that all processes must enter together.
         self._collective_forwards = self.accelerator.num_processes > 1 and (self._dist.is_fsdp or self._dist.is_zero3)
+        self._correctness_column = None
+        if args.correctness_reward is not None:
+            if args.correctness_reward not in self.reward_func_names:
+                raise ValueError(
+                    f"correctness_reward={args.correctness_reward!r} names no reward function of this trainer; its "
+                    f"reward functions are {self.reward_func_names}."
+                )
+            self._correctness_column = self.reward_func_names.index(args.correctness_reward)
+        self._warned_reward_range = False
         if args.dynamic_sampling and not hasattr(self.train_dataset, "__getitem__"):
             raise ValueError(
                 "dynamic_sampling draws extra prompts by index and needs a map-style train dataset; pass a "
@@ -221,11 +244,12 @@ class BAPOTrainer(GRPOTrainer):
 
         with self._snapshot.applied(policy, t):
             rounds = self._sample_fresh(inputs)
-            rewards = torch.cat([round_rewards for _, round_rewards, _ in rounds])
-            inputs = [example for _, _, examples in rounds for example in examples]
-            accuracy = group_accuracy(rewards, group_size)
-            self._reward_sum += float(torch.nansum(rewards))
-            self._reward_count += int((~torch.isnan(rewards)).sum())
+            rewards = torch.cat([scored.rewards for scored in rounds])
+            correct = torch.cat([scored.correct for scored in rounds])
+            inputs = [example for scored in rounds for example in scored.examples]
+            accuracy = group_accuracy(correct, group_size)
+            self._reward_sum += float(torch.nansum(correct))
+            self._reward_count += int((~torch.isnan(correct)).sum())
             c2 = adaptive_threshold(self._r_tot, args.c2_range)
             c3 = adaptive_threshold(self._r_tot, args.c3_range)
             x1 = online_filter_mask(
@@ -306,25 +330,24 @@ class BAPOTrainer(GRPOTrainer):
             self._engine_holds_alpha = True
         self._last_loaded_step = self.state.global_step
 
-    def _sample_fresh(self, inputs: list[dict[str, Any]]) -> list[tuple[dict[str, Any], torch.Tensor, list]]:
-        """X_on as rounds of (this process's rows, every process's rewards, every process's dataset rows): one
-        rollout batch, or with `dynamic_sampling` as many as DAPO draws (at most
+    def _sample_fresh(self, inputs: list[dict[str, Any]]) -> list[ScoredRollout]:
+        """X_on: one rollout batch, or with `dynamic_sampling` as many as DAPO draws (at most
         `dynamic_sampling_max_rounds`) until B groups have non-zero reward variance."""
         rounds = [self._score(inputs)]
         if not self.args.dynamic_sampling:
             return rounds
         while len(rounds) < self.args.dynamic_sampling_max_rounds and (
-            sum(int(group_has_variance(r, self.num_generations).sum()) for _, r, _ in rounds) < self._batch_groups
+            sum(int(group_has_variance(s.rewards, self.num_generations).sum()) for s in rounds) < self._batch_groups
         ):
             rounds.append(self._score(self._local_share(self._next_prompts())))
         self._log_step(sampling_rounds=len(rounds))
         return rounds
 
-    def _gather_rounds(self, rounds: list, needs_logps: torch.Tensor) -> dict[str, Any]:
+    def _gather_rounds(self, rounds: list[ScoredRollout], needs_logps: torch.Tensor) -> dict[str, Any]:
         """Measures behaviour log-probs of this process's rows that need them, then gathers every round."""
         gathered, first_group = [], 0
-        for batch, rewards, _ in rounds:
-            num_groups = len(rewards) // self.num_generations
+        for scored in rounds:
+            batch, num_groups = scored.rows, len(scored.rewards) // self.num_generations
             needed = group_rows(needs_logps[first_group : first_group + num_groups].nonzero().flatten(), self.num_generations)
             self._attach_behaviour_logps(batch, self._local_rows(needed, num_rows(batch)))
             gathered.append(gather_batch(batch, self.accelerator, self._tokenizer.pad_token_id))
@@ -353,13 +376,13 @@ class BAPOTrainer(GRPOTrainer):
         examples = self._difficult.oldest(self.args.max_reevaluation_prompts)
         with self.accelerator.split_between_processes(list(range(len(examples))), apply_padding=True) as share:
             with self._muted_metrics():
-                batch, rewards, _ = self._score([examples[i] for i in share for _ in range(group_size)])
-            scored = share if self.accelerator.num_processes == 1 else gather_object(share)
-        self._attach_behaviour_logps(batch, torch.tensor([], dtype=torch.long))
-        batch = gather_batch(batch, self.accelerator, self._tokenizer.pad_token_id)
-        self._rollouts += len(scored) * group_size
-        first = torch.tensor([scored.index(i) for i in range(len(examples))])  # each prompt's first scored group
-        accuracy = group_accuracy(rewards, group_size)[first]
+                scored = self._score([examples[i] for i in share for _ in range(group_size)])
+            order = share if self.accelerator.num_processes == 1 else gather_object(share)
+        self._attach_behaviour_logps(scored.rows, torch.tensor([], dtype=torch.long))
+        batch = gather_batch(scored.rows, self.accelerator, self._tokenizer.pad_token_id)
+        self._rollouts += len(order) * group_size
+        first = torch.tensor([order.index(i) for i in range(len(examples))])  # each prompt's first scored group
+        accuracy = group_accuracy(scored.correct, group_size)[first]
         self._difficult.remove([ex for ex, hard in zip(examples, difficult_mask(accuracy, c1)) if not hard])
         keep = first[improved_mask(accuracy, c1)]
         return select_rows(batch, group_rows(keep, group_size)), len(examples)
@@ -460,9 +483,8 @@ class BAPOTrainer(GRPOTrainer):
         """Global average training reward over every fresh completion so far (eq. 8)."""
         return self._reward_sum / self._reward_count if self._reward_count else 0.0
 
-    def _score(self, inputs: list[dict[str, Any]]) -> tuple[dict[str, Any], torch.Tensor, list[dict[str, Any]]]:
-        """TRL's generation and scoring of this process's rows, with every process's rewards (weighted over
-        reward functions) and dataset rows."""
+    def _score(self, inputs: list[dict[str, Any]]) -> ScoredRollout:
+        """TRL's generation and scoring of this process's rows."""
         started = time.perf_counter()
         with self._reference_kl_off():
             batch = self._generate_and_score_completions(inputs)
@@ -472,8 +494,27 @@ class BAPOTrainer(GRPOTrainer):
         per_func = self._last_rewards_per_func
         rewards = (per_func * self.reward_weights.to(per_func.device).unsqueeze(0)).nansum(dim=1)
         rewards[torch.isnan(per_func).all(dim=1)] = math.nan
+        rewards = rewards.cpu()
+        if self._correctness_column is not None:
+            correct = correct_completions(per_func[:, self._correctness_column].cpu(), self.args.correctness_threshold)
+        else:
+            correct = rewards
+            self._warn_if_not_accuracy(rewards)
         examples = inputs if self.accelerator.num_processes == 1 else gather_object(inputs)
-        return batch, rewards.cpu(), examples
+        return ScoredRollout(batch, rewards, correct, examples)
+
+    def _warn_if_not_accuracy(self, rewards: torch.Tensor) -> None:
+        finite = rewards[~torch.isnan(rewards)]
+        if self._warned_reward_range or not ((finite < 0) | (finite > 1)).any():
+            return
+        self._warned_reward_range = True
+        logger.warning(
+            "Rewards range over [%.3g, %.3g], but BAPO reads their mean per group as accuracy: the thresholds c1, c2, "
+            "c3 and the range filter assume rewards in [0, 1]. Set correctness_reward (and correctness_threshold) to "
+            "the reward that says whether a completion is right.",
+            float(finite.min()),
+            float(finite.max()),
+        )
 
     def _local_share(self, rows: list) -> list:
         """This process's contiguous share of a list that every process holds, as TRL's sampler splits it."""
@@ -572,13 +613,14 @@ class BAPOTrainer(GRPOTrainer):
 
     @contextmanager
     def _muted_metrics(self) -> Iterator[None]:
-        # Re-evaluation goes through TRL's scoring, which would log its rewards as the training reward.
-        metrics = self._metrics["train"]
-        self._metrics["train"] = defaultdict(list)
+        # Re-evaluation goes through TRL's scoring, which would log its rewards as the training reward and its
+        # completions in the completions table (`log_completions`) as if they were the training rollout.
+        metrics, logs = self._metrics["train"], self._logs
+        self._metrics["train"], self._logs = defaultdict(list), copy.deepcopy(logs)
         try:
             yield
         finally:
-            self._metrics["train"] = metrics
+            self._metrics["train"], self._logs = metrics, logs
 
 
 class FrozenStep(TrainerCallback):
