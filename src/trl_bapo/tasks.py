@@ -1,7 +1,8 @@
 """Synthetic RL tasks with verifiable answers, generated deterministically from a seed.
 
-Every prompt and reference answer uses only the tiny model's characters (`trl_bapo.tiny.CHARACTERS`), and
-prompts stay within 24 characters so they fit the tiny model's 128-token context with room to answer.
+The tiny model's tasks (`TASKS`) use only its characters (`trl_bapo.tiny.CHARACTERS`), and their prompts stay
+within 24 characters so they fit its 128-token context with room to answer. The chat tasks (`CHAT_TASKS`) are for
+a real instruction-tuned model: conversational prompts, answers checked in free text.
 """
 
 from __future__ import annotations
@@ -17,7 +18,9 @@ from datasets import Dataset
 
 ARITHMETIC = "arithmetic"
 COUNTDOWN = "countdown"
+WORD_PROBLEMS = "word-problems"
 TASKS = (ARITHMETIC, COUNTDOWN)
+CHAT_TASKS = (WORD_PROBLEMS,)
 
 # Limits that keep prompts within 24 characters: "a-b=" takes 2 * digits + 2, and Countdown prompts
 # ("25,...,25:999=") take 3 * numbers + 4.
@@ -65,6 +68,44 @@ def arithmetic_problems(count: int, seed: int, min_digits: int = 1, max_digits: 
 def arithmetic_dataset(count: int, seed: int, max_digits: int = 3) -> Dataset:
     """Arithmetic problems as a Dataset, the form TRL trainers take."""
     return Dataset.from_list(arithmetic_problems(count, seed, max_digits=max_digits))
+
+
+_NAMES = ("Ana", "Ben", "Chloe", "Dev", "Emma", "Farid", "Grace", "Hugo", "Iris", "Jonas")
+_THINGS = ("apples", "books", "coins", "marbles", "stamps", "shells", "cards", "pencils")
+_WORD_TEMPLATES = {
+    "+": "{name} has {a} {things} and gets {b} more. How many {things} does {name} have now?",
+    "-": "{name} has {a} {things} and gives {b} of them away. How many {things} does {name} have left?",
+}
+_WORD_INSTRUCTION = "Answer with the number only."
+_INTEGER = re.compile(r"-?\d+")
+
+
+def word_problems(count: int, seed: int, min_digits: int = 1, max_digits: int = 3) -> list[dict]:
+    """Addition and subtraction word problems as conversational prompts; operand digits label the difficulty.
+    Subtractions never go below zero, so every answer is a count."""
+    _check_range("digits", min_digits, max_digits, _MAX_DIGITS)
+    rng = random.Random(seed)
+    problems = []
+    for _ in range(count):
+        digits = rng.randint(min_digits, max_digits)
+        a, b = sorted((_operand(rng, digits), _operand(rng, digits)), reverse=True)
+        sign = rng.choice("+-")
+        question = _WORD_TEMPLATES[sign].format(name=rng.choice(_NAMES), things=rng.choice(_THINGS), a=a, b=b)
+        problems.append(
+            {
+                "prompt": [{"role": "user", "content": f"{question} {_WORD_INSTRUCTION}"}],
+                "answer": str(a + b if sign == "+" else a - b),
+                "difficulty": digits,
+                "task": WORD_PROBLEMS,
+            }
+        )
+    return problems
+
+
+def verify_word_problem(completion: str, answer: str) -> bool:
+    """The last integer of the reply is the answer: a chat model may wrap the number in a sentence."""
+    numbers = _INTEGER.findall(completion)
+    return bool(numbers) and numbers[-1] == answer
 
 
 def _combine(left: _Term, right: _Term, op: str, value: int) -> _Term:
@@ -207,6 +248,13 @@ def arithmetic_reward(completions: list[str], answer: list[str], **kwargs) -> li
 exact_answer_reward = arithmetic_reward
 
 
+def word_problem_reward(completions: list, answer: list[str], **kwargs) -> list[float]:
+    """1.0 when the reply's last integer is the answer, else 0.0; takes chat completions (lists of messages) as
+    TRL passes them for conversational prompts, or plain text."""
+    texts = [completion[-1]["content"] if isinstance(completion, list) else completion for completion in completions]
+    return [float(verify_word_problem(text, right)) for text, right in zip(texts, answer)]
+
+
 def countdown_reward(
     completions: list[str], numbers: list[list[int]], target: list[int], **kwargs
 ) -> list[float]:
@@ -217,16 +265,21 @@ def countdown_reward(
     ]
 
 
-_REWARDS: dict[str, Callable[..., list[float]]] = {ARITHMETIC: arithmetic_reward, COUNTDOWN: countdown_reward}
+_REWARDS: dict[str, Callable[..., list[float]]] = {
+    ARITHMETIC: arithmetic_reward,
+    COUNTDOWN: countdown_reward,
+    WORD_PROBLEMS: word_problem_reward,
+}
 _GENERATORS: dict[str, Callable[[int, int], list[dict]]] = {
     ARITHMETIC: arithmetic_problems,
     COUNTDOWN: countdown_problems,
+    WORD_PROBLEMS: word_problems,
 }
 
 
 def _check_task(task: str) -> None:
-    if task not in TASKS:
-        raise ValueError(f"unknown task {task!r}; valid tasks: {', '.join(TASKS)}")
+    if task not in TASKS + CHAT_TASKS:
+        raise ValueError(f"unknown task {task!r}; valid tasks: {', '.join(TASKS + CHAT_TASKS)}")
 
 
 def reward_function(task: str) -> Callable[..., list[float]]:
@@ -248,7 +301,7 @@ def task_splits(
         # Generators are prefix-stable for a seed, so asking for more problems only appends new ones.
         unique: dict[str, dict] = {}
         for problem in _GENERATORS[task](count, seed, **generator_options):
-            unique.setdefault(problem["prompt"], problem)
+            unique.setdefault(repr(problem["prompt"]), problem)
         if len(unique) >= needed:
             break
         if count > 100 * needed:
