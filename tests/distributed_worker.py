@@ -222,3 +222,6 @@ if __name__ == "__main__":
     scenario, output, model = sys.argv[1:]
     result = {"train": train, "resume": resume, "reevaluate": reevaluate}[scenario](Path(output), model)
     (Path(output) / f"{scenario}-{PartialState().process_index}.json").write_text(json.dumps(result))
+    # Left to interpreter exit, the process group's threads can abort the process ("terminate called without an
+    # active exception"), as happened once under ZeRO-3.
+    PartialState().destroy_process_group()

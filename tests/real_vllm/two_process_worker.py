@@ -45,6 +45,7 @@ def main(output_dir: str, model_path: str) -> None:
         "weights": hashlib.sha1(b"".join(weights[n].numpy().tobytes() for n in sorted(weights))).hexdigest(),
     }
     (Path(output_dir) / f"rank-{PartialState().process_index}.json").write_text(json.dumps(result))
+    PartialState().destroy_process_group()  # not left to interpreter exit, where its threads can abort the process
 
 
 if __name__ == "__main__":
