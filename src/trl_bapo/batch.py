@@ -13,6 +13,8 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object
 
+from trl_bapo.losses import OFF_POLICY_LOSSES
+
 # Per-row 2-D fields and their padding: prompts are left-padded, completions right-padded (as TRL pads them).
 LEFT_PADDED = {"prompt_ids", "prompt_mask"}
 RIGHT_PADDED = {
@@ -34,7 +36,7 @@ BATCH_SCALARS = {"num_items_in_batch", "bapo_loss_scale"}
 
 # How each TRL loss type normalises a micro-batch (trl 1.16.0, GRPOTrainer._compute_loss).
 PER_SEQUENCE_LOSSES = {"grpo", "sapo", "luspo", "dr_grpo"}
-PER_TOKEN_LOSSES = {"bnpo"}
+PER_TOKEN_LOSSES = {"bnpo", *OFF_POLICY_LOSSES}  # trl_bapo.losses' own losses average over the tokens too
 GLOBALLY_NORMALISED_LOSSES = {"dapo", "cispo", "vespo"}
 
 

@@ -12,7 +12,11 @@ from dataclasses import dataclass, field
 
 from trl import GRPOConfig
 
+from trl_bapo.losses import OFF_POLICY_LOSSES, REC_VARIANTS
+
 ONLINE_FILTERS = ("range", "gaussian", "uniform", "none")
+# TRL's loss types with a clipped surrogate on a token-level ratio, the ones adaptive clipping can set bounds for.
+CLIPPED_LOSSES = ("grpo", "bnpo", "dr_grpo", "dapo")
 KL_REFERENCES = ("behavior", "ref")
 
 DEFAULT_C1 = 1 / 8
@@ -151,6 +155,76 @@ class BAPOConfig(GRPOConfig):
         metadata={"help": "Most prompt batches generated per rollout step under `dynamic_sampling` (DAPO: 4)."},
     )
 
+    loss_type: str = field(
+        default="dapo",
+        metadata={
+            "help": "Every loss type of GRPOConfig ('grpo', 'dr_grpo', 'dapo', 'bnpo', 'cispo', 'sapo', 'luspo', "
+            "'vespo'), plus the off-policy group-relative REINFORCE losses of arXiv 2509.24203, written for stale "
+            "data: 'rec' (the variant in `rec_variant`), 'asymre' and 'opmd'. These three average their per-token "
+            "loss over the micro-batch's tokens and use the advantages as TRL computes them (the paper's are "
+            "not scaled by the group's standard deviation: scale_rewards='none')."
+        },
+    )
+    rec_variant: str = field(
+        default="oneside-nois",
+        metadata={
+            "help": "REC variant (loss_type='rec'): the loss is -A_hat * log pi on the tokens a clip keeps. "
+            "'oneside-*' keeps a token unless its ratio pi/pi_old already moved past 1 + epsilon_high (A >= 0) or "
+            "1 - epsilon_low (A <= 0); 'twoside-*' keeps 1 - epsilon_low <= ratio <= 1 + epsilon_high; 'ring-*' adds "
+            "back tokens that moved far the wrong way (ratio <= 1 - rec_ring_epsilon_low with A >= 0, ratio >= 1 + "
+            "rec_ring_epsilon_high with A <= 0). '*-nois': A_hat = A; '*-is': A_hat = A * ratio. The paper finds "
+            "'oneside-nois' as good as GRPO.",
+            "choices": list(REC_VARIANTS),
+        },
+    )
+    rec_ring_epsilon_low: float = field(
+        default=0.6, metadata={"help": "epsilon'_low of REC-Ring: A >= 0 tokens with ratio <= 1 - this keep loss."}
+    )
+    rec_ring_epsilon_high: float = field(
+        default=2.0, metadata={"help": "epsilon'_high of REC-Ring: A <= 0 tokens with ratio >= 1 + this keep loss."}
+    )
+    asymre_tau: float = field(
+        default=0.1,
+        metadata={
+            "help": "tau of AsymRE (loss_type='asymre'): the loss is -(A + tau) * log pi, REINFORCE with its baseline "
+            "lowered by tau, which keeps the policy near the data it learns from."
+        },
+    )
+    opmd_tau: float = field(
+        default=0.2,
+        metadata={
+            "help": "tau of OPMD (loss_type='opmd'): the loss is -A * log pi + (tau / 2) * (log pi - log pi_old)^2, "
+            "the mirror-descent regulariser towards the behaviour policy (0.2 weighs the square by 0.1, as "
+            "Trinity-RFT's example does)."
+        },
+    )
+    adaptive_clipping: bool = field(
+        default=False,
+        metadata={
+            "help": "Balanced Policy Optimization's adaptive clipping (arXiv 2510.18927): per micro-batch, choose the "
+            "ratio bounds [low, high] of the clipped surrogate so that positive-advantage tokens' clipped "
+            "contribution reaches `adaptive_clip_target` times the negative tokens', raising low first, then high; "
+            "the sums are taken over all processes. Negative advantages get the dual clip "
+            "`adaptive_clip_dual` (through TRL's `delta`). For loss types with a clipped token-level ratio: "
+            f"{', '.join(CLIPPED_LOSSES)}; usable with BAPO's batches or without them."
+        },
+    )
+    adaptive_clip_start: list[float] = field(
+        default_factory=lambda: [0.6, 1.2], metadata={"help": "[low, high] bounds every search starts from."}
+    )
+    adaptive_clip_max: list[float] = field(
+        default_factory=lambda: [0.8, 2.0], metadata={"help": "[low, high]: the most each bound is raised to."}
+    )
+    adaptive_clip_step: float = field(default=0.05, metadata={"help": "How much a bound is raised at a time."})
+    adaptive_clip_target: float = field(
+        default=1.0,
+        metadata={"help": "Wanted ratio of the positive tokens' clipped contribution to the negative tokens'."},
+    )
+    adaptive_clip_dual: float = field(
+        default=3.0,
+        metadata={"help": "Dual-clip constant c: a negative-advantage token's ratio counts at most c."},
+    )
+
     resume_without_bapo_state: bool = field(
         default=False,
         metadata={
@@ -229,6 +303,7 @@ class BAPOConfig(GRPOConfig):
                 "against the behaviour policy and keeps no reference model; set kl_reference='ref' or "
                 "sync_ref_model=False."
             )
+        self._validate_losses()
         if not math.isfinite(self.correctness_threshold):
             raise ValueError(f"correctness_threshold must be a finite number, got {self.correctness_threshold!r}.")
         if self.scale_rewards == "batch" and self.bapo_assembles_batches:
@@ -283,4 +358,57 @@ class BAPOConfig(GRPOConfig):
             raise ValueError(
                 f"high_quality_lower_range (c2) {list(c2)} must not lie above high_quality_upper_range (c3) "
                 f"{list(c3)} at either end, otherwise c2 > c3 and B_high is empty."
+            )
+
+    def _validate_losses(self) -> None:
+        level = getattr(self, "importance_sampling_level", "token")
+        if self.loss_type in OFF_POLICY_LOSSES:
+            if self.rec_variant not in REC_VARIANTS:
+                raise ValueError(f"rec_variant must be one of {list(REC_VARIANTS)}, got {self.rec_variant!r}.")
+            for name in ("rec_ring_epsilon_low", "rec_ring_epsilon_high", "asymre_tau", "opmd_tau"):
+                value = getattr(self, name)
+                if not (math.isfinite(value) and value >= 0):
+                    raise ValueError(f"{name} must be a finite number >= 0, got {value!r}.")
+            unsupported = {
+                "importance_sampling_level": level != "token",
+                "use_adaptive_entropy": self.use_adaptive_entropy,
+                "top_entropy_quantile": self.top_entropy_quantile < 1.0,
+                "off_policy_mask_threshold": self.off_policy_mask_threshold is not None,
+                "delta": self.delta is not None,
+                "adaptive_clipping": self.adaptive_clipping,
+            }
+            named = [name for name, set_ in unsupported.items() if set_]
+            if named:
+                raise ValueError(
+                    f"loss_type={self.loss_type!r} is a token-level REINFORCE loss without TRL's clipped ratio; "
+                    f"{', '.join(named)} applies to TRL's own loss types only. Leave it at its default, or pick a "
+                    "TRL loss type."
+                )
+        if not self.adaptive_clipping:
+            return
+        if self.loss_type not in CLIPPED_LOSSES or level != "token":
+            raise ValueError(
+                "adaptive_clipping sets the bounds of a clipped token-level ratio, which "
+                f"loss_type={self.loss_type!r} with importance_sampling_level={level!r} does not have; use "
+                f"loss_type in {CLIPPED_LOSSES} with importance_sampling_level='token', or adaptive_clipping=False."
+            )
+        if self.delta is not None:
+            raise ValueError(
+                f"adaptive_clipping applies its dual clip through TRL's delta, which is set to {self.delta!r}; leave "
+                "delta unset and choose the constant with adaptive_clip_dual."
+            )
+        for name in ("adaptive_clip_start", "adaptive_clip_max"):
+            if len(getattr(self, name)) != 2:
+                raise ValueError(f"{name} takes exactly two numbers [low, high], got {getattr(self, name)!r}.")
+        (low, high), (low_max, high_max) = self.adaptive_clip_start, self.adaptive_clip_max
+        if not 0 < low <= low_max <= 1 <= high <= high_max <= self.adaptive_clip_dual:
+            raise ValueError(
+                "adaptive clipping needs 0 < adaptive_clip_start[0] <= adaptive_clip_max[0] <= 1 <= "
+                "adaptive_clip_start[1] <= adaptive_clip_max[1] <= adaptive_clip_dual, got start "
+                f"{self.adaptive_clip_start}, max {self.adaptive_clip_max}, dual {self.adaptive_clip_dual}."
+            )
+        if not self.adaptive_clip_step > 0 or not self.adaptive_clip_target > 0:
+            raise ValueError(
+                f"adaptive_clip_step and adaptive_clip_target must be > 0, got {self.adaptive_clip_step!r} and "
+                f"{self.adaptive_clip_target!r}."
             )

@@ -54,6 +54,7 @@ from trl_bapo.buffers import DifficultBuffer, HighQualityBuffer, ReplayGroup
 from trl_bapo.checkpoint import STATE_VERSION, UNREADABLE, read_state, state_file, unreadable_reason, write_state
 from trl_bapo.config import BAPOConfig
 from trl_bapo.engines import local_shard, trainable_parameters
+from trl_bapo.losses import OFF_POLICY_LOSSES, adaptive_clip_bounds, asymre_loss, opmd_loss, rec_loss
 from trl_bapo.rollout import RolloutSnapshot
 from trl_bapo.selection import (
     adaptive_threshold,
@@ -208,9 +209,87 @@ class BAPOTrainer(GRPOTrainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if not model.training:
             with self._reference_kl_off():
-                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        loss = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+                return self._loss(model, inputs, return_outputs, num_items_in_batch)
+        loss = self._loss(model, inputs, return_outputs, num_items_in_batch)
         return loss * inputs["bapo_loss_scale"] if "bapo_loss_scale" in inputs else loss
+
+    def _loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """TRL's loss, with adaptive clipping bounds when asked; or one of `trl_bapo.losses`' own."""
+        if self.loss_type in OFF_POLICY_LOSSES:
+            return self._off_policy_loss(model, inputs)
+        if self.args.adaptive_clipping and model.training:
+            with self._adaptive_clipping(inputs):
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
+    def _off_policy_loss(self, model, inputs: dict[str, Any]) -> torch.Tensor:
+        """REC, AsymRE or OPMD on a micro-batch: the mean per-token loss over its tokens (as TRL's 'bnpo'),
+        weighed by TRL's vLLM importance sampling ratio when present, plus TRL's KL term and entropy bonus."""
+        args, mode = self.args, "train" if model.training else "eval"
+        mask = loss_mask(inputs)
+        logps, entropies = self._forward_logps(model, inputs, with_grad=True)
+        old = inputs.get(BEHAVIOUR_LOGPS, logps.detach())
+        advantages = inputs["advantages"].unsqueeze(1)
+        if self.loss_type == "rec":
+            per_token = rec_loss(
+                logps, old, advantages, args.rec_variant, self.epsilon_low, self.epsilon_high,
+                args.rec_ring_epsilon_low, args.rec_ring_epsilon_high,
+            )
+        elif self.loss_type == "asymre":
+            per_token = asymre_loss(logps, advantages, args.asymre_tau)
+        else:
+            per_token = opmd_loss(logps, old, advantages, args.opmd_tau)
+        if "importance_sampling_ratio" in inputs:
+            per_token = per_token * inputs["importance_sampling_ratio"]
+        if self.beta != 0.0:  # TRL's k3 estimate of KL(pi || ref)
+            log_ratio = inputs["ref_per_token_logps"] - logps
+            kl = torch.exp(log_ratio) - log_ratio - 1
+            per_token = per_token + self.beta * kl
+            self._metrics[mode]["kl"].append(self._gathered_mean(kl, mask))
+        tokens = mask.sum().clamp(min=1.0)
+        loss = (per_token * mask).sum() / tokens
+        entropy = (entropies * mask).sum() / tokens
+        loss = loss - self.entropy_coef * entropy
+        self._metrics[mode]["entropy"].append(self._gathered_mean(entropies, mask))
+        return loss / (self.current_gradient_accumulation_steps if mode == "train" else 1.0)
+
+    @contextmanager
+    def _adaptive_clipping(self, inputs: dict[str, Any]) -> Iterator[None]:
+        """Runs TRL's loss with bounds chosen for this micro-batch. TRL's loss takes the current log-probs from
+        one forward pass and then reads `epsilon_low` / `epsilon_high`: the bounds are chosen right after that
+        forward, from its ratios, and the dual clip goes through TRL's `delta`."""
+        name, args = "_get_per_token_logps_and_entropies", self.args
+        forward, bounds = getattr(self, name), (self.epsilon_low, self.epsilon_high)
+        shadowed = self.__dict__.get(name)  # a wrapper someone set on this instance, restored afterwards
+
+        def forward_then_choose(*a, **k):
+            logps, entropies, aux = forward(*a, **k)
+            old = inputs.get(BEHAVIOUR_LOGPS, logps.detach())
+            chosen = adaptive_clip_bounds(
+                torch.exp(logps.detach() - old),
+                inputs["advantages"].unsqueeze(1),
+                loss_mask(inputs),
+                start=tuple(args.adaptive_clip_start),
+                step=args.adaptive_clip_step,
+                maximum=tuple(args.adaptive_clip_max),
+                target=args.adaptive_clip_target,
+                all_reduce=self._sum_processes,
+            )
+            self.epsilon_low, self.epsilon_high = 1 - chosen.low, chosen.high - 1
+            self._log_step(clip_low=chosen.low, clip_high=chosen.high)
+            self._log_step(clip_positive=chosen.positive, clip_negative=chosen.negative)
+            return logps, entropies, aux
+
+        setattr(self, name, forward_then_choose)
+        args.delta = args.adaptive_clip_dual
+        try:
+            yield
+        finally:
+            if shadowed is None:
+                delattr(self, name)
+            else:
+                setattr(self, name, shadowed)
+            (self.epsilon_low, self.epsilon_high), args.delta = bounds, None
 
     def _evaluation_inputs(self, generation_batch: dict[str, torch.Tensor | Any]) -> dict[str, torch.Tensor | Any]:
         """TRL's evaluation, generating with the current policy. With the behaviour-policy KL, the policy that
@@ -532,6 +611,32 @@ class BAPOTrainer(GRPOTrainer):
         permutation = torch.randperm(count).to(self.accelerator.device)
         return broadcast(permutation, from_process=0).cpu() if self.accelerator.num_processes > 1 else permutation.cpu()
 
+    def _forward_logps(
+        self, model, batch: dict[str, Any], with_grad: bool = False, batch_size: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Per-token log-probs (and entropies, with gradient) of `batch`'s completions, through TRL's forward."""
+        batch = unsplit_pixel_values_by_grid(batch)
+        input_ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], dim=1)
+        attention_mask = torch.cat([batch["prompt_mask"], batch["completion_mask"]], dim=1)
+        logps, entropies, _ = self._get_per_token_logps_and_entropies(
+            model,
+            input_ids,
+            attention_mask,
+            batch["completion_ids"].size(1),
+            batch_size=batch_size,
+            compute_entropy=with_grad,
+            **{key: batch[key] for key in MULTIMODAL_FIELDS if key in batch},
+        )
+        return logps, entropies
+
+    def _gathered_mean(self, values: torch.Tensor, mask: torch.Tensor) -> float:
+        """Mean of `values` over the masked tokens, averaged over processes, as TRL logs its loss metrics."""
+        mean = (values.detach() * mask).sum() / mask.sum().clamp(min=1.0)
+        return self.accelerator.gather(mean).nanmean().item()
+
+    def _sum_processes(self, values: torch.Tensor) -> torch.Tensor:
+        return self.accelerator.reduce(values, reduction="sum") if self.accelerator.num_processes > 1 else values
+
     def _policy_logps(self, batch: dict[str, Any], rows: torch.Tensor) -> torch.Tensor:
         """Per-token log-probs of the completions of `rows` under the weights now in the model.
 
@@ -543,17 +648,9 @@ class BAPOTrainer(GRPOTrainer):
             rows = torch.cat([rows, rows.new_zeros(int(counts.max()) - count)])
         if not len(rows):
             return torch.empty(0, batch["completion_ids"].size(1), device=batch["completion_ids"].device)
-        batch = unsplit_pixel_values_by_grid(select_rows(batch, rows))
-        input_ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], dim=1)
-        attention_mask = torch.cat([batch["prompt_mask"], batch["completion_mask"]], dim=1)
         with torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs):
-            logps, _, _ = self._get_per_token_logps_and_entropies(
-                self.model,
-                input_ids,
-                attention_mask,
-                batch["completion_ids"].size(1),
-                batch_size=self.args.per_device_train_batch_size,
-                **{key: batch[key] for key in MULTIMODAL_FIELDS if key in batch},
+            logps, _ = self._forward_logps(
+                self.model, select_rows(batch, rows), batch_size=self.args.per_device_train_batch_size
             )
         return logps[:count]
 
