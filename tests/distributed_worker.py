@@ -9,6 +9,7 @@ Scenarios:
 - `resume`: 6 straight steps, then 3 steps with a checkpoint, then a resume for 3 more; then the same resume with
   this process's state file corrupted on process 1 only. Writes the three runs' states and the errors.
 - `reevaluate`: one prompt in B_bad, re-evaluated by more processes than it has prompts.
+- `adaptive`: `train` with adaptive clipping, whose bounds every process must choose alike.
 
 The engine is whatever the launcher configured (DDP, FSDP2, DeepSpeed ZeRO-2/3); FSDP2 through conftest's
 `CPUFSDPTrainer`, which says what differs from a GPU run.
@@ -128,8 +129,8 @@ def bapo_state(trainer) -> dict:
     }
 
 
-def train(output_dir: Path, model_path: str) -> dict:
-    trainer = make_trainer(output_dir, model_path)
+def train(output_dir: Path, model_path: str, **overrides) -> dict:
+    trainer = make_trainer(output_dir, model_path, **overrides)
     passes, generations = [], []
     compute_loss = trainer.compute_loss
 
@@ -220,7 +221,13 @@ def reevaluate(output_dir: Path, model_path: str) -> dict:
 
 if __name__ == "__main__":
     scenario, output, model = sys.argv[1:]
-    result = {"train": train, "resume": resume, "reevaluate": reevaluate}[scenario](Path(output), model)
+    scenarios = {
+        "train": train,
+        "resume": resume,
+        "reevaluate": reevaluate,
+        "adaptive": lambda out, path: train(out, path, loss_type="bnpo", adaptive_clipping=True),
+    }
+    result = scenarios[scenario](Path(output), model)
     (Path(output) / f"{scenario}-{PartialState().process_index}.json").write_text(json.dumps(result))
     # Left to interpreter exit, the process group's threads can abort the process ("terminate called without an
     # active exception"), as happened once under ZeRO-3.

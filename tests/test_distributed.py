@@ -113,6 +113,14 @@ def test_reevaluation_with_more_processes_than_difficult_prompts(tiny_model_path
     assert second["bapo/rollouts"] == 2 * 24 + 3 * 4
 
 
+def test_adaptive_clipping_bounds_agree_across_processes(tiny_model_path, tmp_path):
+    ranks = run_worker("ddp", "adaptive", tmp_path, tiny_model_path)
+    logs = ranks[0]["logs"]
+    assert logs == ranks[1]["logs"]  # bounds and contributions were summed over both processes' tokens
+    assert {(log["bapo/clip_low"], log["bapo/clip_high"]) for log in logs} != {(0.6, 1.2)}, "the bounds never moved"
+    assert all(log["bapo/clip_positive"] + log["bapo/clip_negative"] > 0 for log in logs[:-1])
+
+
 def test_cli_resume_on_two_processes(tmp_path):
     """The commands a user runs: save at step 2 on two processes, then resume from that checkpoint."""
     embedded_model()  # built here once, not by both processes at the same time
