@@ -7,7 +7,7 @@ VLLM_VENV ?= .venv-vllm
 VLLM_PY := $(VLLM_VENV)/bin/python
 VLLM_STAMP := $(VLLM_VENV)/.installed
 
-.PHONY: install install-vllm test demo bench clean
+.PHONY: install install-vllm test demo bench sweep clean
 
 install: $(STAMP)
 
@@ -42,6 +42,10 @@ demo: install
 
 bench: install
 	$(PY) -m trl_bapo.benchmark
+
+# The learning-rate sweep `make bench` reads its rates from (bench/sweep.json); about 25 minutes on 2 cores.
+sweep: install
+	$(PY) -m trl_bapo.benchmark --sweep
 
 clean:
 	rm -rf $(VENV) $(VLLM_VENV) demo_outputs .pytest_cache

@@ -111,11 +111,11 @@ def test_gpu_recipes_use_table_3_batches(name, bf16_gpu):
 def test_demo_recipe_matches_the_demo():
     script_args, config, model_args = parse(DEMO)
     assert model_args.model_name_or_path == "embedded"
-    assert script_args.dataset_name == "embedded-arithmetic"
-    assert script_args.reward_funcs == ["arithmetic"]
+    assert script_args.dataset_name == "embedded-carry"
+    assert script_args.reward_funcs == ["carry"]
     assert config.use_cpu
     assert config.generation_batch_size // config.num_generations == 16
-    assert config.max_steps == 60
+    assert config.max_steps == 300
     # The recipe trains what `make demo` trains: every shared setting equals the embedded default's.
     for key, value in TRAINING.items():
         if key not in {"report_to", "disable_tqdm"}:
@@ -149,7 +149,7 @@ def test_demo_recipe_trains_through_the_cli(tiny_model_path, tmp_path):
         [
             "--config", str(DEMO),
             "--model_name_or_path", tiny_model_path,
-            "--dataset_name", "embedded-arithmetic",
+            "--dataset_name", "embedded-carry",
             "--max_steps", "2",
             "--output_dir", str(tmp_path),
             "--disable_tqdm", "true",
@@ -202,7 +202,7 @@ def test_dataset_with_prompt_column_loads_as_is(local_dataset):
 
 
 def test_embedded_model_needs_an_embedded_dataset():
-    with pytest.raises(ValueError, match="embedded-arithmetic or embedded-countdown"):
+    with pytest.raises(ValueError, match="embedded-carry or embedded-arithmetic or embedded-countdown"):
         resolve_model(ModelConfig(model_name_or_path="embedded"), BAPOScriptArguments(dataset_name="some/dataset"))
 
 

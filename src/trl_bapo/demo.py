@@ -1,7 +1,8 @@
 """`make demo`: BAPO on the embedded default, with before/after accuracy and the paper's plots.
 
-Trains the warm-started tiny model with BAPO on the embedded arithmetic task, prints the batch composition of
-every step, then held-out accuracy before and after, rollouts spent, prompts unlocked, and writes PNG plots.
+Trains the warm-started tiny model with BAPO on the embedded task (one-digit steps of carry arithmetic), prints the
+batch composition of every step, then held-out accuracy before and after, rollouts spent, prompts unlocked, and
+writes PNG plots. About two minutes on 2 cores once the warm start is cached.
 """
 
 from __future__ import annotations
@@ -14,11 +15,11 @@ from pathlib import Path
 from transformers import AutoTokenizer, PrinterCallback
 
 from trl_bapo import BAPOConfig, BAPOTrainer
-from trl_bapo.callbacks import CompositionPrinter
+from trl_bapo.callbacks import CompositionPrinter, quiet_libraries
 from trl_bapo.embedded import GROUP_SIZE, PROMPTS_PER_STEP, TRAINING, embedded_datasets, embedded_model
 from trl_bapo.evaluation import accuracy_bins, evaluate_policy, migration_matrix, unlock_rate
 from trl_bapo.plots import plot_accuracy_bins, plot_composition, plot_migration, plot_reward
-from trl_bapo.tasks import ARITHMETIC, TASKS, reward_function
+from trl_bapo.tasks import CARRY, TASKS, reward_function
 from trl_bapo.tiny import load_tiny_model
 
 TRACKED_PROMPTS = 128  # fixed subset of training prompts for accuracy bins, migration and unlock rate
@@ -31,11 +32,12 @@ def demo_config(output_dir: str, steps: int, seed: int) -> BAPOConfig:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--task", default=ARITHMETIC, choices=TASKS)
-    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--task", default=CARRY, choices=TASKS)
+    parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output-dir", default="demo_outputs")
     options = parser.parse_args(argv)
+    quiet_libraries()
     output = Path(options.output_dir)
     output.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()

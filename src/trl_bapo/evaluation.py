@@ -65,15 +65,19 @@ def evaluate_policy(
     reward_func: Callable[..., list[float]],
     num_samples: int,
     seed: int = 0,
+    tracked_samples: int | None = None,
 ) -> dict[str, Any]:
     """Held-out accuracy (mean over `num_samples` samples, and greedy) and the per-prompt accuracy of a fixed set
-    of training prompts, the measures `make demo` and `make bench` report."""
+    of training prompts (over `tracked_samples` samples, `num_samples` by default), the measures `make demo` and
+    `make bench` report."""
     sampled = prompt_accuracies(model, tokenizer, heldout_rows, reward_func, num_samples=num_samples, seed=seed)
     greedy = prompt_accuracies(model, tokenizer, heldout_rows, reward_func, greedy=True)
+    samples = tracked_samples or num_samples
     return {
         "heldout": statistics.fmean(sampled),
+        "heldout_per_prompt": sampled,
         "greedy": statistics.fmean(greedy),
-        "tracked": prompt_accuracies(model, tokenizer, tracked_rows, reward_func, num_samples=num_samples, seed=seed),
+        "tracked": prompt_accuracies(model, tokenizer, tracked_rows, reward_func, num_samples=samples, seed=seed),
     }
 
 

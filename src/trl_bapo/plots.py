@@ -40,6 +40,22 @@ def plot_reward(
     return _save(figure, path)
 
 
+def plot_curves(curves: dict[str, Sequence[Sequence[float]]], path: Path) -> Path:
+    """Held-out accuracy against optimizer steps and against completions generated, one line per method; each
+    point is `[step, completions, accuracy]`."""
+    figure, (by_steps, by_completions) = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    for label, points in curves.items():
+        style = "-" if label in {"grpo", "dapo", "bapo"} else ":"
+        by_steps.plot([p[0] for p in points], [p[2] for p in points], style, label=label)
+        by_completions.plot([p[1] for p in points], [p[2] for p in points], style, label=label)
+    by_steps.set(xlabel="optimizer step", ylabel="held-out mean@8 (median over seeds)", title="At equal steps")
+    by_completions.set(xlabel="completions generated", title="At equal completions")
+    for axis in (by_steps, by_completions):
+        axis.grid(alpha=0.3)
+    by_completions.legend(fontsize=8)
+    return _save(figure, path)
+
+
 def plot_composition(logs: Sequence[dict], batch_groups: int, path: Path) -> Path:
     """X1/X2/X3 groups per step, stacked, against the configured batch (fig. 8)."""
     steps = range(1, len(logs) + 1)

@@ -16,10 +16,11 @@ from fractions import Fraction
 
 from datasets import Dataset
 
+CARRY = "carry"
 ARITHMETIC = "arithmetic"
 COUNTDOWN = "countdown"
 WORD_PROBLEMS = "word-problems"
-TASKS = (ARITHMETIC, COUNTDOWN)
+TASKS = (CARRY, ARITHMETIC, COUNTDOWN)
 CHAT_TASKS = (WORD_PROBLEMS,)
 
 # Limits that keep prompts within 24 characters: "a-b=" takes 2 * digits + 2, and Countdown prompts
@@ -62,6 +63,22 @@ def arithmetic_problems(count: int, seed: int, min_digits: int = 1, max_digits: 
         problems.append(
             {"prompt": f"{a}{sign}{b}=", "answer": str(answer), "difficulty": digits, "task": ARITHMETIC}
         )
+    return problems
+
+
+def carry_problems(count: int, seed: int, max_first: int = 99, max_second: int = 9) -> list[dict]:
+    """"a+b=" / "a-b=" with a up to two digits and b one digit, graded by what the sum asks: difficulty 1 needs no
+    carry or borrow ("42+5="), 2 a carry or borrow ("47+5=", "42-5="), 3 gives a negative number ("4-7=")."""
+    rng = random.Random(seed)
+    problems = []
+    for _ in range(count):
+        a, b = rng.randrange(max_first + 1), rng.randrange(max_second + 1)
+        sign = rng.choice("+-")
+        if sign == "+":
+            answer, difficulty = a + b, 1 + (a % 10 + b >= 10)
+        else:
+            answer, difficulty = a - b, 3 if a < b else 1 + (a % 10 < b)
+        problems.append({"prompt": f"{a}{sign}{b}=", "answer": str(answer), "difficulty": difficulty, "task": CARRY})
     return problems
 
 
@@ -266,11 +283,13 @@ def countdown_reward(
 
 
 _REWARDS: dict[str, Callable[..., list[float]]] = {
+    CARRY: arithmetic_reward,
     ARITHMETIC: arithmetic_reward,
     COUNTDOWN: countdown_reward,
     WORD_PROBLEMS: word_problem_reward,
 }
 _GENERATORS: dict[str, Callable[[int, int], list[dict]]] = {
+    CARRY: carry_problems,
     ARITHMETIC: arithmetic_problems,
     COUNTDOWN: countdown_problems,
     WORD_PROBLEMS: word_problems,

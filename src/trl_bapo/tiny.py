@@ -126,6 +126,8 @@ def build_tiny_model(
     warm_start_pairs: Sequence[tuple[str, str]] = (),
     warm_start_steps: int = 0,
     heads: int = 4,
+    hidden_size: int = 64,
+    layers: int = 2,
 ) -> Path:
     """Writes the tiny model and tokenizer to `path` (reused when already there) and returns the path. vLLM's CPU
     attention takes head dimensions of 32 and more: `heads=2` gives that with the 64 hidden units."""
@@ -133,7 +135,7 @@ def build_tiny_model(
     if path.is_dir():
         return path
     tokenizer = build_tokenizer()
-    model = build_model(tokenizer, seed=seed, heads=heads)
+    model = build_model(tokenizer, seed=seed, hidden_size=hidden_size, layers=layers, heads=heads)
     if warm_start_steps:
         warm_start(model, tokenizer, warm_start_pairs, warm_start_steps, seed=seed)
     # Written aside and renamed, so an interrupted build never leaves a half model to be reused.
