@@ -7,7 +7,7 @@ VLLM_VENV ?= .venv-vllm
 VLLM_PY := $(VLLM_VENV)/bin/python
 VLLM_STAMP := $(VLLM_VENV)/.installed
 
-.PHONY: install install-vllm test demo bench sweep clean
+.PHONY: install install-vllm lint test demo bench sweep clean
 
 install: $(STAMP)
 
@@ -33,19 +33,24 @@ $(VLLM_STAMP): pyproject.toml
 	$(VLLM_PY) -m pip uninstall --quiet --yes torchvision torchaudio torchcodec
 	touch $(VLLM_STAMP)
 
-test: install install-vllm
+# As TRL's `make quality`: ruff's checks and its formatting, 119 columns (pyproject.toml).
+lint: install
+	$(PY) -m ruff check src tests
+	$(PY) -m ruff format --check src tests
+
+test: lint install-vllm
 	$(PY) -m pytest -q tests --ignore=tests/real_vllm
 	$(VLLM_PY) -m pytest -q tests/real_vllm
 
 demo: install
-	$(PY) -m trl_bapo.demo
+	$(PY) -m trl_bapo.examples.demo
 
 bench: install
-	$(PY) -m trl_bapo.benchmark
+	$(PY) -m trl_bapo.examples.benchmark
 
 # The learning-rate sweep `make bench` reads its rates from (bench/sweep.json); about 25 minutes on 2 cores.
 sweep: install
-	$(PY) -m trl_bapo.benchmark --sweep
+	$(PY) -m trl_bapo.examples.benchmark --sweep
 
 clean:
 	rm -rf $(VENV) $(VLLM_VENV) demo_outputs .pytest_cache

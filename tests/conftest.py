@@ -18,7 +18,7 @@ from datasets import Dataset
 from transformers import TrainerCallback
 
 from trl_bapo import BAPOConfig, BAPOTrainer
-from trl_bapo.tiny import build_tiny_model
+from trl_bapo.examples.tiny import build_tiny_model
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(2)

@@ -22,13 +22,12 @@ from pathlib import Path
 
 import torch
 from accelerate import PartialState
+from conftest import CPUFSDPTrainer, StopAt, make_config  # this script's folder is on sys.path when it runs
 from datasets import Dataset
 from torch.distributed.tensor import DTensor
 from transformers import TrainerCallback
 
 from trl_bapo.checkpoint import state_file
-
-from conftest import CPUFSDPTrainer, StopAt, make_config  # this script's folder is on sys.path when it runs
 
 # Per rollout step, 6 prompts; k correct out of 4 before global step 3 and from then on. The last step has only
 # homogeneous groups and (with a 1-step B_high) nothing to replay: its batch is empty.

@@ -4,12 +4,11 @@ import math
 
 import pytest
 import torch
+from conftest import GROUP_SIZE, ScriptedReward, bapo_logs, make_config, parameters, prompt_dataset
 
 from trl_bapo import BAPOTrainer
 from trl_bapo.batch import concat_batches, split_micro_batches, unmeasured_rows
-from trl_bapo.tiny import load_tiny_model
-
-from conftest import GROUP_SIZE, ScriptedReward, bapo_logs, make_config, parameters, prompt_dataset
+from trl_bapo.examples.tiny import load_tiny_model
 
 
 def test_empty_batch_trains_on_nothing(tiny_model_path, tmp_path):
@@ -18,7 +17,9 @@ def test_empty_batch_trains_on_nothing(tiny_model_path, tmp_path):
     # With weight decay, an optimizer step that ran on the zero gradient would move the weights.
     args = make_config(tmp_path, max_steps=3, reevaluation_interval=1, beta=0.01, learning_rate=1e-2, weight_decay=0.1)
     trainer = BAPOTrainer(
-        model=tiny_model_path, reward_funcs=ScriptedReward({}, default=0), args=args,
+        model=tiny_model_path,
+        reward_funcs=ScriptedReward({}, default=0),
+        args=args,
         train_dataset=prompt_dataset(prompts),
     )
     before = parameters(trainer.model)
@@ -124,8 +125,8 @@ def test_split_micro_batches_scales_and_fills():
     assert [c["bapo_loss_scale"] for c in equal] == pytest.approx([2 * 3 / 5] * 3)
 
 
-def test_all_three_parts_with_behaviour_kl_train_without_nan(tiny_model_path, tmp_path):
-    """Stale X1, re-evaluated X2 and replayed X3 in one batch, with the behaviour-policy KL: no NaN anywhere."""
+def test_all_three_parts_with_behavior_kl_train_without_nan(tiny_model_path, tmp_path):
+    """Stale X1, re-evaluated X2 and replayed X3 in one batch, with the behavior-policy KL: no NaN anywhere."""
     plan = {f"{t}{name}=": ks for t in range(12) for name, ks in zip("abcd", [[2], [0, 2], [0, 0], [3]])}
     args = make_config(
         tmp_path,
@@ -147,7 +148,8 @@ def test_all_three_parts_with_behaviour_kl_train_without_nan(tiny_model_path, tm
 
 
 def test_unmeasured_rows_survive_re_padding():
-    """A part whose behaviour log-probs are not measured yet (NaN) concatenated with a wider, measured part."""
+    """A part whose behavior log-probs are not measured yet (NaN) concatenated with a wider, measured part."""
+
     def part(rows, width, logps):
         return {
             "prompt_ids": torch.ones(rows, 2, dtype=torch.long),

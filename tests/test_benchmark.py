@@ -2,18 +2,45 @@
 
 import json
 
-from trl_bapo import benchmark
+from trl_bapo.examples import benchmark
 
-RECORD_KEYS = {"method", "seed", "task", "steps", "rollouts", "wall_seconds", "eval_accuracy", "base_eval_accuracy",
-               "eval_accuracy_greedy", "unlock_rate", "relock_rate", "learning_rate", "effective_rollout_ratio",
-               "zero_std_fraction", "batch_fill", "peak_rss_mib", "heldout_curve"}
+RECORD_KEYS = {
+    "method",
+    "seed",
+    "task",
+    "steps",
+    "rollouts",
+    "wall_seconds",
+    "eval_accuracy",
+    "base_eval_accuracy",
+    "eval_accuracy_greedy",
+    "unlock_rate",
+    "relock_rate",
+    "learning_rate",
+    "effective_rollout_ratio",
+    "zero_std_fraction",
+    "batch_fill",
+    "peak_rss_mib",
+    "heldout_curve",
+}
 
 
 def test_bench_harness_runs_grpo_and_bapo(tmp_path, monkeypatch):
     monkeypatch.setattr(benchmark, "EVAL_EVERY", 2)  # read in this process: the runs' own processes keep 25
     result = benchmark.main(
-        ["--methods", "grpo", "bapo", "--seeds", "0", "--steps", "2", "--output-dir", str(tmp_path),
-         "--tracked-prompts", "16"]
+        [
+            "--methods",
+            "grpo",
+            "bapo",
+            "--seeds",
+            "0",
+            "--steps",
+            "2",
+            "--output-dir",
+            str(tmp_path),
+            "--tracked-prompts",
+            "16",
+        ]
     )
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved == result and len(result["records"]) == 2

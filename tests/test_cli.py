@@ -1,19 +1,28 @@
-"""`trl-bapo`: every recipe parses into the paper's settings, and the demo recipe trains through the CLI."""
+"""`trl-bapo`: every recipe parses into the paper's settings, a `trl grpo` YAML runs unchanged with BAPO's fields
+added, and the demo recipe trains through the script."""
 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from importlib import resources
 from pathlib import Path
 
 import datasets.config
 import pytest
 import transformers.training_args
 import yaml
-from trl import ModelConfig
+from datasets import IterableDataset
+from trl import DatasetMixtureConfig, ModelConfig
+from trl.scripts.grpo import make_parser as trl_grpo_parser
 
-from trl_bapo.embedded import TRAINING
 from trl_bapo import BAPOConfig
-from trl_bapo.cli import BAPOScriptArguments, load_prompts, load_reward, main, make_parser, resolve_model
+from trl_bapo.cli import launch_arguments
+from trl_bapo.examples.embedded import TRAINING, embedded_model
+from trl_bapo.scripts.bapo import BAPOScriptArguments, main, make_parser, resolve_model
+from trl_bapo.scripts.data import load_prompts
+from trl_bapo.scripts.rewards import load_reward
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 DEMO = RECIPES / "demo.yaml"
@@ -60,7 +69,7 @@ def test_recipes_exist():
 
 @pytest.mark.parametrize("recipe", recipe_paths(), ids=lambda path: path.name)
 def test_recipe_parses_into_paper_settings(recipe, bf16_gpu):
-    script_args, config, model_args = parse(recipe)
+    script_args, config, model_args, _ = parse(recipe)
     assert isinstance(script_args, BAPOScriptArguments)
     assert isinstance(config, BAPOConfig)
     assert isinstance(model_args, ModelConfig)
@@ -93,7 +102,7 @@ def test_recipe_parses_into_paper_settings(recipe, bf16_gpu):
 
 @pytest.mark.parametrize("name", ["math_deepscaler.yaml", "countdown.yaml", "geometry3k.yaml"])
 def test_gpu_recipes_use_table_3_batches(name, bf16_gpu):
-    script_args, config, model_args = parse(RECIPES / name)
+    script_args, config, model_args, _ = parse(RECIPES / name)
     prompts_per_rollout = config.generation_batch_size // config.num_generations
     mini_batch = config.per_device_train_batch_size * GPU_COUNT * config.gradient_accumulation_steps
     assert prompts_per_rollout == 256
@@ -109,7 +118,7 @@ def test_gpu_recipes_use_table_3_batches(name, bf16_gpu):
 
 
 def test_demo_recipe_matches_the_demo():
-    script_args, config, model_args = parse(DEMO)
+    script_args, config, model_args, _ = parse(DEMO)
     assert model_args.model_name_or_path == "embedded"
     assert script_args.dataset_name == "embedded-carry"
     assert script_args.reward_funcs == ["carry"]
@@ -128,31 +137,34 @@ def test_recipe_header_has_a_command(recipe):
     assert f"--config recipes/{recipe.name}" in header
 
 
-@pytest.mark.parametrize("config", sorted((RECIPES / "accelerate").glob("*.yaml")), ids=lambda path: path.name)
-def test_accelerate_configs_load(config):
-    settings = yaml.safe_load(config.read_text())
-    assert settings["distributed_type"] in {"NO", "MULTI_GPU", "DEEPSPEED", "FSDP"}
-    assert settings["num_processes"] == (1 if settings["distributed_type"] == "NO" else GPU_COUNT)
-
-
-def test_accelerate_configs_present():
-    assert {path.name for path in (RECIPES / "accelerate").glob("*.yaml")} == {
-        "single_gpu.yaml",
-        "multi_gpu.yaml",
-        "deepspeed_zero3.yaml",
-        "fsdp.yaml",
-    }
+def test_accelerate_settings_go_to_accelerate_as_trl_grpo_sends_them():
+    launch, script = launch_arguments(
+        ["--config", str(DEMO), "--accelerate_config", "zero3", "--num_processes", "2", "--max_steps", "3"]
+    )
+    assert launch == [
+        "--config_file",
+        str(resources.files("trl.accelerate_configs") / "zero3.yaml"),
+        "--num_processes",
+        "2",
+    ]
+    assert script == ["--config", str(DEMO), "--max_steps", "3"]
 
 
 def test_demo_recipe_trains_through_the_cli(tiny_model_path, tmp_path):
     trainer = main(
         [
-            "--config", str(DEMO),
-            "--model_name_or_path", tiny_model_path,
-            "--dataset_name", "embedded-carry",
-            "--max_steps", "2",
-            "--output_dir", str(tmp_path),
-            "--disable_tqdm", "true",
+            "--config",
+            str(DEMO),
+            "--model_name_or_path",
+            tiny_model_path,
+            "--dataset_name",
+            "embedded-carry",
+            "--max_steps",
+            "2",
+            "--output_dir",
+            str(tmp_path),
+            "--disable_tqdm",
+            "true",
         ]
     )
     assert trainer.state.global_step == 2
@@ -164,8 +176,20 @@ def test_demo_recipe_evaluates_during_training(tmp_path):
     """The command from the README's evaluation example: the embedded model, evaluated on the held-out split."""
     trainer = main(
         [
-            "--config", str(DEMO), "--max_steps", "2", "--eval_strategy", "steps", "--eval_steps", "1",
-            "--dataset_test_split", "test", "--output_dir", str(tmp_path), "--disable_tqdm", "true",
+            "--config",
+            str(DEMO),
+            "--max_steps",
+            "2",
+            "--eval_strategy",
+            "steps",
+            "--eval_steps",
+            "1",
+            "--dataset_test_split",
+            "test",
+            "--output_dir",
+            str(tmp_path),
+            "--disable_tqdm",
+            "true",
         ]
     )
     evaluations = [entry for entry in trainer.state.log_history if "eval_loss" in entry]
@@ -174,7 +198,7 @@ def test_demo_recipe_evaluates_during_training(tmp_path):
 
 
 def test_unknown_reward_fails_clearly():
-    with pytest.raises(ValueError, match=r"unknown reward function 'nope'.*accuracy.*arithmetic.*countdown"):
+    with pytest.raises(ValueError, match=r"unknown reward function 'nope'.*accuracy_reward.*arithmetic.*countdown"):
         main(["--config", str(DEMO), "--reward_funcs", "nope"])
 
 
@@ -183,7 +207,7 @@ def test_missing_reward_fails_clearly(tmp_path):
     del settings["reward_funcs"]
     recipe = tmp_path / "no_reward.yaml"
     recipe.write_text(yaml.safe_dump(settings))
-    with pytest.raises(ValueError, match="reward_funcs is required"):
+    with pytest.raises(ValueError, match=r"reward_funcs \(or reward_model_name_or_path\) is required"):
         main(["--config", str(recipe)])
 
 
@@ -201,9 +225,11 @@ def test_dataset_with_prompt_column_loads_as_is(local_dataset):
     assert dataset[0] == {"prompt": "1+1=", "answer": "2"}
 
 
-def test_embedded_model_needs_an_embedded_dataset():
-    with pytest.raises(ValueError, match="embedded-carry or embedded-arithmetic or embedded-countdown"):
-        resolve_model(ModelConfig(model_name_or_path="embedded"), BAPOScriptArguments(dataset_name="some/dataset"))
+def test_embedded_model_is_warm_started_on_the_embedded_task_or_on_carry():
+    embedded = ModelConfig(model_name_or_path="embedded")
+    assert resolve_model(embedded, BAPOScriptArguments(dataset_name="some/dataset")) == str(embedded_model("carry"))
+    with pytest.raises(ValueError, match="for a chat model: use model_name_or_path 'smollm2'"):
+        resolve_model(embedded, BAPOScriptArguments(dataset_name="embedded-word-problems"))
 
 
 def test_task_rewards_read_chat_completions_and_answer_tags():
@@ -218,11 +244,100 @@ def test_task_rewards_read_chat_completions_and_answer_tags():
     assert load_reward("arithmetic")([[{"role": "assistant", "content": " 12"}]], answer=["12"]) == [1.0]
 
 
-def test_accuracy_reward_loads_or_asks_for_math_verify():
-    from trl.import_utils import is_math_verify_available
+def test_trl_rewards_load_by_trl_grpo_names():
+    assert load_reward("accuracy_reward").__name__ == "accuracy_reward"
+    assert load_reward("think_format_reward").__name__ == "think_format_reward"
+    assert load_reward("reasoning_accuracy_reward").__name__ == "reasoning_accuracy_reward"
+    punish = load_reward("get_soft_overlong_punishment")
+    assert punish(completion_ids=[[1] * 1024, [1] * 1280]) == [0.0, -1.0]  # max 1280 tokens, 256 of cache
 
-    if is_math_verify_available():
-        assert callable(load_reward("accuracy"))
-    else:
-        with pytest.raises(ImportError, match="pip install math-verify"):
-            load_reward("accuracy")
+
+def test_dotted_reward_path_imports_from_the_current_directory(tmp_path, monkeypatch):
+    (tmp_path / "my_rewards.py").write_text(
+        "def shortest(completions, **kwargs):\n    return [0.0] * len(completions)\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
+    assert load_reward("my_rewards.shortest")(["a", "b"]) == [0.0, 0.0]
+
+
+def test_streamed_dataset_trains(tmp_path):
+    trainer = main(
+        [
+            "--config",
+            str(DEMO),
+            "--dataset_streaming",
+            "true",
+            "--max_steps",
+            "2",
+            "--output_dir",
+            str(tmp_path),
+            "--disable_tqdm",
+            "true",
+        ]
+    )
+    assert isinstance(trainer.train_dataset, IterableDataset)
+    assert trainer.state.global_step == 2
+    assert sum(entry.get("bapo/x1", 0) for entry in trainer.state.log_history) > 0
+
+
+def write_trl_grpo_config(tmp_path: Path) -> dict:
+    """A `trl grpo` user's config: a `datasets:` mixture of a local conversational dataset, scored by TRL's
+    accuracy_reward, by the user's own reward in a module of the current directory, and by a reward model."""
+    rows = [
+        {"prompt": [{"role": "user", "content": f"{a}+{b}="}], "solution": f"${a + b}$", "answer": str(a + b)}
+        for a in range(10, 90, 7)
+        for b in range(10)
+    ]
+    data = tmp_path / "sums.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    (tmp_path / "my_rewards.py").write_text(
+        "def exact(completions, answer, **kwargs):\n"
+        "    return [float(c[0]['content'].strip() == a) for c, a in zip(completions, answer)]\n"
+    )
+    return {
+        "model_name_or_path": "embedded",
+        "datasets": [{"path": "json", "data_files": str(data), "split": "train"}],
+        "test_split_size": 0.1,
+        "reward_funcs": ["accuracy_reward", "my_rewards.exact"],
+        "reward_model_name_or_path": str(embedded_model("carry")),
+        "num_generations": 4,
+        "per_device_train_batch_size": 16,
+        "max_completion_length": 6,
+        "max_steps": 2,
+        "logging_steps": 1,
+        "use_cpu": True,
+        "bf16": False,
+        "report_to": "none",
+        "save_strategy": "steps",
+        "save_steps": 2,
+        "output_dir": str(tmp_path / "out"),
+    }
+
+
+def test_trl_grpo_config_runs_unchanged_with_bapo_fields_added(tmp_path):
+    grpo_settings = write_trl_grpo_config(tmp_path)
+    grpo_yaml = tmp_path / "grpo.yaml"
+    grpo_yaml.write_text(yaml.safe_dump(grpo_settings))
+    *_, mixture = trl_grpo_parser().parse_args_and_config(["--config", str(grpo_yaml)])
+    assert isinstance(mixture, DatasetMixtureConfig) and mixture.datasets  # a valid `trl grpo` config
+
+    bapo_yaml = tmp_path / "bapo.yaml"
+    bapo_settings = dict(grpo_settings, rollout_delay=2, reevaluation_interval=1, correctness_reward="exact")
+    bapo_yaml.write_text(yaml.safe_dump(bapo_settings))
+    run = subprocess.run(
+        [str(Path(sys.executable).parent / "trl-bapo"), "--config", str(bapo_yaml), "--num_processes", "1"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=tmp_path,  # where the user's reward module is
+    )
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-5000:]
+    history = json.loads((tmp_path / "out" / "checkpoint-2" / "trainer_state.json").read_text())["log_history"]
+    steps = [entry for entry in history if "bapo/x1" in entry]
+    assert [entry["step"] for entry in steps] == [1, 2]
+    assert sum(entry["bapo/x1"] for entry in steps) > 0  # the user's reward decided correctness: groups trained
+    # Every reward scored the completions: TRL logs each under its name, the reward model under its folder's.
+    model_reward = f"rewards/{embedded_model('carry').name}/mean"
+    for name in ("rewards/accuracy_reward/mean", "rewards/exact/mean", model_reward):
+        assert all(name in entry for entry in steps), name

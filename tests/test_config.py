@@ -6,13 +6,17 @@ import pytest
 from trl import GRPOConfig
 
 from trl_bapo import BAPOConfig, BAPOTrainer
-from trl_bapo.tasks import exact_answer_reward
+from trl_bapo.examples.tasks import exact_answer_reward
 
-BAPO_FIELDS = [f for f in dataclasses.fields(BAPOConfig) if f.name not in {g.name for g in dataclasses.fields(GRPOConfig)}]
+BAPO_FIELDS = [
+    f for f in dataclasses.fields(BAPOConfig) if f.name not in {g.name for g in dataclasses.fields(GRPOConfig)}
+]
 
 
 def _config(tmp_path, **kwargs):
-    settings = dict(output_dir=str(tmp_path), use_cpu=True, report_to=[], num_generations=8, per_device_train_batch_size=8)
+    settings = dict(
+        output_dir=str(tmp_path), use_cpu=True, report_to=[], num_generations=8, per_device_train_batch_size=8
+    )
     return BAPOConfig(**{**settings, **kwargs})
 
 
@@ -23,7 +27,10 @@ def test_defaults_are_table_3(tmp_path):
     assert config.c2_range == (1 / 8, 4 / 8) and config.c3_range == (2 / 8, 5 / 8)
     assert config.high_quality_buffer_steps == 3
     assert (config.online_filter, config.online_filter_gaussian_mean, config.online_filter_gaussian_std) == (
-        "range", 0.5, 0.2)
+        "range",
+        0.5,
+        0.2,
+    )
     assert config.online_filter_uniform_keep == 0.6
     assert config.kl_reference == "behavior"
 

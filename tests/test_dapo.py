@@ -1,8 +1,8 @@
 """DAPO dynamic sampling through `trainer.train()`."""
 
-from trl_bapo import BAPOTrainer
-
 from conftest import GROUP_SIZE, BatchRecorder, ScriptedReward, bapo_logs, make_config, prompt_dataset
+
+from trl_bapo import BAPOTrainer
 
 DAPO = dict(
     dynamic_sampling=True,
@@ -36,7 +36,9 @@ def test_dynamic_sampling_stops_at_the_round_cap(tiny_model_path, tmp_path):
     prompts = [f"{i}=" for i in range(40)]
     args = make_config(tmp_path, max_steps=2, dynamic_sampling_max_rounds=3, **DAPO)
     trainer = BAPOTrainer(
-        model=tiny_model_path, reward_funcs=ScriptedReward({}, default=0), args=args,
+        model=tiny_model_path,
+        reward_funcs=ScriptedReward({}, default=0),
+        args=args,
         train_dataset=prompt_dataset(prompts),
     )
     trainer.train()

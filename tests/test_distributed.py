@@ -2,7 +2,7 @@
 
 Every test runs `accelerate launch` on tests/distributed_worker.py (which says what it records) and checks what
 the processes wrote. accelerate starts several CPU processes only through its multi-GPU launcher (or an engine's
-config); they then run over gloo. FSDP2 comes from the shipped recipe recipes/accelerate/fsdp.yaml; DeepSpeed
+config); they then run over gloo. FSDP2 comes from TRL's shipped config (`--accelerate_config fsdp2`); DeepSpeed
 from tests/engines/zero{2,3}.json, where ZeRO-3's `stage3_param_persistence_threshold` of 100 partitions the
 tiny model's matrices and keeps its norms (64 values) persistent, as real models have both kinds.
 """
@@ -11,19 +11,20 @@ import json
 import os
 import subprocess
 import sys
+from importlib import resources
 from pathlib import Path
 
 import pytest
 import torch
 
-from trl_bapo.embedded import embedded_model
+from trl_bapo.examples.embedded import embedded_model
 
 HERE = Path(__file__).parent
 WORKER = HERE / "distributed_worker.py"
 ROOT = HERE.parent
 ENGINES = {
     "ddp": ["--multi_gpu"],
-    "fsdp2": ["--config_file", str(ROOT / "recipes" / "accelerate" / "fsdp.yaml")],
+    "fsdp2": ["--config_file", str(resources.files("trl.accelerate_configs") / "fsdp2.yaml")],
     "zero2": ["--use_deepspeed", "--deepspeed_config_file", str(HERE / "engines" / "zero2.json")],
     "zero3": ["--use_deepspeed", "--deepspeed_config_file", str(HERE / "engines" / "zero3.json")],
 }
@@ -32,17 +33,31 @@ STEPS = 6
 REFRESHED_AT = {1: 1, 2: 1, 3: 1, 4: 1, 5: 5, 6: 5}  # v = 5: refreshed at t = 1 and t mod 5 == 0
 
 
-def launch(engine: str, *args: str, processes: int = 2, module: bool = False) -> subprocess.CompletedProcess:
-    command = [
-        sys.executable, "-m", "accelerate.commands.launch", *ENGINES[engine], "--num_processes", str(processes),
-        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-        *(["-m"] if module else []), *args,
+def accelerate_settings(processes: int) -> list[str]:
+    return [
+        "--num_processes",
+        str(processes),
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
     ]
+
+
+def run(command: list[str]) -> subprocess.CompletedProcess:
     environment = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
     # Bounded: a process waiting on a collective the other never enters would hang here, not pass.
-    run = subprocess.run(command, capture_output=True, text=True, timeout=600, env=environment, cwd=HERE)
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-5000:]
-    return run
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=environment, cwd=HERE)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    return result
+
+
+def launch(engine: str, *args: str, processes: int = 2) -> subprocess.CompletedProcess:
+    return run(
+        [sys.executable, "-m", "accelerate.commands.launch", *ENGINES[engine], *accelerate_settings(processes), *args]
+    )
 
 
 def run_worker(engine: str, scenario: str, out: Path, model: str, processes: int = 2) -> list[dict]:
@@ -121,15 +136,27 @@ def test_adaptive_clipping_bounds_agree_across_processes(tiny_model_path, tmp_pa
     assert all(log["bapo/clip_positive"] + log["bapo/clip_negative"] > 0 for log in logs[:-1])
 
 
+def run_trl_bapo(*args: str) -> None:
+    """`trl-bapo` as a user runs it, on two CPU processes: what the script does not know goes to accelerate."""
+    run([str(Path(sys.executable).parent / "trl-bapo"), *args, "--multi_gpu", *accelerate_settings(2)])
+
+
 def test_cli_resume_on_two_processes(tmp_path):
     """The commands a user runs: save at step 2 on two processes, then resume from that checkpoint."""
     embedded_model()  # built here once, not by both processes at the same time
     out = str(tmp_path / "out")
-    common = ["trl_bapo.cli", "--config", str(ROOT / "recipes" / "demo.yaml"), "--output_dir", out]
-    launch("ddp", *common, "--save_strategy", "steps", "--save_steps", "2", "--max_steps", "2", module=True)
-    launch(
-        "ddp", *common, "--max_steps", "3", "--save_steps", "3", "--save_strategy", "steps",
-        "--resume_from_checkpoint", f"{out}/checkpoint-2", module=True,
+    common = ["--config", str(ROOT / "recipes" / "demo.yaml"), "--output_dir", out]
+    run_trl_bapo(*common, "--save_strategy", "steps", "--save_steps", "2", "--max_steps", "2")
+    run_trl_bapo(
+        *common,
+        "--max_steps",
+        "3",
+        "--save_steps",
+        "3",
+        "--save_strategy",
+        "steps",
+        "--resume_from_checkpoint",
+        f"{out}/checkpoint-2",
     )
     history = json.loads(Path(out, "checkpoint-3", "trainer_state.json").read_text())["log_history"]
     rollouts = {entry["step"]: entry["bapo/rollouts"] for entry in history if "bapo/rollouts" in entry}

@@ -1,13 +1,12 @@
 """With every BAPO feature off, BAPOTrainer trains exactly as GRPOTrainer does."""
 
 import torch
+from conftest import make_config, parameters
 from trl import GRPOConfig, GRPOTrainer
 
 from trl_bapo import BAPOTrainer
-from trl_bapo.tasks import arithmetic_dataset, exact_answer_reward
-from trl_bapo.tiny import load_tiny_model
-
-from conftest import make_config, parameters
+from trl_bapo.examples.tasks import arithmetic_dataset, exact_answer_reward
+from trl_bapo.examples.tiny import load_tiny_model
 
 COMMON = dict(
     per_device_train_batch_size=8,

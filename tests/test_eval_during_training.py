@@ -8,12 +8,11 @@ import math
 
 import pytest
 import torch
+from conftest import ScriptedReward, bapo_logs, make_config, prompt_dataset
 from peft import LoraConfig
 from transformers import TrainerCallback
 
 from trl_bapo import BAPOTrainer
-
-from conftest import ScriptedReward, bapo_logs, make_config, prompt_dataset
 
 PLAN = {f"{t}{name}=": ks for t in range(6) for name, ks in zip("abcd", [[2], [3], [0, 2], [1]])}
 MODES = {
@@ -37,13 +36,25 @@ class TrainedWeights(TrainerCallback):
 @pytest.mark.parametrize("mode", list(MODES))
 def test_evaluation_runs_in_every_kl_mode_and_keeps_alpha(mode, tiny_model_path, tmp_path):
     args = make_config(
-        tmp_path, max_steps=4, rollout_delay=3, reevaluation_interval=3, beta=0.05, learning_rate=1e-2,
-        eval_strategy="steps", eval_steps=1, per_device_eval_batch_size=8, **MODES[mode],
+        tmp_path,
+        max_steps=4,
+        rollout_delay=3,
+        reevaluation_interval=3,
+        beta=0.05,
+        learning_rate=1e-2,
+        eval_strategy="steps",
+        eval_steps=1,
+        per_device_eval_batch_size=8,
+        **MODES[mode],
     )
     lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
     trainer = BAPOTrainer(
-        model=tiny_model_path, reward_funcs=ScriptedReward(PLAN), args=args, train_dataset=prompt_dataset(list(PLAN)),
-        eval_dataset=prompt_dataset([f"{i}e=" for i in range(4)]), peft_config=lora if mode == "peft" else None,
+        model=tiny_model_path,
+        reward_funcs=ScriptedReward(PLAN),
+        args=args,
+        train_dataset=prompt_dataset(list(PLAN)),
+        eval_dataset=prompt_dataset([f"{i}e=" for i in range(4)]),
+        peft_config=lora if mode == "peft" else None,
     )
     trained = TrainedWeights(trainer)
     trainer.add_callback(trained)
@@ -52,7 +63,7 @@ def test_evaluation_runs_in_every_kl_mode_and_keeps_alpha(mode, tiny_model_path,
     evaluations = [entry for entry in trainer.state.log_history if "eval_loss" in entry]
     assert [entry["step"] for entry in evaluations] == [1, 2, 3, 4]
     assert all(math.isfinite(entry["eval_loss"]) and "eval_reward" in entry for entry in evaluations)
-    # The KL against the behaviour policy is zero for samples the evaluated policy generated: nothing to log.
+    # The KL against the behavior policy is zero for samples the evaluated policy generated: nothing to log.
     # Against the reference model it is measured, as GRPOTrainer does.
     assert all(("eval_kl" in entry) == (mode == "ref") for entry in evaluations)
     assert [log["bapo/policy_lag"] for log in bapo_logs(trainer)] == [0, 1, 0, 1]

@@ -1,10 +1,9 @@
 """Online filters (appendix A.3), the mini-test variant (section 5.2) and the adaptive thresholds (eq. 8)."""
 
 import pytest
+from conftest import BatchRecorder, ScriptedReward, bapo_logs, make_config, prompt_dataset
 
 from trl_bapo import BAPOTrainer
-
-from conftest import BatchRecorder, ScriptedReward, bapo_logs, make_config, prompt_dataset
 
 STEPS = 8
 # Each rollout step: one prompt with 0/4, 4/4, 2/4 and 1/4 correct completions, in that order.

@@ -1,12 +1,11 @@
 """LoRA through peft: adapters train, the rollout snapshot holds only adapter weights, the adapter loads back."""
 
 import torch
+from conftest import ScriptedReward, bapo_logs, make_config, prompt_dataset
 from peft import LoraConfig, PeftModel
 
 from trl_bapo import BAPOTrainer
-from trl_bapo.tiny import load_tiny_model
-
-from conftest import ScriptedReward, bapo_logs, make_config, prompt_dataset
+from trl_bapo.examples.tiny import load_tiny_model
 
 
 def test_lora_trains_adapters_and_snapshots_only_them(tiny_model_path, tmp_path):
@@ -14,8 +13,11 @@ def test_lora_trains_adapters_and_snapshots_only_them(tiny_model_path, tmp_path)
     args = make_config(tmp_path, max_steps=4, rollout_delay=3, reevaluation_interval=2, learning_rate=5e-2, beta=0.01)
     lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
     trainer = BAPOTrainer(
-        model=tiny_model_path, reward_funcs=ScriptedReward(plan), args=args,
-        train_dataset=prompt_dataset(list(plan)), peft_config=lora,
+        model=tiny_model_path,
+        reward_funcs=ScriptedReward(plan),
+        args=args,
+        train_dataset=prompt_dataset(list(plan)),
+        peft_config=lora,
     )
     adapter = {n: p for n, p in trainer.model.named_parameters() if p.requires_grad}
     before = {n: p.detach().clone() for n, p in adapter.items()}
@@ -40,4 +42,6 @@ def test_lora_trains_adapters_and_snapshots_only_them(tiny_model_path, tmp_path)
     # TRL patches the trained model's forward (fused LM head), so compare the reloaded model with the base.
     ids = torch.tensor([[5, 6, 7, 8]])
     with torch.no_grad():
-        assert not torch.allclose(reloaded(input_ids=ids).logits, load_tiny_model(tiny_model_path)(input_ids=ids).logits)
+        assert not torch.allclose(
+            reloaded(input_ids=ids).logits, load_tiny_model(tiny_model_path)(input_ids=ids).logits
+        )

@@ -8,11 +8,10 @@ import math
 
 import pytest
 import torch
+from conftest import ScriptedReward, bapo_logs, make_config, parameters, prompt_dataset
 
 from trl_bapo import BAPOConfig, BAPOTrainer
 from trl_bapo.losses import adaptive_clip_bounds
-
-from conftest import ScriptedReward, bapo_logs, make_config, parameters, prompt_dataset
 
 PLAN = {f"{t}{name}=": ks for t in range(8) for name, ks in zip("abcd", [[2], [3], [0, 2], [1]])}
 START, STEP, MAXIMUM, TARGET = (0.6, 1.2), 0.05, (0.8, 2.0), 1.0
@@ -23,7 +22,9 @@ def reference_bounds(ratio, advantages, mask):
 
     def balance(low, high):
         totals = [0.0, 0.0]
-        for r, a, m in zip(ratio.flatten().tolist(), advantages.expand_as(ratio).flatten().tolist(), mask.flatten().tolist()):
+        for r, a, m in zip(
+            ratio.flatten().tolist(), advantages.expand_as(ratio).flatten().tolist(), mask.flatten().tolist()
+        ):
             value = m * a * (min(r, high) if a >= 0 else max(r, low))
             totals[0 if value > 0 else 1] += abs(value)
         return totals
@@ -45,7 +46,9 @@ def test_adaptive_bounds_on_a_scripted_batch():
     def bounds(positive_ratios, negative_ratios, all_reduce=lambda sums: sums):
         ratio = torch.tensor([positive_ratios + negative_ratios])
         advantages = torch.tensor([[1.0] * len(positive_ratios) + [-1.0] * len(negative_ratios)])
-        return adaptive_clip_bounds(ratio, advantages, torch.ones_like(ratio), START, STEP, MAXIMUM, TARGET, all_reduce)
+        return adaptive_clip_bounds(
+            ratio, advantages, torch.ones_like(ratio), START, STEP, MAXIMUM, TARGET, all_reduce
+        )
 
     # Balanced at the start: nothing moves.
     assert (bounds([1.0, 1.0], [1.0]).low, bounds([1.0, 1.0], [1.0]).high) == START
@@ -74,8 +77,15 @@ def completion_logps(model, inputs):
 def trainer_checking_each_loss(model_path, output_dir, expected_per_token, **overrides):
     """A trainer whose every micro-batch loss is compared with the token mean of `expected_per_token`."""
     args = make_config(
-        output_dir, max_steps=6, rollout_delay=3, reevaluation_interval=3, learning_rate=5e-2, bf16=False,
-        high_quality_lower_range=[0.25, 0.25], high_quality_upper_range=[0.5, 0.5], **overrides,
+        output_dir,
+        max_steps=6,
+        rollout_delay=3,
+        reevaluation_interval=3,
+        learning_rate=5e-2,
+        bf16=False,
+        high_quality_lower_range=[0.25, 0.25],
+        high_quality_upper_range=[0.5, 0.5],
+        **overrides,
     )
     trainer = BAPOTrainer(
         model=model_path, reward_funcs=ScriptedReward(PLAN), args=args, train_dataset=prompt_dataset(list(PLAN))
@@ -150,7 +160,9 @@ LOSSES = {
 @pytest.mark.parametrize("name", list(LOSSES))
 def test_off_policy_loss_equals_its_definition(name, tiny_model_path, tmp_path):
     overrides, expected = LOSSES[name]
-    trainer, checked = trainer_checking_each_loss(tiny_model_path, tmp_path, expected, scale_rewards="none", **overrides)
+    trainer, checked = trainer_checking_each_loss(
+        tiny_model_path, tmp_path, expected, scale_rewards="none", **overrides
+    )
     trainer.train()
     assert checked["losses"] == 12 and checked["largest_log_ratio"] > 0.05, checked
     assert sum(log["bapo/x3"] for log in bapo_logs(trainer)) > 0, "no replayed group was trained on"
@@ -158,7 +170,7 @@ def test_off_policy_loss_equals_its_definition(name, tiny_model_path, tmp_path):
 
 @pytest.mark.parametrize("loss_type", ["rec", "asymre", "opmd"])
 def test_off_policy_loss_trains_with_the_paper_defaults(loss_type, tiny_model_path, tmp_path):
-    """v = 5, m = 5, both replays on, the behaviour-policy KL: finite losses and a moving policy."""
+    """v = 5, m = 5, both replays on, the behavior-policy KL: finite losses and a moving policy."""
     args = make_config(tmp_path, max_steps=6, learning_rate=1e-2, beta=0.001, loss_type=loss_type)
     trainer = BAPOTrainer(
         model=tiny_model_path, reward_funcs=ScriptedReward(PLAN), args=args, train_dataset=prompt_dataset(list(PLAN))

@@ -6,9 +6,9 @@ m = 3 steps of at most 2 prompts, B_high keeps 2 steps. The plan gives each prom
 completions the first time it is scored (fresh) and the second time (re-evaluation).
 """
 
-from trl_bapo import BAPOTrainer
-
 from conftest import GROUP_SIZE, BatchRecorder, ScriptedReward, bapo_logs, make_config, prompt_dataset
+
+from trl_bapo import BAPOTrainer
 
 STEPS = [
     {"a=": [0, 0], "b=": [4], "c=": [2], "d=": [1, 0]},

@@ -5,14 +5,13 @@ import math
 
 import pytest
 import torch
+from conftest import bapo_logs, make_config
 from datasets import Dataset
 from PIL import Image
+from tiny_vlm import build_tiny_vlm
 from transformers import AutoProcessor
 
 from trl_bapo import BAPOTrainer
-from trl_bapo.tiny import build_tiny_vlm
-
-from conftest import GROUP_SIZE, bapo_logs, make_config
 
 COLOURS = [(230, 20, 20), (20, 230, 20), (20, 20, 230), (230, 230, 20), (20, 230, 230), (230, 20, 230)]
 # k correct out of 4 per prompt, before global step 2 and from then on (so re-evaluation can find improvement).
@@ -43,8 +42,10 @@ def tiny_vlm_path(tmp_path_factory) -> str:
 
 def test_images_survive_reevaluation_and_replay(tiny_vlm_path, tmp_path):
     rows = [
-        {"prompt": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}],
-         "image": Image.new("RGB", (28, 28), _colour(text))}
+        {
+            "prompt": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}],
+            "image": Image.new("RGB", (28, 28), _colour(text)),
+        }
         for text in PLAN
     ]
     args = make_config(

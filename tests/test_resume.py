@@ -5,12 +5,11 @@ import os
 import numpy as np
 import pytest
 import torch
+from conftest import ScriptedReward, StopAt, bapo_logs, make_config, parameters, prompt_dataset
 from PIL import Image
 
 from trl_bapo import BAPOTrainer
 from trl_bapo.checkpoint import read_state, state_file, write_state
-
-from conftest import ScriptedReward, StopAt, bapo_logs, make_config, parameters, prompt_dataset
 
 PLAN = {f"{t}{name}=": ks for t in range(8) for name, ks in zip("abcd", [[2], [0, 2], [0, 0], [1]])}
 SETTINGS = dict(max_steps=6, rollout_delay=4, reevaluation_interval=2, learning_rate=1e-2, beta=0.01)
@@ -18,7 +17,9 @@ SETTINGS = dict(max_steps=6, rollout_delay=4, reevaluation_interval=2, learning_
 
 def _trainer(output_dir, reward, **overrides):
     args = make_config(output_dir, **{**SETTINGS, **overrides})
-    return BAPOTrainer(model=reward.model_path, reward_funcs=reward, args=args, train_dataset=prompt_dataset(list(PLAN)))
+    return BAPOTrainer(
+        model=reward.model_path, reward_funcs=reward, args=args, train_dataset=prompt_dataset(list(PLAN))
+    )
 
 
 def _state(trainer):

@@ -4,10 +4,9 @@ and TRL's completions table, all through `trainer.train()` on the tiny model."""
 import logging
 
 import pytest
+from conftest import ScriptedReward, bapo_logs, make_config, prompt_dataset
 
 from trl_bapo import BAPOConfig, BAPOTrainer
-
-from conftest import ScriptedReward, bapo_logs, make_config, prompt_dataset
 
 PLAN = {f"{t}{name}=": ks for t in range(6) for name, ks in zip("abcd", [[2], [4], [0, 2], [1]])}
 COMPOSITION = ("bapo/x1", "bapo/x2", "bapo/x3", "bapo/difficult_buffer", "bapo/high_quality_buffer", "bapo/r_tot")
@@ -21,8 +20,13 @@ def format_reward(completions, **kwargs):
 def train(model_path, output_dir, reward_funcs, **overrides):
     """Four rollout steps (re-evaluation at t = 2 and 4); returns the per-step composition and the trainer."""
     args = make_config(
-        output_dir, max_steps=4, rollout_delay=2, reevaluation_interval=2, high_quality_lower_range=[0.25, 0.25],
-        high_quality_upper_range=[0.5, 0.5], **overrides,
+        output_dir,
+        max_steps=4,
+        rollout_delay=2,
+        reevaluation_interval=2,
+        high_quality_lower_range=[0.25, 0.25],
+        high_quality_upper_range=[0.5, 0.5],
+        **overrides,
     )
     trainer = BAPOTrainer(
         model=model_path, reward_funcs=reward_funcs, args=args, train_dataset=prompt_dataset(list(PLAN))
@@ -35,7 +39,9 @@ def test_correctness_reward_decides_accuracy_beside_a_format_reward(tiny_model_p
     alone, _ = train(tiny_model_path, tmp_path / "alone", [ScriptedReward(PLAN)])
     with caplog.at_level(logging.WARNING):
         ruled, trainer = train(
-            tiny_model_path, tmp_path / "ruled", [ScriptedReward(PLAN), format_reward],
+            tiny_model_path,
+            tmp_path / "ruled",
+            [ScriptedReward(PLAN), format_reward],
             correctness_reward="scripted_reward",
         )
     # Which groups are difficult, replayed or filtered, and r_tot, depend on correctness alone.
@@ -55,8 +61,12 @@ def test_correctness_reward_decides_accuracy_beside_a_format_reward(tiny_model_p
 def test_correctness_reward_must_name_a_reward_function(tiny_model_path, tmp_path):
     args = make_config(tmp_path, correctness_reward="accuracy_reward")
     with pytest.raises(ValueError, match=r"correctness_reward='accuracy_reward'.*\['scripted_reward'\]"):
-        BAPOTrainer(model=tiny_model_path, reward_funcs=ScriptedReward(PLAN), args=args,
-                    train_dataset=prompt_dataset(list(PLAN)))
+        BAPOTrainer(
+            model=tiny_model_path,
+            reward_funcs=ScriptedReward(PLAN),
+            args=args,
+            train_dataset=prompt_dataset(list(PLAN)),
+        )
 
 
 def test_batch_reward_scaling_is_refused_unless_bapo_leaves_the_batch_alone(tmp_path):

@@ -1,13 +1,12 @@
-"""The delayed rollout policy and the importance ratio against stored behaviour log-probs."""
+"""The delayed rollout policy and the importance ratio against stored behavior log-probs."""
 
 import math
 
 import torch
+from conftest import BatchRecorder, ScriptedReward, bapo_logs, make_config, parameters, prompt_dataset
 from transformers import TrainerCallback
 
 from trl_bapo import BAPOTrainer
-
-from conftest import BatchRecorder, ScriptedReward, bapo_logs, make_config, parameters, prompt_dataset
 
 
 def _same(a: dict, b: dict) -> bool:
@@ -78,7 +77,7 @@ def _completion_logps(model, tokenizer, prompt: str, completion_ids: list[int]) 
     return torch.log_softmax(logits.float(), dim=-1).gather(1, torch.tensor(completion_ids).unsqueeze(1))[:, 0]
 
 
-def test_replayed_sample_ratio_is_taken_against_stored_behaviour_logps(tiny_model_path, tmp_path):
+def test_replayed_sample_ratio_is_taken_against_stored_behavior_logps(tiny_model_path, tmp_path):
     steps = 5
     plan = {}
     for t in range(steps):
@@ -95,12 +94,12 @@ def test_replayed_sample_ratio_is_taken_against_stored_behaviour_logps(tiny_mode
         high_quality_upper_range=[0.5, 0.5],
     )
     scripted = ScriptedReward(plan)
-    behaviour = {}
+    behavior = {}
 
     def reward(prompts, completions, completion_ids, **kwargs):
         # Independent oracle: log-probs of each completion under the weights that just generated it.
         for prompt, ids in zip(prompts, completion_ids):
-            behaviour[(prompt, tuple(ids))] = _completion_logps(trainer.model, trainer.processing_class, prompt, ids)
+            behavior[(prompt, tuple(ids))] = _completion_logps(trainer.model, trainer.processing_class, prompt, ids)
         return scripted(prompts, completions, **kwargs)
 
     trainer = BAPOTrainer(
@@ -125,7 +124,7 @@ def test_replayed_sample_ratio_is_taken_against_stored_behaviour_logps(tiny_mode
             current = _completion_logps(trainer.model, tokenizer, prompt, ids)
             # Fresh rows come from the snapshot, replayed rows from an earlier step: either way the oracle
             # recorded the log-probs of the policy that generated them.
-            stored = behaviour[(prompt, tuple(ids))]
+            stored = behavior[(prompt, tuple(ids))]
             if "old_per_token_logps" in inputs:
                 torch.testing.assert_close(inputs["old_per_token_logps"][row][mask], stored, atol=1e-5, rtol=0)
             if int(prompt[0]) + 1 < step:

@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from trl_bapo.tasks import (
+from trl_bapo.examples.tasks import (
     ARITHMETIC,
     CARRY,
     COUNTDOWN,
@@ -19,12 +19,12 @@ from trl_bapo.tasks import (
     countdown_problems,
     countdown_reward,
     exact_answer_reward,
-    reward_function,
     task_splits,
     verify_arithmetic,
     verify_countdown,
 )
-from trl_bapo.tiny import CHARACTERS
+from trl_bapo.examples.tiny import CHARACTERS
+from trl_bapo.scripts.rewards import load_reward
 
 GENERATORS = {CARRY: carry_problems, ARITHMETIC: arithmetic_problems, COUNTDOWN: countdown_problems}
 
@@ -110,8 +110,8 @@ def test_arithmetic_dataset_keeps_its_signature():
 
 
 def test_reward_functions_follow_the_trl_signature():
-    assert reward_function(ARITHMETIC) is arithmetic_reward
-    assert reward_function(COUNTDOWN) is countdown_reward
+    assert load_reward(ARITHMETIC).__wrapped__ is arithmetic_reward
+    assert load_reward(COUNTDOWN).__wrapped__ is countdown_reward
     assert exact_answer_reward.__name__.isidentifier()
     rewards = arithmetic_reward(
         completions=["168", " 168 ", "167"], answer=["168"] * 3, prompts=["123+45="] * 3, trainer_state=None
@@ -125,8 +125,8 @@ def test_reward_functions_follow_the_trl_signature():
 
 
 def test_unknown_task_names_the_valid_ones():
-    with pytest.raises(ValueError, match="arithmetic, countdown"):
-        reward_function("chess")
+    with pytest.raises(ValueError, match="'arithmetic', 'carry', 'countdown'"):
+        load_reward("chess")
     with pytest.raises(ValueError, match="arithmetic, countdown"):
         task_splits("chess", 1, 1, seed=0)
 
@@ -196,7 +196,7 @@ def test_countdown_limits_are_inclusive():
 
 
 def test_word_problems_are_conversational_deterministic_and_checked_on_the_last_number():
-    from trl_bapo.tasks import WORD_PROBLEMS, verify_word_problem, word_problems
+    from trl_bapo.examples.tasks import WORD_PROBLEMS, verify_word_problem, word_problems
 
     problems = word_problems(200, seed=3, max_digits=2)
     assert problems == word_problems(200, seed=3, max_digits=2)

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import gather_object
 
@@ -49,39 +50,37 @@ def loss_mask(batch: dict[str, Any]) -> torch.Tensor:
     return mask if "tool_mask" not in batch else mask * batch["tool_mask"]
 
 
+def field_kind(key: str, value: Any) -> str:
+    """How a field of the batch goes along with its rows: 'scalar' (one value for the batch), 'list' (one Python
+    object per row), 'spanning' (token columns over prompt and completion), 'padded' (one padded row of tokens per
+    row) or 'rows' (one value per row)."""
+    if key in BATCH_SCALARS or value is None:
+        return "scalar"
+    if not isinstance(value, torch.Tensor):
+        return "list"
+    if key in SPANNING:
+        return "spanning"
+    return "padded" if value.dim() >= 2 else "rows"
+
+
 def select_rows(batch: dict[str, Any], rows: torch.Tensor | list[int]) -> dict[str, Any]:
     """The given rows of every per-row field, in the given order."""
     index = torch.as_tensor(rows, dtype=torch.long)
     selected = {}
     for key, value in batch.items():
-        if key in BATCH_SCALARS or value is None:
+        kind = field_kind(key, value)
+        if kind == "scalar":
             selected[key] = value
-        elif isinstance(value, torch.Tensor):
-            selected[key] = value[index.to(value.device)]
-        else:
+        elif kind == "list":
             selected[key] = [value[i] for i in index.tolist()]
+        else:
+            selected[key] = value[index.to(value.device)]
     return selected
 
 
-def to_device(batch: dict[str, Any], device: torch.device | str) -> dict[str, Any]:
-    """Moves tensors, and the per-row tensors of split image fields, to `device`."""
-
-    def move(value: Any) -> Any:
-        if isinstance(value, torch.Tensor):
-            return value.to(device)
-        if isinstance(value, list):
-            return [move(item) for item in value]
-        return value
-
-    return {key: move(value) for key, value in batch.items()}
-
-
 def _pad_to(tensor: torch.Tensor, width: int, value: float, left: bool) -> torch.Tensor:
-    missing = width - tensor.shape[1]
-    if missing == 0:
-        return tensor
-    padding = tensor.new_full((tensor.shape[0], missing, *tensor.shape[2:]), value)
-    return torch.cat([padding, tensor] if left else [tensor, padding], dim=1)
+    missing = (width - tensor.shape[1], 0) if left else (0, width - tensor.shape[1])
+    return F.pad(tensor, (0, 0) * (tensor.dim() - 2) + missing, value=value)
 
 
 def _pad_value(key: str, pad_token_id: int) -> float:
@@ -94,6 +93,11 @@ def _split_spanning(batch: dict[str, Any], key: str) -> tuple[torch.Tensor, torc
     return batch[key][:, :width], batch[key][:, width:]
 
 
+def _concat_padded(values: list[torch.Tensor], value: float, left: bool) -> torch.Tensor:
+    width = max(tensor.shape[1] for tensor in values)
+    return torch.cat([_pad_to(tensor, width, value, left) for tensor in values])
+
+
 def concat_batches(batches: list[dict[str, Any]], pad_token_id: int) -> dict[str, Any]:
     """Stacks the rows of several scored batches; 2-D fields are padded to the widest part."""
     keys = set(batches[0])
@@ -101,35 +105,29 @@ def concat_batches(batches: list[dict[str, Any]], pad_token_id: int) -> dict[str
         if set(batch) != keys:
             raise ValueError(f"Cannot concatenate batches with different fields: {sorted(keys ^ set(batch))}.")
     merged = {}
-    for key in batches[0]:
+    for key, first in batches[0].items():
         values = [batch[key] for batch in batches]
-        if key in BATCH_SCALARS or values[0] is None:
-            merged[key] = values[0]
-        elif key in SPANNING:
-            parts = [_split_spanning(batch, key) for batch in batches]
-            prompt_width = max(prompt.shape[1] for prompt, _ in parts)
-            completion_width = max(completion.shape[1] for _, completion in parts)
-            rows = [
-                torch.cat([_pad_to(prompt, prompt_width, 0, True), _pad_to(completion, completion_width, 0, False)], 1)
-                for prompt, completion in parts
-            ]
-            merged[key] = torch.cat(rows)
-        elif isinstance(values[0], torch.Tensor) and values[0].dim() >= 2:
-            width = max(value.shape[1] for value in values)
-            if key not in LEFT_PADDED | RIGHT_PADDED and any(value.shape[1] != width for value in values):
-                raise NotImplementedError(f"BAPO cannot re-pad the batch field {key!r} across rollouts.")
-            merged[key] = torch.cat(
-                [_pad_to(v, width, _pad_value(key, pad_token_id), key in LEFT_PADDED) for v in values], dim=0
-            )
-        elif isinstance(values[0], torch.Tensor):
-            merged[key] = torch.cat(values, dim=0)
-        else:
+        kind = field_kind(key, first)
+        if kind == "scalar":
+            merged[key] = first
+        elif kind == "list":
             merged[key] = [item for value in values for item in value]
+        elif kind == "rows":
+            merged[key] = torch.cat(values)
+        elif kind == "spanning":
+            prompts, completions = zip(*(_split_spanning(batch, key) for batch in batches))
+            merged[key] = torch.cat([_concat_padded(prompts, 0, True), _concat_padded(completions, 0, False)], 1)
+        elif key in LEFT_PADDED | RIGHT_PADDED:
+            merged[key] = _concat_padded(values, _pad_value(key, pad_token_id), key in LEFT_PADDED)
+        elif len({value.shape[1] for value in values}) > 1:
+            raise NotImplementedError(f"BAPO cannot re-pad the batch field {key!r} across rollouts.")
+        else:
+            merged[key] = torch.cat(values)
     return merged
 
 
 def unmeasured_rows(logps: torch.Tensor) -> torch.Tensor:
-    """Rows whose behaviour log-probs are still the NaN placeholder. After `concat_batches` re-pads a row next
+    """Rows whose behavior log-probs are still the NaN placeholder. After `concat_batches` re-pads a row next
     to a wider part, only its original columns are NaN, so any NaN marks the row."""
     return torch.isnan(logps).any(dim=1)
 
@@ -138,23 +136,24 @@ def gather_batch(batch: dict[str, Any], accelerator: Accelerator, pad_token_id: 
     """The rows of every process, in process order, on every process (padded to the widest process)."""
     if accelerator.num_processes == 1:
         return batch
+
+    def gather_padded(tensor: torch.Tensor, value: float, left: bool) -> torch.Tensor:
+        return accelerator.gather(accelerator.pad_across_processes(tensor, dim=1, pad_index=value, pad_first=left))
+
     gathered = {}
     for key, value in batch.items():
-        if key in BATCH_SCALARS or value is None:
+        kind = field_kind(key, value)
+        if kind == "scalar":
             gathered[key] = value
-        elif key in SPANNING:
-            prompt, completion = _split_spanning(batch, key)
-            prompt = accelerator.pad_across_processes(prompt, dim=1, pad_index=0, pad_first=True)
-            completion = accelerator.pad_across_processes(completion, dim=1, pad_index=0)
-            gathered[key] = torch.cat([accelerator.gather(prompt), accelerator.gather(completion)], dim=1)
-        elif isinstance(value, torch.Tensor):
-            if value.dim() >= 2:
-                value = accelerator.pad_across_processes(
-                    value, dim=1, pad_index=_pad_value(key, pad_token_id), pad_first=key in LEFT_PADDED
-                )
-            gathered[key] = accelerator.gather(value)
-        else:
+        elif kind == "list":
             gathered[key] = gather_object(value)
+        elif kind == "rows":
+            gathered[key] = accelerator.gather(value)
+        elif kind == "spanning":
+            prompt, completion = _split_spanning(batch, key)
+            gathered[key] = torch.cat([gather_padded(prompt, 0, True), gather_padded(completion, 0, False)], dim=1)
+        else:
+            gathered[key] = gather_padded(value, _pad_value(key, pad_token_id), key in LEFT_PADDED)
     return gathered
 
 
@@ -200,7 +199,9 @@ def split_micro_batches(
     return chunks
 
 
-def _chunk_scale(rows: int, tokens: float, total_rows: int, total_tokens: float, num_chunks: int, loss_type: str) -> float:
+def _chunk_scale(
+    rows: int, tokens: float, total_rows: int, total_tokens: float, num_chunks: int, loss_type: str
+) -> float:
     # `rows` counts filler rows too: TRL's per-sequence losses average over every row of the micro-batch.
     if loss_type in PER_SEQUENCE_LOSSES:
         return rows * num_chunks / total_rows

@@ -1,10 +1,12 @@
-"""The two FIFO buffers of Algorithm 1: B_bad (difficult prompts) and B_high (recent high-quality groups)."""
+"""The two FIFO buffers of Algorithm 1, B_bad (difficult prompts) and B_high (recent high-quality groups), and the
+read-only view of them that `BAPOTrainer.bapo_status` gives users."""
 
 from __future__ import annotations
 
+import copy
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from datasets.fingerprint import Hasher
@@ -64,7 +66,7 @@ class DifficultBuffer:
 @dataclass
 class ReplayGroup:
     """One stored group of eq. 4: the G rows of a TRL batch (prompt, completions, advantages and the
-    behaviour policy's per-token log-probs), its accuracy and the rollout step that generated it."""
+    behavior policy's per-token log-probs), its accuracy and the rollout step that generated it."""
 
     step: int
     accuracy: float
@@ -110,3 +112,37 @@ class HighQualityBuffer:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._groups = [ReplayGroup(**group) for group in state["groups"]]
+
+
+class StoredGroup(NamedTuple):
+    """A group held in B_high, as `BAPOStatus` shows it."""
+
+    step: int
+    accuracy: float
+    prompt: Any
+
+
+@dataclass(frozen=True)
+class BAPOStatus:
+    """What BAPO holds after rollout step t: the buffers' contents, the thresholds and the rollouts spent. A copy:
+    changing it changes nothing in the trainer."""
+
+    rollout_step: int  # t of Algorithm 1
+    rollout_policy_step: int | None  # the step alpha was taken at; None before the first rollout
+    difficult_prompts: tuple[Any, ...]  # B_bad, oldest first
+    high_quality_groups: tuple[StoredGroup, ...]  # B_high
+    c1: float
+    c2: float  # eq. 8, from the running reward r_tot
+    c3: float
+    r_tot: float
+    rollouts: int  # completions generated so far, re-evaluation included
+
+    @classmethod
+    def of(cls, difficult: DifficultBuffer, high_quality: HighQualityBuffer, **values: Any) -> BAPOStatus:
+        return cls(
+            difficult_prompts=tuple(copy.deepcopy(difficult.prompts())),
+            high_quality_groups=tuple(
+                StoredGroup(group.step, group.accuracy, copy.deepcopy(group.prompt)) for group in high_quality.groups()
+            ),
+            **values,
+        )

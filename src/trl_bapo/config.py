@@ -8,8 +8,10 @@ and `c3_range` properties) so that `mini_test` can tell a user-set threshold fro
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+import textwrap
+from dataclasses import MISSING, dataclass, field, fields
 
+from transformers.utils import logging
 from trl import GRPOConfig
 
 from trl_bapo.losses import OFF_POLICY_LOSSES, REC_VARIANTS
@@ -18,10 +20,14 @@ ONLINE_FILTERS = ("range", "gaussian", "uniform", "none")
 # TRL's loss types with a clipped surrogate on a token-level ratio, the ones adaptive clipping can set bounds for.
 CLIPPED_LOSSES = ("grpo", "bnpo", "dr_grpo", "dapo")
 KL_REFERENCES = ("behavior", "ref")
+# Accepted spellings that mean one of KL_REFERENCES.
+KL_REFERENCE_ALIASES = {"behaviour": "behavior"}
 
 DEFAULT_C1 = 1 / 8
 DEFAULT_C2_RANGE = (1 / 8, 4 / 8)
 DEFAULT_C3_RANGE = (2 / 8, 5 / 8)
+
+logger = logging.get_logger(__name__)
 
 
 @dataclass
@@ -93,9 +99,7 @@ class BAPOConfig(GRPOConfig):
             "choices": list(ONLINE_FILTERS),
         },
     )
-    online_filter_gaussian_mean: float = field(
-        default=0.5, metadata={"help": "Gaussian filter mean (mu in Table 3)."}
-    )
+    online_filter_gaussian_mean: float = field(default=0.5, metadata={"help": "Gaussian filter mean (mu in Table 3)."})
     online_filter_gaussian_std: float = field(
         default=0.2, metadata={"help": "Gaussian filter standard deviation (sigma in Table 3)."}
     )
@@ -135,8 +139,9 @@ class BAPOConfig(GRPOConfig):
         default="behavior",
         metadata={
             "help": "What the KL term (weight `beta`) is measured against: 'behavior' is the policy that "
-            "generated each sample (eq. 3), 'ref' is GRPO's frozen reference model.",
-            "choices": list(KL_REFERENCES),
+            "generated each sample (eq. 3), 'ref' is GRPO's frozen reference model. 'behaviour' is read as "
+            "'behavior'.",
+            "choices": list(KL_REFERENCES) + list(KL_REFERENCE_ALIASES),
         },
     )
 
@@ -194,7 +199,7 @@ class BAPOConfig(GRPOConfig):
         default=0.2,
         metadata={
             "help": "tau of OPMD (loss_type='opmd'): the loss is -A * log pi + (tau / 2) * (log pi - log pi_old)^2, "
-            "the mirror-descent regulariser towards the behaviour policy (0.2 weighs the square by 0.1, as "
+            "the mirror-descent regulariser towards the behavior policy (0.2 weighs the square by 0.1, as "
             "Trinity-RFT's example does)."
         },
     )
@@ -235,6 +240,9 @@ class BAPOConfig(GRPOConfig):
     )
 
     def __post_init__(self):
+        if self.kl_reference in KL_REFERENCE_ALIASES:
+            logger.info("kl_reference=%r is read as %r.", self.kl_reference, KL_REFERENCE_ALIASES[self.kl_reference])
+            self.kl_reference = KL_REFERENCE_ALIASES[self.kl_reference]
         self._validate_bapo_fields()
         super().__post_init__()
         # vLLM holds the rollout policy and is refreshed only every v steps; re-evaluation needs the current
@@ -300,7 +308,7 @@ class BAPOConfig(GRPOConfig):
         if self.kl_reference == "behavior" and self.sync_ref_model:
             raise ValueError(
                 "sync_ref_model=True syncs a frozen reference model, but kl_reference='behavior' measures the KL "
-                "against the behaviour policy and keeps no reference model; set kl_reference='ref' or "
+                "against the behavior policy and keeps no reference model; set kl_reference='ref' or "
                 "sync_ref_model=False."
             )
         self._validate_losses()
@@ -412,3 +420,20 @@ class BAPOConfig(GRPOConfig):
                 f"adaptive_clip_step and adaptive_clip_target must be > 0, got {self.adaptive_clip_step!r} and "
                 f"{self.adaptive_clip_target!r}."
             )
+
+
+def _parameters_block(config: type, base: type) -> str:
+    """The `Parameters:` section of `config`'s docstring, as TRL writes GRPOConfig's, from the help of each field
+    that `config` adds to `base` or redefines: the fields' help stays the one source of their documentation."""
+    inherited = {f.name: f for f in fields(base)}
+    lines = ["", "    Parameters:"]
+    for f in fields(config):
+        if f.name in inherited and f.metadata == inherited[f.name].metadata:
+            continue
+        default = f.default if f.default is not MISSING else f.default_factory()
+        lines.append(f"        {f.name} (`{f.type}`, *optional*, defaults to `{default!r}`):")
+        lines += textwrap.wrap(f.metadata["help"], 119, initial_indent=" " * 12, subsequent_indent=" " * 12)
+    return "\n".join(lines) + "\n"
+
+
+BAPOConfig.__doc__ += _parameters_block(BAPOConfig, GRPOConfig)

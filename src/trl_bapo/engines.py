@@ -51,9 +51,7 @@ def release_gathered(model: nn.Module) -> None:
         if isinstance(module, FSDPModule):
             module.reshard()
     gathered = [
-        param
-        for param in model.parameters()
-        if hasattr(param, "ds_tensor") and param.ds_status.name == "AVAILABLE"
+        param for param in model.parameters() if hasattr(param, "ds_tensor") and param.ds_status.name == "AVAILABLE"
     ]
     if gathered:
         gathered[0].partition(param_list=gathered)

@@ -1,13 +1,13 @@
 """Losses for stale data, as plain functions of per-token tensors: options beside TRL's loss types.
 
 Notation (every tensor is (batch, tokens) unless said otherwise): `logps` are the current policy's per-token
-log-probs (they carry the gradient), `old_logps` the behaviour policy's, `advantages` one value per completion
+log-probs (they carry the gradient), `old_logps` the behavior policy's, `advantages` one value per completion
 broadcast over its tokens, `mask` the tokens that carry loss. Each function returns the per-token loss to minimise;
 the trainer averages it over the micro-batch's tokens.
 
 - Off-policy group-relative REINFORCE ("Group-Relative REINFORCE Is Secretly an Off-Policy Algorithm",
   arXiv 2509.24203): the REC family (clipping as regularisation), AsymRE (an optimistic baseline shift) and OPMD
-  (online policy mirror descent: a squared log-ratio to the behaviour policy).
+  (online policy mirror descent: a squared log-ratio to the behavior policy).
 - Adaptive clipping of Balanced Policy Optimization (arXiv 2510.18927): ratio bounds chosen per micro-batch so that
   positive-advantage tokens are not outweighed by negative ones.
 """
@@ -66,7 +66,7 @@ def rec_loss(
 
 def asymre_loss(logps: torch.Tensor, advantages: torch.Tensor, tau: float) -> torch.Tensor:
     """AsymRE: REINFORCE with the baseline lowered by tau, -(A + tau) * log pi. The extra -tau * log pi is, in
-    expectation over the behaviour policy, tau * KL(pi_old || pi) up to a constant: it keeps pi near the data."""
+    expectation over the behavior policy, tau * KL(pi_old || pi) up to a constant: it keeps pi near the data."""
     return -(advantages + tau) * logps
 
 

@@ -3,15 +3,16 @@
 Overrides, each checked against trl 1.16.0 and transformers 5.23:
 - `_prepare_inputs`: on generation steps, builds the training batch X1 + X2 + X3 instead of using the fresh
   rollout as is, and cuts it with BAPO's own rule (TRL's `split_tensor_dict` drops rows that do not divide).
-- `_calculate_rewards`: calls TRL's and keeps the gathered rewards, which decide every group's fate.
+- `_calculate_rewards`: calls TRL's and keeps the gathered rewards per function, which say which completions are
+  correct (TRL's advantages say which groups carry a learning signal).
 - `compute_loss`: scales TRL's loss by the micro-batch's share of the assembled batch.
 - `_save_optimizer_and_scheduler` / `_load_optimizer_and_scheduler`: write and read BAPO's state (buffers,
   counters, thresholds' running reward, rollout snapshot, random generator) beside the optimizer's in every
   checkpoint. transformers calls both on every process, and saves before it pushes a checkpoint to the Hub.
 - `__init__`: with `kl_reference="behavior"`, stops TRL from building a frozen reference model that the
-  behaviour-policy KL never reads.
+  behavior-policy KL never reads.
 
-Everything else, generation, reward scoring, advantages and the clipped surrogate, is TRL's. The behaviour
+Everything else, generation, reward scoring, advantages and the clipped surrogate, is TRL's. The behavior
 log-probs of every sample travel in TRL's `old_per_token_logps`, which TRL's loss already divides by. With vLLM,
 BAPO decides when TRL's own weight sync runs (`_sync_engine`), so the engine holds alpha at every rollout. Image
 fields are split per row and merged back with TRL's `split_pixel_values_by_grid` / `unsplit_pixel_values_by_grid`.
@@ -24,6 +25,7 @@ from __future__ import annotations
 import copy
 import math
 import os
+import textwrap
 import time
 from collections import defaultdict
 from collections.abc import Iterator
@@ -32,7 +34,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from accelerate.utils import broadcast, gather_object
+from accelerate.utils import broadcast, gather_object, send_to_device
 from transformers import TrainerCallback
 from transformers.utils import logging
 from trl import GRPOTrainer
@@ -47,10 +49,9 @@ from trl_bapo.batch import (
     num_rows,
     select_rows,
     split_micro_batches,
-    to_device,
     unmeasured_rows,
 )
-from trl_bapo.buffers import DifficultBuffer, HighQualityBuffer, ReplayGroup
+from trl_bapo.buffers import BAPOStatus, DifficultBuffer, HighQualityBuffer, ReplayGroup
 from trl_bapo.checkpoint import STATE_VERSION, UNREADABLE, read_state, state_file, unreadable_reason, write_state
 from trl_bapo.config import BAPOConfig
 from trl_bapo.engines import local_shard, trainable_parameters
@@ -69,7 +70,7 @@ from trl_bapo.selection import (
     x3_room,
 )
 
-BEHAVIOUR_LOGPS = "old_per_token_logps"
+BEHAVIOR_LOGPS = "old_per_token_logps"
 # Image fields TRL's forward takes besides the token ids (trl 1.16.0, GRPOTrainer._compute_loss).
 MULTIMODAL_FIELDS = (
     "pixel_values",
@@ -90,20 +91,58 @@ logger = logging.get_logger(__name__)
 @dataclass
 class ScoredRollout:
     """One call of TRL's generation and scoring: this process's rows, and for every process's completions the
-    rewards (weighted over reward functions), whether each is correct, and the dataset rows they answer."""
+    advantages TRL gave them, whether each is correct, and the dataset rows they answer."""
 
     rows: dict[str, Any]
-    rewards: torch.Tensor
+    advantages: torch.Tensor
     correct: torch.Tensor
     examples: list[dict[str, Any]]
+
+
+@dataclass
+class FreshRollout:
+    """X_on of one rollout step, gathered from every process, with what Algorithm 1 decides for each group."""
+
+    rows: dict[str, Any]
+    examples: list[dict[str, Any]]  # the dataset row of each completion
+    accuracy: torch.Tensor  # mu per group
+    x1: torch.Tensor  # kept by the online filter (line 11)
+    high: torch.Tensor  # stored in B_high (line 9)
+    c2: float  # the thresholds of eq. 8 at this step
+    c3: float
+    lag: int  # steps since alpha was taken
+
+
+@dataclass
+class Replay:
+    """X2 or X3 of one rollout step: its rows (in parts), its number of groups, and for X2 the number of B_bad's
+    prompts re-evaluated to find them."""
+
+    parts: list[dict[str, Any]]
+    groups: int
+    reevaluated: int = 0
 
 
 class BAPOTrainer(GRPOTrainer):
     """Drop-in for `trl.GRPOTrainer` that trains on BAPO's adaptive batch. Takes the same arguments; `args`
     must be a [`BAPOConfig`]."""
 
-    _tag_names = ["trl", "grpo", "bapo"]
+    _tag_names = ["trl", "grpo", "bapo", "off-policy"]
     _name = "BAPO"
+    # What TRL's model card cites as the trainer's source (trl 1.16.0, BaseTrainer.create_model_card).
+    _paper = {
+        "title": "Buffer Matters: Unleashing the Power of Off-Policy Reinforcement Learning in Large Language Model "
+        "Reasoning",
+        "id": "2602.20722",
+        "citation": textwrap.dedent("""\
+            @article{wan2026buffer,
+                title        = {{Buffer Matters: Unleashing the Power of Off-Policy Reinforcement Learning in Large
+                                 Language Model Reasoning}},
+                author       = {Xu Wan and Yansheng Wang and Wenqi Huang and Mingyang Sun},
+                year         = 2026,
+                eprint       = {arXiv:2602.20722},
+            }"""),
+    }
 
     def __init__(self, model, reward_funcs=None, args: BAPOConfig | None = None, *more, **kwargs):
         if args is None:
@@ -114,9 +153,9 @@ class BAPOTrainer(GRPOTrainer):
                 f"BAPOTrainer needs a BAPOConfig, got {type(args).__name__}; build the config with "
                 "trl_bapo.BAPOConfig(...), which accepts every GRPOConfig field."
             )
-        self._behaviour_kl = args.kl_reference == "behavior" and args.beta != 0.0
+        self._behavior_kl = args.kl_reference == "behavior" and args.beta != 0.0
         beta = args.beta
-        if self._behaviour_kl:
+        if self._behavior_kl:
             args.beta = 0.0
         try:
             super().__init__(model, reward_funcs, args, *more, **kwargs)
@@ -163,6 +202,21 @@ class BAPOTrainer(GRPOTrainer):
         self._scoring_seconds = 0.0  # time spent in TRL's generation and scoring during this rollout step
         self._engine_holds_alpha = False  # a (re)started vLLM engine holds the base model
 
+    @property
+    def bapo_status(self) -> BAPOStatus:
+        """A read-only copy of BAPO's buffers, thresholds and counters as they stand after the last rollout step."""
+        return BAPOStatus.of(
+            self._difficult,
+            self._high_quality,
+            rollout_step=self._rollout_step,
+            rollout_policy_step=self._snapshot.step,
+            c1=self.args.c1,
+            c2=adaptive_threshold(self._r_tot, self.args.c2_range),
+            c3=adaptive_threshold(self._r_tot, self.args.c3_range),
+            r_tot=self._r_tot,
+            rollouts=self._rollouts,
+        )
+
     # ---- TRL overrides -------------------------------------------------------------------------------------
 
     def _prepare_inputs(self, generation_batch: dict[str, torch.Tensor | Any]) -> dict[str, torch.Tensor | Any]:
@@ -184,7 +238,7 @@ class BAPOTrainer(GRPOTrainer):
                 equal_sizes=self.accelerator.num_processes > 1,
             )
             self._buffered_inputs = [
-                unsplit_pixel_values_by_grid(self._finish_behaviour_logps(chunk))
+                unsplit_pixel_values_by_grid(self._finish_behavior_logps(chunk))
                 for chunk in chunks[rank * steps : (rank + 1) * steps]
             ]
         if self._skip_update:
@@ -228,12 +282,18 @@ class BAPOTrainer(GRPOTrainer):
         args, mode = self.args, "train" if model.training else "eval"
         mask = loss_mask(inputs)
         logps, entropies = self._forward_logps(model, inputs, with_grad=True)
-        old = inputs.get(BEHAVIOUR_LOGPS, logps.detach())
+        old = inputs.get(BEHAVIOR_LOGPS, logps.detach())
         advantages = inputs["advantages"].unsqueeze(1)
         if self.loss_type == "rec":
             per_token = rec_loss(
-                logps, old, advantages, args.rec_variant, self.epsilon_low, self.epsilon_high,
-                args.rec_ring_epsilon_low, args.rec_ring_epsilon_high,
+                logps,
+                old,
+                advantages,
+                args.rec_variant,
+                self.epsilon_low,
+                self.epsilon_high,
+                args.rec_ring_epsilon_low,
+                args.rec_ring_epsilon_high,
             )
         elif self.loss_type == "asymre":
             per_token = asymre_loss(logps, advantages, args.asymre_tau)
@@ -264,7 +324,7 @@ class BAPOTrainer(GRPOTrainer):
 
         def forward_then_choose(*a, **k):
             logps, entropies, aux = forward(*a, **k)
-            old = inputs.get(BEHAVIOUR_LOGPS, logps.detach())
+            old = inputs.get(BEHAVIOR_LOGPS, logps.detach())
             chosen = adaptive_clip_bounds(
                 torch.exp(logps.detach() - old),
                 inputs["advantages"].unsqueeze(1),
@@ -292,7 +352,7 @@ class BAPOTrainer(GRPOTrainer):
             (self.epsilon_low, self.epsilon_high), args.delta = bounds, None
 
     def _evaluation_inputs(self, generation_batch: dict[str, torch.Tensor | Any]) -> dict[str, torch.Tensor | Any]:
-        """TRL's evaluation, generating with the current policy. With the behaviour-policy KL, the policy that
+        """TRL's evaluation, generating with the current policy. With the behavior-policy KL, the policy that
         generates the evaluation samples is the one evaluated, so the KL term is zero and no reference model is
         read (TRL would look for one, or measure against the base model under PEFT)."""
         synced = getattr(self, "_last_loaded_step", None)
@@ -306,26 +366,50 @@ class BAPOTrainer(GRPOTrainer):
     # ---- Algorithm 1, one rollout step ---------------------------------------------------------------------
 
     def _assemble_batch(self, inputs: list[dict[str, Any]]) -> tuple[dict[str, Any], dict[str, Any]]:
-        """Runs rollout step t and returns the training batch X1 + X2 + X3 and a loss-free filler row (which
-        keeps the batch's fields, so it can share a micro-batch with real rows).
+        """Runs rollout step t (lines 2-17 of Algorithm 1) and returns the training batch X1 + X2 + X3 and a
+        loss-free filler row (which keeps the batch's fields, so it can share a micro-batch with real rows).
 
         Decisions are taken on the rollout gathered from every process, so they are the same everywhere.
         """
-        args, group_size = self.args, self.num_generations
         started, self._scoring_seconds = time.perf_counter(), 0.0
         self._rollout_step += 1
         t = self._rollout_step
+        fresh = self._fresh_rollout(inputs, t)
+        x1 = select_rows(fresh.rows, group_rows(fresh.x1.nonzero().flatten(), self.num_generations))
+        x2 = self._difficult_replay(t)
+        x3 = self._high_quality_replay(t, fresh, room=x3_room(self._batch_groups, int(fresh.x1.sum()), x2.groups))
+        batch = concat_batches([x1, *x2.parts, *x3.parts], self._tokenizer.pad_token_id)  # line 17
+        batch["num_items_in_batch"] = loss_mask(batch).sum()
+        self._log_step(
+            x1=int(fresh.x1.sum()),
+            x2=x2.groups,
+            x3=x3.groups,
+            batch_fill=(int(fresh.x1.sum()) + x2.groups + x3.groups) / self._batch_groups,
+            difficult_buffer=len(self._difficult),
+            high_quality_buffer=len(self._high_quality),
+            c2=fresh.c2,
+            c3=fresh.c3,
+            r_tot=self._r_tot,
+            rollouts=self._rollouts,
+            reevaluated=x2.reevaluated,
+            policy_lag=fresh.lag,
+            skipped=float(num_rows(batch) == 0),
+            assembly_seconds=time.perf_counter() - started - self._scoring_seconds,
+        )
+        return batch, masked_row(batch if num_rows(batch) else fresh.rows)
+
+    def _fresh_rollout(self, inputs: list[dict[str, Any]], t: int) -> FreshRollout:
+        """Lines 3-9 and 11: refresh alpha when t mod v = 0, generate and score X_on with alpha, store its
+        difficult prompts in B_bad, and decide which groups the online filter keeps (X1) and which B_high keeps."""
+        args, group_size = self.args, self.num_generations
         policy = self.accelerator.unwrap_model(self.model)
         refreshed = self._snapshot.maybe_refresh(policy, t)
         if self.use_vllm:
             self._sync_engine(policy, t, refreshed)
         lag = self._snapshot.lag(t)
-
         with self._snapshot.applied(policy, t):
             rounds = self._sample_fresh(inputs)
-            rewards = torch.cat([scored.rewards for scored in rounds])
             correct = torch.cat([scored.correct for scored in rounds])
-            inputs = [example for scored in rounds for example in scored.examples]
             accuracy = group_accuracy(correct, group_size)
             self._reward_sum += float(torch.nansum(correct))
             self._reward_count += int((~torch.isnan(correct)).sum())
@@ -333,7 +417,7 @@ class BAPOTrainer(GRPOTrainer):
             c3 = adaptive_threshold(self._r_tot, args.c3_range)
             x1 = online_filter_mask(
                 accuracy,
-                group_has_variance(rewards, group_size),
+                group_has_variance(torch.cat([scored.advantages for scored in rounds]), group_size),
                 "range" if args.mini_test else args.online_filter,
                 group_size,
                 self._generator,
@@ -344,60 +428,34 @@ class BAPOTrainer(GRPOTrainer):
             if args.dynamic_sampling:
                 x1 &= x1.cumsum(0) <= self._batch_groups  # DAPO trains on exactly B groups when it has them
             high = high_quality_mask(accuracy, c2, c3) & args.use_high_quality_replay
-            # Behaviour log-probs are taken now, while alpha is in the model: for X1 when it is off-policy or
+            # Behavior log-probs are taken now, while alpha is in the model: for X1 when it is off-policy or
             # the KL needs them, and for every group kept for later replay.
-            needs_logps = high | (x1 & (lag > 0 or self._behaviour_kl))
-            fresh = self._gather_rounds(rounds, needs_logps)
-        self._rollouts += len(inputs)
-
-        if args.use_difficult_replay:
+            rows = self._gather_rounds(rounds, high | (x1 & (lag > 0 or self._behavior_kl)))
+        examples = [example for scored in rounds for example in scored.examples]
+        self._rollouts += len(examples)
+        if args.use_difficult_replay:  # line 8
             bad = difficult_mask(accuracy, args.c1).nonzero().flatten().tolist()
-            self._difficult.add([inputs[g * group_size] for g in bad])
-        parts = [select_rows(fresh, group_rows(x1.nonzero().flatten(), group_size))]
-        num_x1 = int(x1.sum())
+            self._difficult.add([examples[g * group_size] for g in bad])
+        return FreshRollout(rows, examples, accuracy, x1, high, c2, c3, lag)
 
-        num_x2 = num_reevaluated = 0
-        if args.use_difficult_replay and t % args.reevaluation_interval == 0 and len(self._difficult):
-            x2_part, num_reevaluated = self._reevaluate()
-            num_x2 = num_rows(x2_part) // group_size
-            parts.append(x2_part)
-
+    def _high_quality_replay(self, t: int, fresh: FreshRollout, room: int) -> Replay:
+        """Line 16, then line 9: X3 drawn from B_high's groups of earlier steps with c2 <= mu <= c3, at most
+        `room` of them; then this step's high-quality groups join B_high, for the steps to come."""
+        group_size, device = self.num_generations, fresh.rows["completion_ids"].device
         self._high_quality.expire(t)
-        replayed = self._high_quality.sample(
-            t, c2, c3, x3_room(self._batch_groups, num_x1, num_x2), self._generator
-        )
-        parts += [to_device(group.rows, fresh["completion_ids"].device) for group in replayed]
+        replayed = self._high_quality.sample(t, fresh.c2, fresh.c3, room, self._generator)
         self._high_quality.add(
             [
                 ReplayGroup(
                     step=t,
-                    accuracy=float(accuracy[g]),
-                    rows=to_device(select_rows(fresh, group_rows(torch.tensor([g]), group_size)), "cpu"),
-                    prompt=inputs[g * group_size]["prompt"],
+                    accuracy=float(fresh.accuracy[g]),
+                    rows=send_to_device(select_rows(fresh.rows, group_rows(torch.tensor([g]), group_size)), "cpu"),
+                    prompt=fresh.examples[g * group_size]["prompt"],
                 )
-                for g in high.nonzero().flatten().tolist()
+                for g in fresh.high.nonzero().flatten().tolist()
             ]
         )
-
-        batch = concat_batches(parts, self._tokenizer.pad_token_id)
-        batch["num_items_in_batch"] = loss_mask(batch).sum()
-        self._log_step(
-            x1=num_x1,
-            x2=num_x2,
-            x3=len(replayed),
-            batch_fill=(num_x1 + num_x2 + len(replayed)) / self._batch_groups,
-            difficult_buffer=len(self._difficult),
-            high_quality_buffer=len(self._high_quality),
-            c2=c2,
-            c3=c3,
-            r_tot=self._r_tot,
-            rollouts=self._rollouts,
-            reevaluated=num_reevaluated,
-            policy_lag=lag,
-            skipped=float(num_rows(batch) == 0),
-            assembly_seconds=time.perf_counter() - started - self._scoring_seconds,
-        )
-        return batch, masked_row(batch if num_rows(batch) else fresh)
+        return Replay([send_to_device(group.rows, device) for group in replayed], len(replayed))
 
     def _sync_engine(self, policy: torch.nn.Module, t: int, refreshed: bool) -> None:
         """vLLM generates with alpha: it gets the weights on refresh steps (line 5 of Algorithm 1), and alpha again
@@ -416,19 +474,20 @@ class BAPOTrainer(GRPOTrainer):
         if not self.args.dynamic_sampling:
             return rounds
         while len(rounds) < self.args.dynamic_sampling_max_rounds and (
-            sum(int(group_has_variance(s.rewards, self.num_generations).sum()) for s in rounds) < self._batch_groups
+            sum(int(group_has_variance(s.advantages, self.num_generations).sum()) for s in rounds) < self._batch_groups
         ):
             rounds.append(self._score(self._local_share(self._next_prompts())))
         self._log_step(sampling_rounds=len(rounds))
         return rounds
 
     def _gather_rounds(self, rounds: list[ScoredRollout], needs_logps: torch.Tensor) -> dict[str, Any]:
-        """Measures behaviour log-probs of this process's rows that need them, then gathers every round."""
+        """Measures behavior log-probs of this process's rows that need them, then gathers every round."""
         gathered, first_group = [], 0
         for scored in rounds:
-            batch, num_groups = scored.rows, len(scored.rewards) // self.num_generations
-            needed = group_rows(needs_logps[first_group : first_group + num_groups].nonzero().flatten(), self.num_generations)
-            self._attach_behaviour_logps(batch, self._local_rows(needed, num_rows(batch)))
+            batch, num_groups = scored.rows, len(scored.advantages) // self.num_generations
+            groups = needs_logps[first_group : first_group + num_groups].nonzero().flatten()
+            needed = group_rows(groups, self.num_generations)
+            self._attach_behavior_logps(batch, self._local_rows(needed, num_rows(batch)))
             gathered.append(gather_batch(batch, self.accelerator, self._tokenizer.pad_token_id))
             first_group += num_groups
         return gathered[0] if len(gathered) == 1 else concat_batches(gathered, self._tokenizer.pad_token_id)
@@ -443,8 +502,9 @@ class BAPOTrainer(GRPOTrainer):
             rows += [dict(example) for _ in range(self.num_generations)]
         return rows
 
-    def _reevaluate(self) -> tuple[dict[str, Any], int]:
-        """X2 (eq. 6): regenerate the oldest prompts of B_bad with the current policy; keep c1 < mu < 1.
+    def _difficult_replay(self, t: int) -> Replay:
+        """Lines 12-15, X2 (eq. 6): every m steps, regenerate the oldest prompts of B_bad with the current policy;
+        keep c1 < mu < 1.
 
         Prompts that are no longer difficult leave B_bad, so the buffer keeps only what is still unsolved. The
         prompts are shared between processes with accelerate's split, padded by repeating the last prompt, because
@@ -452,19 +512,21 @@ class BAPOTrainer(GRPOTrainer):
         twice counts once.
         """
         group_size, c1 = self.num_generations, self.args.c1
+        if not (self.args.use_difficult_replay and t % self.args.reevaluation_interval == 0 and len(self._difficult)):
+            return Replay([], 0)
         examples = self._difficult.oldest(self.args.max_reevaluation_prompts)
         with self.accelerator.split_between_processes(list(range(len(examples))), apply_padding=True) as share:
             with self._muted_metrics():
                 scored = self._score([examples[i] for i in share for _ in range(group_size)])
             order = share if self.accelerator.num_processes == 1 else gather_object(share)
-        self._attach_behaviour_logps(scored.rows, torch.tensor([], dtype=torch.long))
+        self._attach_behavior_logps(scored.rows, torch.tensor([], dtype=torch.long))
         batch = gather_batch(scored.rows, self.accelerator, self._tokenizer.pad_token_id)
         self._rollouts += len(order) * group_size
         first = torch.tensor([order.index(i) for i in range(len(examples))])  # each prompt's first scored group
         accuracy = group_accuracy(scored.correct, group_size)[first]
         self._difficult.remove([ex for ex, hard in zip(examples, difficult_mask(accuracy, c1)) if not hard])
         keep = first[improved_mask(accuracy, c1)]
-        return select_rows(batch, group_rows(keep, group_size)), len(examples)
+        return Replay([select_rows(batch, group_rows(keep, group_size))], len(keep), reevaluated=len(examples))
 
     # ---- checkpoint state -----------------------------------------------------------------------------------
 
@@ -570,17 +632,22 @@ class BAPOTrainer(GRPOTrainer):
         self._scoring_seconds += time.perf_counter() - started
         # Image fields become one entry per row (TRL's own split), so rows can be selected, stored and replayed.
         batch = split_pixel_values_by_grid(batch)
+        # Whether a group has a learning signal is TRL's call (its advantages, under any reward aggregation);
+        # whether a completion is correct is BAPO's: its weighted reward, or the reward `correctness_reward` names.
+        advantages = (
+            batch["advantages"]
+            if self.accelerator.num_processes == 1
+            else self.accelerator.gather(batch["advantages"])
+        )
         per_func = self._last_rewards_per_func
-        rewards = (per_func * self.reward_weights.to(per_func.device).unsqueeze(0)).nansum(dim=1)
-        rewards[torch.isnan(per_func).all(dim=1)] = math.nan
-        rewards = rewards.cpu()
         if self._correctness_column is not None:
             correct = correct_completions(per_func[:, self._correctness_column].cpu(), self.args.correctness_threshold)
         else:
-            correct = rewards
-            self._warn_if_not_accuracy(rewards)
+            correct = (per_func * self.reward_weights.to(per_func.device).unsqueeze(0)).nansum(dim=1).cpu()
+            correct[torch.isnan(per_func).all(dim=1).cpu()] = math.nan
+            self._warn_if_not_accuracy(correct)
         examples = inputs if self.accelerator.num_processes == 1 else gather_object(inputs)
-        return ScoredRollout(batch, rewards, correct, examples)
+        return ScoredRollout(batch, advantages.cpu(), correct, examples)
 
     def _warn_if_not_accuracy(self, rewards: torch.Tensor) -> None:
         finite = rewards[~torch.isnan(rewards)]
@@ -609,7 +676,9 @@ class BAPOTrainer(GRPOTrainer):
         """TRL's shuffle draws from the global RNG, which drifts apart across processes during generation; every
         process takes process 0's draw so they cut the same batch the same way."""
         permutation = torch.randperm(count).to(self.accelerator.device)
-        return broadcast(permutation, from_process=0).cpu() if self.accelerator.num_processes > 1 else permutation.cpu()
+        if self.accelerator.num_processes > 1:
+            permutation = broadcast(permutation, from_process=0)
+        return permutation.cpu()
 
     def _forward_logps(
         self, model, batch: dict[str, Any], with_grad: bool = False, batch_size: int | None = None
@@ -654,42 +723,42 @@ class BAPOTrainer(GRPOTrainer):
             )
         return logps[:count]
 
-    def _attach_behaviour_logps(self, batch: dict[str, Any], rows: torch.Tensor) -> None:
+    def _attach_behavior_logps(self, batch: dict[str, Any], rows: torch.Tensor) -> None:
         """Fills `old_per_token_logps` for `rows` with the log-probs of the weights now in the model, the policy
         that generated them; other rows get NaN, meaning "generated by the current policy, not measured yet".
 
         Keeps what TRL already measured: with vLLM and TRL's importance-sampling correction on, TRL measured the
         generating policy in the trainer and weighs the engine's mismatch itself. With the correction off, the
-        engine's own log-probs are the behaviour log-probs; a token the engine returned no log-prob for (NaN) gets
+        engine's own log-probs are the behavior log-probs; a token the engine returned no log-prob for (NaN) gets
         the trainer's, measured now, while the generating policy is still in the model."""
         sampled = batch.get("sampling_per_token_logps")
         if sampled is not None and not self.vllm_importance_sampling_correction:
             unscored = torch.isnan(sampled) & batch["completion_mask"].bool()
             nan_rows = unscored.any(dim=1).nonzero().flatten()
-            behaviour = sampled.clone()
+            behavior = sampled.clone()
             measured = self._policy_logps(batch, nan_rows)
-            behaviour[nan_rows] = torch.where(unscored[nan_rows], measured, sampled[nan_rows])
-            batch[BEHAVIOUR_LOGPS] = torch.nan_to_num(behaviour * batch["completion_mask"], nan=0.0)
+            behavior[nan_rows] = torch.where(unscored[nan_rows], measured, sampled[nan_rows])
+            batch[BEHAVIOR_LOGPS] = torch.nan_to_num(behavior * batch["completion_mask"], nan=0.0)
             return
-        if BEHAVIOUR_LOGPS in batch:
+        if BEHAVIOR_LOGPS in batch:
             return
         logps = torch.full(batch["completion_mask"].shape, math.nan, device=batch["completion_mask"].device)
         logps[rows.to(logps.device)] = self._policy_logps(batch, rows)
-        batch[BEHAVIOUR_LOGPS] = logps
+        batch[BEHAVIOR_LOGPS] = logps
 
-    def _finish_behaviour_logps(self, chunk: dict[str, Any]) -> dict[str, Any]:
-        """Makes a micro-batch's behaviour log-probs whole, or drops them when every row is on-policy and nothing
+    def _finish_behavior_logps(self, chunk: dict[str, Any]) -> dict[str, Any]:
+        """Makes a micro-batch's behavior log-probs whole, or drops them when every row is on-policy and nothing
         needs them: TRL then takes the ratio against the detached current log-probs, exactly as GRPO does."""
-        logps = chunk[BEHAVIOUR_LOGPS]
+        logps = chunk[BEHAVIOR_LOGPS]
         missing = unmeasured_rows(logps)
-        on_policy = bool(missing.all()) and not self._behaviour_kl
+        on_policy = bool(missing.all()) and not self._behavior_kl
         rows = missing.nonzero().flatten()
         measured = self._policy_logps(chunk, rows[:0] if on_policy else rows)
         if on_policy:
-            chunk.pop(BEHAVIOUR_LOGPS)
+            chunk.pop(BEHAVIOR_LOGPS)
             return chunk
         logps[rows] = measured
-        if self._behaviour_kl:
+        if self._behavior_kl:
             chunk["ref_per_token_logps"] = logps
         return chunk
 
@@ -699,9 +768,9 @@ class BAPOTrainer(GRPOTrainer):
 
     @contextmanager
     def _reference_kl_off(self) -> Iterator[None]:
-        # With the behaviour-policy KL there is no reference model; TRL would try to score one while beta != 0.
+        # With the behavior-policy KL there is no reference model; TRL would try to score one while beta != 0.
         beta = self.beta
-        if self._behaviour_kl:
+        if self._behavior_kl:
             self.beta = 0.0
         try:
             yield

@@ -9,12 +9,11 @@ import math
 
 import pytest
 import torch
+from conftest import ScriptedReward, StopAt, bapo_logs, make_config, prompt_dataset
+from engine import COLOCATE, LOGP_TOLERANCE, EngineRecorder, WeightHistory, build_vllm_model, completion_logps
 from peft import LoraConfig
 
 from trl_bapo import BAPOTrainer
-
-from conftest import ScriptedReward, StopAt, bapo_logs, make_config, prompt_dataset
-from engine import COLOCATE, LOGP_TOLERANCE, EngineRecorder, WeightHistory, build_vllm_model, completion_logps
 
 PLAN = {f"{t}{name}=": ks for t in range(8) for name, ks in zip("abcd", [[2], [3], [0, 2], [1]])}
 
@@ -32,8 +31,12 @@ def refreshed_at(t: int, delay: int) -> int:
 def train(model_path, output_dir, peft_config=None, resume_from=None, eval_dataset=None, **overrides):
     args = make_config(output_dir, learning_rate=5e-2, **COLOCATE, **overrides)
     trainer = BAPOTrainer(
-        model=str(model_path), reward_funcs=ScriptedReward(PLAN), args=args, train_dataset=prompt_dataset(list(PLAN)),
-        eval_dataset=eval_dataset, peft_config=peft_config,
+        model=str(model_path),
+        reward_funcs=ScriptedReward(PLAN),
+        args=args,
+        train_dataset=prompt_dataset(list(PLAN)),
+        eval_dataset=eval_dataset,
+        peft_config=peft_config,
     )
     engine, history = EngineRecorder(trainer), WeightHistory(trainer)
     trainer.add_callback(history)
@@ -82,13 +85,19 @@ def test_engine_gets_weights_on_refresh_steps_and_rolls_out_alpha(model_path, tm
 
 @pytest.mark.parametrize("correction", [True, False])
 def test_importance_sampling_correction_and_unscored_tokens(model_path, tmp_path, correction):
-    """With TRL's vLLM correction on, the behaviour log-probs are the trainer's measure of alpha and TRL weighs the
+    """With TRL's vLLM correction on, the behavior log-probs are the trainer's measure of alpha and TRL weighs the
     engine's mismatch; off, they are the engine's own. A token the engine gave no log-prob for (vLLM's NaN, None in
     TRL) gets the trainer's measure of alpha, never of the current policy."""
     args = make_config(
-        tmp_path, max_steps=4, rollout_delay=2, learning_rate=5e-2, use_difficult_replay=False,
-        use_high_quality_replay=False, vllm_importance_sampling_correction=correction,
-        vllm_importance_sampling_mode="token_truncate", **COLOCATE,  # per-token ratios, to look at one token
+        tmp_path,
+        max_steps=4,
+        rollout_delay=2,
+        learning_rate=5e-2,
+        use_difficult_replay=False,
+        use_high_quality_replay=False,
+        vllm_importance_sampling_correction=correction,
+        vllm_importance_sampling_mode="token_truncate",
+        **COLOCATE,  # per-token ratios, to look at one token
     )
     trainer = BAPOTrainer(
         model=str(model_path), reward_funcs=ScriptedReward(PLAN), args=args, train_dataset=prompt_dataset(list(PLAN))
@@ -116,17 +125,17 @@ def test_importance_sampling_correction_and_unscored_tokens(model_path, tmp_path
                 continue
             prompt = inputs["prompt_ids"][row][inputs["prompt_mask"][row].bool()].tolist()
             completion = inputs["completion_ids"][row][mask].tolist()
-            behaviour = inputs["old_per_token_logps"][row][mask]
+            behavior = inputs["old_per_token_logps"][row][mask]
             engine_logps = inputs["sampling_per_token_logps"][row][mask]
             reference = completion_logps(model_path, alpha, prompt, completion)
             unscored = torch.isnan(engine_logps)
-            assert torch.isfinite(behaviour).all()
-            assert (behaviour - reference).abs().max() <= LOGP_TOLERANCE
+            assert torch.isfinite(behavior).all()
+            assert (behavior - reference).abs().max() <= LOGP_TOLERANCE
             if correction:
                 ratio = inputs["importance_sampling_ratio"][row][mask]
                 assert torch.all(ratio[unscored] == 1), "TRL neutralises an unscored token"
             else:
-                assert torch.equal(behaviour[~unscored], engine_logps[~unscored]), "not the engine's log-probs"
+                assert torch.equal(behavior[~unscored], engine_logps[~unscored]), "not the engine's log-probs"
             checked["rows"] += 1
             checked["unscored"] += int(unscored.any())
         return compute_loss(model, inputs, *a, **k)
@@ -177,8 +186,15 @@ def test_resume_sends_alpha_on_the_first_step(model_path, tmp_path):
 def test_evaluation_uses_the_current_policy_and_rollouts_return_to_alpha(model_path, tmp_path):
     heldout = prompt_dataset([f"{i}e=" for i in range(4)])
     trainer, engine, history = train(
-        model_path, tmp_path, eval_dataset=heldout, max_steps=4, rollout_delay=3, reevaluation_interval=3,
-        eval_strategy="steps", eval_steps=1, per_device_eval_batch_size=16,
+        model_path,
+        tmp_path,
+        eval_dataset=heldout,
+        max_steps=4,
+        rollout_delay=3,
+        reevaluation_interval=3,
+        eval_strategy="steps",
+        eval_steps=1,
+        per_device_eval_batch_size=16,
     )
     evaluations = [call for call in engine.calls if not call["training"]]
     assert [call["step"] for call in evaluations] == [1, 2, 3, 4]

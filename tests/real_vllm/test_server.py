@@ -20,13 +20,12 @@ import time
 import pytest
 import requests
 import torch
+from conftest import ScriptedReward, bapo_logs, make_config, prompt_dataset
+from engine import LOGP_TOLERANCE, EngineRecorder, WeightHistory, build_vllm_model, completion_logps
 from trl.generation.vllm_client import VLLMClient
 from trl.scripts.vllm_serve import ScriptArguments, build_command
 
 from trl_bapo import BAPOTrainer
-
-from conftest import ScriptedReward, bapo_logs, make_config, prompt_dataset
-from engine import LOGP_TOLERANCE, EngineRecorder, WeightHistory, build_vllm_model, completion_logps
 
 PLAN = {f"{t}{name}=": ks for t in range(8) for name, ks in zip("abcd", [[2], [3], [0, 2], [1]])}
 
@@ -88,15 +87,23 @@ class StandInWeightTransfer:
 
 def generated_tokens(url: str) -> float:
     metrics = requests.get(f"{url}/metrics", timeout=10).text
-    return sum(float(value) for value in re.findall(r"^vllm:generation_tokens_total\{.*\} (\S+)$", metrics, re.M))
+    return sum(
+        float(value) for value in re.findall(r"^vllm:generation_tokens_total\{.*\} (\S+)$", metrics, re.MULTILINE)
+    )
 
 
 def test_trainer_generates_through_a_vllm_server(server, model_path, tmp_path, monkeypatch):
     trainer_holder = []
     transfer = StandInWeightTransfer(monkeypatch, lambda: trainer_holder[0].state.global_step)
     args = make_config(
-        tmp_path, max_steps=4, rollout_delay=3, reevaluation_interval=3, learning_rate=5e-2, use_vllm=True,
-        vllm_mode="server", vllm_server_base_url=server,
+        tmp_path,
+        max_steps=4,
+        rollout_delay=3,
+        reevaluation_interval=3,
+        learning_rate=5e-2,
+        use_vllm=True,
+        vllm_mode="server",
+        vllm_server_base_url=server,
     )
     trainer = BAPOTrainer(
         model=str(model_path), reward_funcs=ScriptedReward(PLAN), args=args, train_dataset=prompt_dataset(list(PLAN))

@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from engine import build_vllm_model
 
 WORKER = Path(__file__).with_name("two_process_worker.py")
@@ -22,8 +21,21 @@ ENGINES = {
 def test_two_processes_colocated_engines_hold_alpha_in_lockstep(engine, tmp_path):
     model_path = build_vllm_model(tmp_path / "model")
     command = [
-        sys.executable, "-m", "accelerate.commands.launch", *ENGINES[engine], "--num_processes", "2", "--num_machines",
-        "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(WORKER), str(tmp_path), str(model_path),
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        *ENGINES[engine],
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        str(WORKER),
+        str(tmp_path),
+        str(model_path),
     ]
     environment = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
     # The worker's folder and the suite's (tests/conftest.py) are both on its path.

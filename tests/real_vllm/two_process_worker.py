@@ -10,7 +10,6 @@ import sys
 from pathlib import Path
 
 from accelerate import PartialState
-
 from conftest import CPUFSDPTrainer, ScriptedReward, bapo_logs, make_config, prompt_dataset
 from engine import COLOCATE, EngineRecorder, WeightHistory
 

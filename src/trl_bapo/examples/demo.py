@@ -15,12 +15,13 @@ from pathlib import Path
 from transformers import AutoTokenizer, PrinterCallback
 
 from trl_bapo import BAPOConfig, BAPOTrainer
-from trl_bapo.callbacks import CompositionPrinter, quiet_libraries
-from trl_bapo.embedded import GROUP_SIZE, PROMPTS_PER_STEP, TRAINING, embedded_datasets, embedded_model
-from trl_bapo.evaluation import accuracy_bins, evaluate_policy, migration_matrix, unlock_rate
-from trl_bapo.plots import plot_accuracy_bins, plot_composition, plot_migration, plot_reward
-from trl_bapo.tasks import CARRY, TASKS, reward_function
-from trl_bapo.tiny import load_tiny_model
+from trl_bapo.examples.callbacks import CompositionPrinter, quiet_libraries
+from trl_bapo.examples.embedded import GROUP_SIZE, PROMPTS_PER_STEP, TRAINING, embedded_datasets, embedded_model
+from trl_bapo.examples.evaluation import accuracy_bins, evaluate_policy, migration_matrix, unlock_rate
+from trl_bapo.examples.plots import plot_accuracy_bins, plot_composition, plot_migration, plot_reward
+from trl_bapo.examples.tasks import CARRY, TASKS
+from trl_bapo.examples.tiny import load_tiny_model
+from trl_bapo.scripts.rewards import load_reward
 
 TRACKED_PROMPTS = 128  # fixed subset of training prompts for accuracy bins, migration and unlock rate
 
@@ -45,7 +46,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"[1/4] embedded model: tiny Qwen2 warm-started on {options.task} (built once, then cached)", flush=True)
     model_path = embedded_model(options.task)
     train, heldout = embedded_datasets(options.task)
-    reward = reward_function(options.task)
+    reward = load_reward(options.task)
     tracked = [train[i] for i in range(TRACKED_PROMPTS)]
     heldout_rows = list(heldout)
 
@@ -86,7 +87,8 @@ def main(argv: list[str] | None = None) -> dict:
         plot_reward({"BAPO": [log["reward"] for log in logs]}, output / "reward.png"),
         plot_composition(logs, PROMPTS_PER_STEP, output / "composition.png"),
         plot_accuracy_bins(
-            accuracy_bins(before["tracked"], GROUP_SIZE), accuracy_bins(after["tracked"], GROUP_SIZE),
+            accuracy_bins(before["tracked"], GROUP_SIZE),
+            accuracy_bins(after["tracked"], GROUP_SIZE),
             output / "accuracy_bins.png",
         ),
         plot_migration(migration_matrix(before["tracked"], after["tracked"], GROUP_SIZE), output / "migration.png"),

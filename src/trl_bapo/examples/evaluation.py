@@ -28,29 +28,32 @@ def prompt_accuracies(
     """Share of correct completions per prompt (num_samples samples at temperature 1, or 1 greedy)."""
     samples = 1 if greedy else num_samples
     expanded = [row for row in rows for _ in range(samples)]
-    generator_state = torch.get_rng_state()
-    torch.manual_seed(seed)
     was_training = model.training
     model.eval()
     completions = []
-    try:
-        for start in range(0, len(expanded), batch_size):
-            chunk = expanded[start : start + batch_size]
-            encoded = tokenizer([row["prompt"] for row in chunk], return_tensors="pt", padding=True, padding_side="left")
-            output = model.generate(
-                **encoded,
-                max_new_tokens=max_new_tokens,
-                do_sample=not greedy,
-                temperature=1.0 if not greedy else None,
-                top_p=1.0,
-                top_k=0,
-                pad_token_id=tokenizer.pad_token_id,
-                eos_token_id=tokenizer.eos_token_id,
-            )
-            completions += tokenizer.batch_decode(output[:, encoded["input_ids"].shape[1] :], skip_special_tokens=True)
-    finally:
-        model.train(was_training)
-        torch.set_rng_state(generator_state)
+    # The evaluation's own seed, without moving the global generator that training draws from.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        try:
+            for start in range(0, len(expanded), batch_size):
+                chunk = expanded[start : start + batch_size]
+                encoded = tokenizer(
+                    [row["prompt"] for row in chunk], return_tensors="pt", padding=True, padding_side="left"
+                )
+                output = model.generate(
+                    **encoded,
+                    max_new_tokens=max_new_tokens,
+                    do_sample=not greedy,
+                    temperature=1.0 if not greedy else None,
+                    top_p=1.0,
+                    top_k=0,
+                    pad_token_id=tokenizer.pad_token_id,
+                    eos_token_id=tokenizer.eos_token_id,
+                )
+                new_tokens = output[:, encoded["input_ids"].shape[1] :]
+                completions += tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+        finally:
+            model.train(was_training)
     columns = {key: [row[key] for row in expanded] for key in expanded[0] if key != "prompt"}
     rewards = reward_func(prompts=[row["prompt"] for row in expanded], completions=completions, **columns)
     per_prompt = torch.tensor(rewards, dtype=torch.float32).view(len(rows), samples)

