@@ -142,11 +142,12 @@ def run_trl_bapo(*args: str) -> None:
 
 
 def test_cli_resume_on_two_processes(tmp_path):
-    """The commands a user runs: save at step 2 on two processes, then resume from that checkpoint."""
+    """The commands a user runs: save at step 2 on two processes, then resume from that checkpoint; once under
+    `accelerate launch -m trl_bapo.cli`, once with `trl-bapo` starting accelerate itself."""
     embedded_model()  # built here once, not by both processes at the same time
     out = str(tmp_path / "out")
     common = ["--config", str(ROOT / "recipes" / "demo.yaml"), "--output_dir", out]
-    run_trl_bapo(*common, "--save_strategy", "steps", "--save_steps", "2", "--max_steps", "2")
+    launch("ddp", "-m", "trl_bapo.cli", *common, "--save_strategy", "steps", "--save_steps", "2", "--max_steps", "2")
     run_trl_bapo(
         *common,
         "--max_steps",
