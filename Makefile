@@ -48,7 +48,7 @@ demo: install
 bench: install
 	$(PY) -m trl_bapo.examples.benchmark
 
-# The learning-rate sweep `make bench` reads its rates from (bench/sweep.json); about 25 minutes on 2 cores.
+# The learning-rate sweep `make bench` reads its rates from (bench/sweep.json); about 30 minutes on 2 cores.
 sweep: install
 	$(PY) -m trl_bapo.examples.benchmark --sweep
 
