@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+from importlib import resources
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,7 @@ from engine import build_vllm_model
 WORKER = Path(__file__).with_name("two_process_worker.py")
 ENGINES = {
     "ddp": ["--multi_gpu"],
-    "fsdp2": ["--config_file", str(Path(__file__).parents[2] / "recipes" / "accelerate" / "fsdp.yaml")],
+    "fsdp2": ["--config_file", str(resources.files("trl.accelerate_configs") / "fsdp2.yaml")],  # TRL's own
 }
 
 
