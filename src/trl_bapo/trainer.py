@@ -376,15 +376,16 @@ class BAPOTrainer(GRPOTrainer):
         t = self._rollout_step
         fresh = self._fresh_rollout(inputs, t)
         x1 = select_rows(fresh.rows, group_rows(fresh.x1.nonzero().flatten(), self.num_generations))
+        num_x1 = int(fresh.x1.sum())
         x2 = self._difficult_replay(t)
-        x3 = self._high_quality_replay(t, fresh, room=x3_room(self._batch_groups, int(fresh.x1.sum()), x2.groups))
+        x3 = self._high_quality_replay(t, fresh, room=x3_room(self._batch_groups, num_x1, x2.groups))
         batch = concat_batches([x1, *x2.parts, *x3.parts], self._tokenizer.pad_token_id)  # line 17
         batch["num_items_in_batch"] = loss_mask(batch).sum()
         self._log_step(
-            x1=int(fresh.x1.sum()),
+            x1=num_x1,
             x2=x2.groups,
             x3=x3.groups,
-            batch_fill=(int(fresh.x1.sum()) + x2.groups + x3.groups) / self._batch_groups,
+            batch_fill=(num_x1 + x2.groups + x3.groups) / self._batch_groups,
             difficult_buffer=len(self._difficult),
             high_quality_buffer=len(self._high_quality),
             c2=fresh.c2,

@@ -49,33 +49,23 @@ def _on_answer(reward: RewardFunc) -> RewardFunc:
     return wrapped
 
 
-def _math_verified(name: str) -> Callable[[], RewardFunc]:
+def _trl_reward(name: str, needs_math_verify: bool = False) -> Callable[[], RewardFunc]:
+    """Loads `trl.rewards.<name>` when asked for, so that TRL's rewards are imported only by runs that use them."""
+
     def load() -> RewardFunc:
         # Checked here rather than at the first reward call, which comes only after a whole rollout was generated.
-        if not is_math_verify_available():
+        if needs_math_verify and not is_math_verify_available():
             raise ImportError(f"reward {name!r} needs the math-verify package: pip install 'trl-bapo[math]'")
         return getattr(importlib.import_module("trl.rewards"), name)
 
     return load
 
 
-def _soft_overlong_punishment() -> RewardFunc:
-    from trl.rewards import get_soft_overlong_punishment
-
-    return get_soft_overlong_punishment(**SOFT_OVERLONG)
-
-
-def _think_format() -> RewardFunc:
-    from trl.rewards import think_format_reward
-
-    return think_format_reward
-
-
 REWARDS: dict[str, Callable[[], RewardFunc]] = {
-    "accuracy_reward": _math_verified("accuracy_reward"),
-    "reasoning_accuracy_reward": _math_verified("reasoning_accuracy_reward"),
-    "think_format_reward": _think_format,
-    "get_soft_overlong_punishment": _soft_overlong_punishment,
+    "accuracy_reward": _trl_reward("accuracy_reward", needs_math_verify=True),
+    "reasoning_accuracy_reward": _trl_reward("reasoning_accuracy_reward", needs_math_verify=True),
+    "think_format_reward": _trl_reward("think_format_reward"),
+    "get_soft_overlong_punishment": lambda: _trl_reward("get_soft_overlong_punishment")()(**SOFT_OVERLONG),
     CARRY: lambda: _on_answer(arithmetic_reward),
     ARITHMETIC: lambda: _on_answer(arithmetic_reward),
     COUNTDOWN: lambda: _on_answer(countdown_reward),
