@@ -247,6 +247,12 @@ class BAPOConfig(GRPOConfig):
         super().__post_init__()
         # vLLM holds the rollout policy and is refreshed only every v steps; re-evaluation needs the current
         # policy, which vLLM holds only on refresh steps. Forcing a sync off-schedule would refresh alpha early.
+        if self.use_vllm and self.vllm_enable_sleep_mode and self.rollout_delay > 1:
+            raise ValueError(
+                "vllm_enable_sleep_mode=True frees the engine's weights after every generation, and TRL then sends "
+                "it the current policy, while BAPO's rollouts need alpha, the policy of "
+                f"rollout_delay={self.rollout_delay} steps back. Set vllm_enable_sleep_mode=False, or rollout_delay=1."
+            )
         if self.use_vllm and self.use_difficult_replay and self.reevaluation_interval % self.rollout_delay:
             raise ValueError(
                 f"With use_vllm=True, reevaluation_interval (m={self.reevaluation_interval}) must be a multiple of "

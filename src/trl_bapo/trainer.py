@@ -69,6 +69,7 @@ from trl_bapo.selection import (
     online_filter_mask,
     x3_room,
 )
+from trl_bapo.vllm_sync import send_weights
 
 BEHAVIOR_LOGPS = "old_per_token_logps"
 # Image fields TRL's forward takes besides the token ids (trl 1.16.0, GRPOTrainer._compute_loss).
@@ -355,13 +356,14 @@ class BAPOTrainer(GRPOTrainer):
         """TRL's evaluation, generating with the current policy. With the behavior-policy KL, the policy that
         generates the evaluation samples is the one evaluated, so the KL term is zero and no reference model is
         read (TRL would look for one, or measure against the base model under PEFT)."""
-        synced = getattr(self, "_last_loaded_step", None)
+        if self.use_vllm and self._last_loaded_step != self.state.global_step:
+            # The evaluation generates with the current weights, sent through BAPO's sync (TRL's would fail where
+            # vLLM's CPU build repacked the weights); the engine no longer holds alpha.
+            send_weights(self.vllm_generation)
+            self._last_loaded_step = self.state.global_step
+            self._engine_holds_alpha = False
         with self._reference_kl_off():
-            inputs = super()._prepare_inputs(generation_batch)
-        if self.use_vllm:
-            # TRL sent the current weights to vLLM for the evaluation; the engine no longer holds alpha.
-            self._engine_holds_alpha &= self._last_loaded_step == synced
-        return inputs
+            return super()._prepare_inputs(generation_batch)
 
     # ---- Algorithm 1, one rollout step ---------------------------------------------------------------------
 
@@ -464,7 +466,7 @@ class BAPOTrainer(GRPOTrainer):
         whenever the optimizer has stepped; BAPO tells it the engine is up to date."""
         if refreshed or not self._engine_holds_alpha:
             with self._snapshot.applied(policy, t):
-                self.vllm_generation.sync_weights()
+                send_weights(self.vllm_generation)
             self._engine_holds_alpha = True
         self._last_loaded_step = self.state.global_step
 

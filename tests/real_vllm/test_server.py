@@ -35,6 +35,34 @@ def model_path(tmp_path_factory):
     return build_vllm_model(tmp_path_factory.mktemp("vllm-server") / "model")
 
 
+class Server:
+    """A vLLM server process, its address, and its log: the API server's and its engine core's output, with Python's
+    fault handler on, so an engine that crashes leaves its traceback there."""
+
+    def __init__(self, command: list[str], url: str, log_path):
+        self.url, self.log_path = url, log_path
+        self.log = open(log_path, "w")
+        environment = dict(os.environ, VLLM_SERVER_DEV_MODE="1", PYTHONFAULTHANDLER="1")
+        self.process = subprocess.Popen(command, stdout=self.log, stderr=subprocess.STDOUT, env=environment)
+
+    def log_tail(self, characters: int = 6000) -> str:
+        self.log.flush()
+        memory = next(line for line in open("/proc/meminfo") if line.startswith("MemAvailable"))
+        exit_code = self.process.poll()
+        return (
+            f"server exit code {exit_code}; {memory.strip()}; {self.log_path} ends:\n"
+            + (open(self.log_path).read()[-characters:])
+        )
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+        self.log.close()
+
+
 @pytest.fixture(scope="module")
 def server(model_path, tmp_path_factory):
     with socket.socket() as probe:
@@ -44,29 +72,21 @@ def server(model_path, tmp_path_factory):
     command = build_command(options)
     serve = command.index("serve")
     command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", *command[serve + 1 :]]
-    log = open(tmp_path_factory.mktemp("vllm-server-log") / "server.log", "w")
-    environment = dict(os.environ, VLLM_SERVER_DEV_MODE="1")
-    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=environment)
-    url = f"http://127.0.0.1:{port}"
+    running = Server(command, f"http://127.0.0.1:{port}", tmp_path_factory.mktemp("vllm-server-log") / "server.log")
     deadline = time.monotonic() + 300
     try:
         while True:
-            assert process.poll() is None, f"the vLLM server exited; see {log.name}"
-            assert time.monotonic() < deadline, f"the vLLM server did not come up in 300 s; see {log.name}"
+            assert running.process.poll() is None, f"the vLLM server exited; {running.log_tail()}"
+            assert time.monotonic() < deadline, f"the vLLM server did not come up in 300 s; {running.log_tail()}"
             try:
-                if requests.get(f"{url}/health", timeout=5).status_code == 200:
+                if requests.get(f"{running.url}/health", timeout=5).status_code == 200:
                     break
             except requests.ConnectionError:
                 pass
             time.sleep(2)
-        yield url
+        yield running
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            process.kill()
-        log.close()
+        running.stop()
 
 
 class StandInWeightTransfer:
@@ -103,7 +123,7 @@ def test_trainer_generates_through_a_vllm_server(server, model_path, tmp_path, m
         learning_rate=5e-2,
         use_vllm=True,
         vllm_mode="server",
-        vllm_server_base_url=server,
+        vllm_server_base_url=server.url,
     )
     trainer = BAPOTrainer(
         model=str(model_path), reward_funcs=ScriptedReward(PLAN), args=args, train_dataset=prompt_dataset(list(PLAN))
@@ -111,8 +131,11 @@ def test_trainer_generates_through_a_vllm_server(server, model_path, tmp_path, m
     trainer_holder.append(trainer)
     engine, history = EngineRecorder(trainer), WeightHistory(trainer)
     trainer.add_callback(history)
-    tokens_before = generated_tokens(server)
-    trainer.train()
+    tokens_before = generated_tokens(server.url)
+    try:
+        trainer.train()
+    except Exception as error:
+        raise AssertionError(f"training through the vLLM server failed; {server.log_tail()}") from error
 
     # BAPO sent weights on refresh steps only (t = 1 and 3), and what it sent was alpha: the weights of that step.
     assert [step for step, _ in transfer.sent] == engine.syncs == [0, 2]
@@ -120,7 +143,7 @@ def test_trainer_generates_through_a_vllm_server(server, model_path, tmp_path, m
         assert all(torch.equal(sent[name], history.after[step][name]) for name in history.after[step]), step
     # Every completion came from the server: it counted exactly the tokens the trainer received.
     received = sum(len(completion) for call in engine.calls for completion in call["completions"])
-    assert generated_tokens(server) - tokens_before == received > 0
+    assert generated_tokens(server.url) - tokens_before == received > 0
     # The server never received weights (stand-in), so it sampled with the base model all along.
     base = history.after[0]
     for call in engine.calls:

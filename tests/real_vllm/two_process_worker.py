@@ -10,8 +10,8 @@ import sys
 from pathlib import Path
 
 from accelerate import PartialState
-from conftest import CPUFSDPTrainer, ScriptedReward, bapo_logs, make_config, prompt_dataset
-from engine import COLOCATE, EngineRecorder, WeightHistory
+from conftest import CPUFSDPTrainer, ScriptedReward, bapo_logs, end_worker, make_config, prompt_dataset
+from engine import COLOCATE, EngineRecorder, WeightHistory, weight_layout
 
 KS = [[2], [3], [0, 2], [1], [0], [4], [2], [1]]
 PLAN = {f"{t}{name}=": ks for t in range(8) for name, ks in zip("abcdefgh", KS)}
@@ -44,8 +44,9 @@ def main(output_dir: str, model_path: str) -> None:
         "weights": hashlib.sha1(b"".join(weights[n].numpy().tobytes() for n in sorted(weights))).hexdigest(),
     }
     (Path(output_dir) / f"rank-{PartialState().process_index}.json").write_text(json.dumps(result))
-    PartialState().destroy_process_group()  # not left to interpreter exit, where its threads can abort the process
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:])
+    with weight_layout("packed"):  # linear weights as vLLM's CPU build stores them on AVX-512 and AMX (engine.py)
+        main(*sys.argv[1:])
+    end_worker()

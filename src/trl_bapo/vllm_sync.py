@@ -1,0 +1,58 @@
+"""How BAPO sends the policy's weights to TRL's vLLM engine.
+
+TRL's colocated sync (trl 1.16.0, `VLLMGeneration.sync_weights`) copies each parameter into the engine with the
+model's `load_weights`, which needs every layer's weight in its checkpoint layout. vLLM's CPU build does not keep that
+layout on every processor: where it packs a linear layer's weight for oneDNN (AVX-512) or its AMX kernel, it then
+replaces `layer.weight` with an empty parameter (`dispatch_cpu_unquantized_gemm(layer, remove_weight=True)`), and
+`load_weights` fails. vLLM's own route for new weights into a processed model is the worker's `reload_weights`, a
+layerwise reload that restores each layer's checkpoint layout, loads into it and processes it again; it works
+whichever layout the engine chose, so BAPO uses it on every processor and on GPUs alike.
+
+One layer needs more (checked against vLLM 0.31): an LM head tied to the input embedding gets no weights of its own
+in the reload, so the reload does not process it again, and on those processors it would go on computing the logits
+with the copy packed from the weights it was first loaded with. It is processed again after the reload.
+
+TRL's sync stays where it is the right one: in server mode the weights go to the server over NCCL, and with sleep mode
+(CUDA only, where weights keep their layout) TRL wakes the engine's weights up before it loads them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+from trl.generation.vllm_generation import VLLMGeneration
+
+
+def send_weights(generation: VLLMGeneration) -> None:
+    """Sends the weights now in the trainer's model to TRL's vLLM engine: all of them, gathered from shards and with
+    PEFT adapters merged (TRL's own walk over the parameters)."""
+    if generation.mode != "colocate" or generation.enable_sleep_mode:
+        generation.sync_weights()
+        return
+    generation.llm.collective_rpc(_reload, args=(_owned(generation),))
+    generation.llm.reset_prefix_cache()
+
+
+def _owned(generation: VLLMGeneration) -> Iterator[tuple[str, torch.Tensor]]:
+    # The layerwise reload holds a layer's tensors until the layer is complete (q, k and v for qkv_proj), while TRL's
+    # walk lends each gathered tensor only until its next step (ZeRO-3 partitions it again), so each is copied.
+    for name, tensor in generation._iter_named_params():
+        yield name, tensor.detach().clone()
+
+
+def _reload(worker, weights: Iterator[tuple[str, torch.Tensor]]) -> None:
+    """Runs in the engine's worker (colocated: this process)."""
+    from vllm.model_executor.layers.vocab_parallel_embedding import (
+        UnquantizedEmbeddingMethod,
+        VocabParallelEmbedding,
+    )
+
+    worker.reload_weights(weights_iterator=weights, is_checkpoint_format=True)
+    holders = set()
+    for module in worker.model_runner.get_model().modules():
+        if not isinstance(module, VocabParallelEmbedding):
+            continue
+        if id(module.weight) in holders and isinstance(module.quant_method, UnquantizedEmbeddingMethod):
+            module.quant_method.process_weights_after_loading(module)  # a tied head: see the module's docstring
+        holders.add(id(module.weight))
