@@ -7,9 +7,12 @@ Scenarios:
   logs, the full weights), how many forward/backward passes it ran, and fingerprints of the full weights after
   every optimizer step and at every generation (taken inside the reward function, which every process calls).
 - `resume`: 6 straight steps, then 3 steps with a checkpoint, then a resume for 3 more; then the same resume with
-  this process's state file corrupted on process 1 only. Writes the three runs' states and the errors.
+  the state file of process 1 corrupted, and once more with it missing. Writes the three runs' states and the
+  errors.
 - `reevaluate`: one prompt in B_bad, re-evaluated by more processes than it has prompts.
 - `adaptive`: `train` with adaptive clipping, whose bounds every process must choose alike.
+- `loss_metrics`: BAPO's own loss (OPMD), whose entropy and KL metrics must be means over every process's tokens.
+- `fsdp1`: the trainer built under FSDP1, which must refuse the delayed rollout policy.
 
 The engine is whatever the launcher configured (DDP, FSDP2, DeepSpeed ZeRO-2/3); FSDP2 through conftest's
 `CPUFSDPTrainer`, which says what differs from a GPU run.
@@ -22,7 +25,8 @@ from pathlib import Path
 
 import torch
 from accelerate import PartialState
-from conftest import CPUFSDPTrainer, StopAt, make_config  # this script's folder is on sys.path when it runs
+from accelerate.state import AcceleratorState
+from conftest import CPUFSDPTrainer, StopAt, end_worker, make_config  # this script's folder is on sys.path
 from datasets import Dataset
 from torch.distributed.tensor import DTensor
 from transformers import TrainerCallback
@@ -189,12 +193,72 @@ def resume(output_dir: Path, model_path: str) -> dict:
     if rank == 1:
         Path(state_file(str(checkpoint), rank)).write_bytes(b"corrupted")
     PartialState().wait_for_everyone()
+    result["corrupt_error"] = resume_error(output_dir, model_path, checkpoint)
+    if rank == 1:
+        Path(state_file(str(checkpoint), rank)).unlink()
+    PartialState().wait_for_everyone()
+    result["missing_error"] = resume_error(output_dir, model_path, checkpoint)
+    return result
+
+
+def resume_error(output_dir: Path, model_path: str, checkpoint: Path) -> str | None:
     try:
         make_trainer(output_dir / "split", model_path).train(resume_from_checkpoint=str(checkpoint))
-        result["corrupt_error"] = None
     except ValueError as error:
-        result["corrupt_error"] = str(error)
-    return result
+        return str(error)
+    return None
+
+
+def loss_metrics(output_dir: Path, model_path: str) -> dict:
+    """OPMD with the behavior-policy KL (bias-corrected, TRL's default): per micro-batch, the entropy and KL the
+    trainer logged, and both computed
+    here from a forward pass of this test's own, as means over the tokens of both processes and as the mean of
+    each process's mean."""
+    trainer = make_trainer(
+        output_dir, model_path, loss_type="opmd", max_steps=3, bf16=False, use_bias_correction_kl=True
+    )
+    recorded = []
+    compute_loss = trainer.compute_loss
+
+    def recording_compute_loss(model, inputs, *a, **k):
+        loss = compute_loss(model, inputs, *a, **k)
+        policy = trainer.accelerator.unwrap_model(trainer.model)
+        ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
+        attention = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
+        width, mask = inputs["completion_ids"].shape[1], inputs["completion_mask"].float()
+        with torch.no_grad():
+            logits = policy(input_ids=ids, attention_mask=attention).logits[:, -width - 1 : -1].float()
+        logp = torch.log_softmax(logits, dim=-1)
+        current = logp.gather(2, inputs["completion_ids"].unsqueeze(2))[..., 0]
+        log_ratio = inputs["ref_per_token_logps"] - current
+        kl = (torch.exp(log_ratio) - log_ratio - 1) * torch.exp(current - inputs["old_per_token_logps"])
+        values = {"entropy": -(logp.exp() * logp).sum(-1), "kl": kl}
+        for name, value in values.items():
+            sums = torch.stack([(value * mask).sum(), mask.sum()])
+            local_mean = sums[0] / sums[1].clamp(min=1)
+            totals = trainer.accelerator.reduce(sums, reduction="sum")
+            recorded.append(
+                {
+                    "name": name,
+                    "logged": trainer._metrics["train"][name][-1],
+                    "tokens": totals[0].item() / totals[1].clamp(min=1).item(),
+                    "processes": trainer.accelerator.gather(local_mean.unsqueeze(0)).mean().item(),
+                }
+            )
+        return loss
+
+    trainer.compute_loss = recording_compute_loss
+    trainer.train()
+    return {"metrics": recorded}
+
+
+def fsdp1(output_dir: Path, model_path: str) -> dict:
+    """Builds the trainer with the paper's v = 5 under FSDP1, which cannot hold a delayed policy: the error."""
+    try:
+        make_trainer(output_dir, model_path)
+    except NotImplementedError as error:
+        return {"error": str(error), "fsdp_version": AcceleratorState().fsdp_plugin.fsdp_version}
+    return {"error": None}
 
 
 def reevaluate(output_dir: Path, model_path: str) -> dict:
@@ -225,9 +289,9 @@ if __name__ == "__main__":
         "resume": resume,
         "reevaluate": reevaluate,
         "adaptive": lambda out, path: train(out, path, loss_type="bnpo", adaptive_clipping=True),
+        "loss_metrics": loss_metrics,
+        "fsdp1": fsdp1,
     }
     result = scenarios[scenario](Path(output), model)
     (Path(output) / f"{scenario}-{PartialState().process_index}.json").write_text(json.dumps(result))
-    # Left to interpreter exit, the process group's threads can abort the process ("terminate called without an
-    # active exception"), as happened once under ZeRO-3.
-    PartialState().destroy_process_group()
+    end_worker()

@@ -72,9 +72,12 @@ def test_every_bapo_field_is_documented():
         (dict(mini_test=True, online_filter="gaussian"), "mini_test"),
         (dict(num_generations=1, per_device_train_batch_size=1), "at least 2 generations"),
         (dict(use_vllm=True, rollout_delay=2, reevaluation_interval=3), "multiple of rollout_delay"),
+        (dict(use_vllm=True, vllm_enable_sleep_mode=True, rollout_delay=2, reevaluation_interval=2), "sleep_mode"),
         (dict(kl_reference="behavior", beta=0.01, sync_ref_model=True), "sync_ref_model"),
         (dict(correctness_threshold=float("nan")), "correctness_threshold"),
         (dict(scale_rewards="batch"), "scale_rewards"),
+        (dict(multi_objective_aggregation="normalize_then_sum"), "multi_objective_aggregation"),
+        (dict(loss_type="grpoo"), "loss_type"),
     ],
 )
 def test_invalid_values_fail_at_construction_naming_the_field(tmp_path, kwargs, field):

@@ -28,6 +28,8 @@ ENGINES = {
     "zero2": ["--use_deepspeed", "--deepspeed_config_file", str(HERE / "engines" / "zero2.json")],
     "zero3": ["--use_deepspeed", "--deepspeed_config_file", str(HERE / "engines" / "zero3.json")],
 }
+# FSDP1 from TRL's own fsdp1.yaml, with module states left unsynchronised: accelerate refuses to sync them on CPU.
+FSDP1 = ["--config_file", str(HERE / "engines" / "fsdp1.yaml")]
 SHARDED = {"fsdp2", "zero3"}
 STEPS = 6
 REFRESHED_AT = {1: 1, 2: 1, 3: 1, 4: 1, 5: 5, 6: 5}  # v = 5: refreshed at t = 1 and t mod 5 == 0
@@ -113,10 +115,13 @@ def test_resume_on_two_processes_equals_straight_run(engine, tiny_model_path, tm
         for step in ("4", "5", "6"):
             assert rank["resumed"][step] == rank["straight"][step], f"step {step} differs after the resume"
         assert rank["straight"]["4"]["difficult"] and rank["straight"]["4"]["high_quality"], "buffers were empty"
-    # Process 1's state file was corrupted: both processes fail, with the same message naming it.
-    errors = [rank["corrupt_error"] for rank in ranks]
-    assert errors[0] and errors[0] == errors[1]
-    assert "process 1 could not read" in errors[0] and "resume_without_bapo_state" in errors[0]
+    # Process 1's state file was corrupted, then deleted: both processes fail, with the same message naming it. The
+    # file of process 0 holds shards of the same shapes, which process 1 must not take for its own.
+    for key, reason in (("corrupt_error", "not a file of tensors"), ("missing_error", "missing, though 2 processes")):
+        errors = [rank[key] for rank in ranks]
+        assert errors[0] and errors[0] == errors[1], key
+        assert "process 1 could not read" in errors[0] and reason in errors[0], errors[0]
+        assert "resume_without_bapo_state" in errors[0]
 
 
 def test_reevaluation_with_more_processes_than_difficult_prompts(tiny_model_path, tmp_path):
@@ -134,6 +139,36 @@ def test_adaptive_clipping_bounds_agree_across_processes(tiny_model_path, tmp_pa
     assert logs == ranks[1]["logs"]  # bounds and contributions were summed over both processes' tokens
     assert {(log["bapo/clip_low"], log["bapo/clip_high"]) for log in logs} != {(0.6, 1.2)}, "the bounds never moved"
     assert all(log["bapo/clip_positive"] + log["bapo/clip_negative"] > 0 for log in logs[:-1])
+
+
+def test_off_policy_loss_logs_means_over_every_process_tokens(tiny_model_path, tmp_path):
+    """As TRL logs its own losses' entropy and KL: weighted by tokens, not the mean of two processes' means."""
+    metrics = run_worker("ddp", "loss_metrics", tmp_path, tiny_model_path)[0]["metrics"]
+    for entry in metrics:
+        assert entry["logged"] == pytest.approx(entry["tokens"], rel=1e-4, abs=1e-6), entry
+    assert {entry["name"] for entry in metrics} == {"entropy", "kl"}
+    # The two ways differ somewhere, so the check above can tell them apart.
+    assert any(abs(entry["tokens"] - entry["processes"]) > 1e-3 for entry in metrics)
+
+
+def test_fsdp1_refuses_the_delayed_policy_on_every_process(tiny_model_path, tmp_path):
+    run(
+        [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            *FSDP1,
+            *accelerate_settings(2),
+            str(WORKER),
+            "fsdp1",
+            str(tmp_path),
+            tiny_model_path,
+        ]
+    )
+    ranks = [json.loads((tmp_path / f"fsdp1-{rank}.json").read_text()) for rank in range(2)]
+    assert ranks[0] == ranks[1] and ranks[0]["fsdp_version"] == 1
+    assert "fsdp_version: 2" in ranks[0]["error"] and "rollout_delay=1" in ranks[0]["error"]
+    assert "vLLM" not in ranks[0]["error"], "vLLM does not hold alpha in the trainer's place"
 
 
 def run_trl_bapo(*args: str) -> None:

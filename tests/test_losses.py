@@ -9,8 +9,10 @@ import math
 import pytest
 import torch
 from conftest import ScriptedReward, bapo_logs, make_config, parameters, prompt_dataset
+from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
 
 from trl_bapo import BAPOConfig, BAPOTrainer
+from trl_bapo.examples.tiny import build_tokenizer
 from trl_bapo.losses import adaptive_clip_bounds
 
 PLAN = {f"{t}{name}=": ks for t in range(8) for name, ks in zip("abcd", [[2], [3], [0, 2], [1]])}
@@ -74,8 +76,17 @@ def completion_logps(model, inputs):
     return torch.log_softmax(logits, dim=-1).gather(2, inputs["completion_ids"].unsqueeze(2))[..., 0]
 
 
-def trainer_checking_each_loss(model_path, output_dir, expected_per_token, **overrides):
-    """A trainer whose every micro-batch loss is compared with the token mean of `expected_per_token`."""
+def moe_aux_loss(model, inputs) -> torch.Tensor:
+    """The load-balancing loss of a Mixture-of-Experts model on a micro-batch, from a forward pass of our own."""
+    ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
+    attention = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
+    with torch.no_grad():
+        return model(input_ids=ids, attention_mask=attention, output_router_logits=True).aux_loss
+
+
+def trainer_checking_each_loss(model_path, output_dir, expected_per_token, extra_loss=None, **overrides):
+    """A trainer whose every micro-batch loss is compared with the token mean of `expected_per_token`, plus
+    `extra_loss(trainer, inputs)` when given."""
     args = make_config(
         output_dir,
         max_steps=6,
@@ -101,7 +112,10 @@ def trainer_checking_each_loss(model_path, output_dir, expected_per_token, **ove
         checked["largest_log_ratio"] = max(checked["largest_log_ratio"], float(((current - old) * mask).abs().max()))
         loss = compute_loss(model, inputs, *a, **k)
         per_token = expected_per_token(trainer, current, old, advantages, mask)
-        expected = (per_token * mask).sum() / mask.sum().clamp(min=1) / args.gradient_accumulation_steps
+        expected = (per_token * mask).sum() / mask.sum().clamp(min=1)
+        if extra_loss is not None:
+            expected = expected + extra_loss(trainer, inputs)
+        expected = expected / args.gradient_accumulation_steps
         torch.testing.assert_close(loss.detach(), expected * inputs["bapo_loss_scale"], atol=1e-5, rtol=1e-4)
         checked["losses"] += 1
         return loss
@@ -148,12 +162,24 @@ def rec(variant):
     return expected
 
 
+def k3(old, current):
+    """TRL's estimate of KL(pi || behavior) per token."""
+    return torch.exp(old - current) - (old - current) - 1
+
+
 LOSSES = {
     "rec-oneside-nois": (dict(loss_type="rec", rec_variant="oneside-nois"), rec("oneside-nois")),
     "rec-twoside-is": (dict(loss_type="rec", rec_variant="twoside-is"), rec("twoside-is")),
     "rec-ring-nois": (dict(loss_type="rec", rec_variant="ring-nois"), rec("ring-nois")),
     "asymre": (dict(loss_type="asymre"), lambda trainer, current, old, a, mask: -(a + 0.1) * current),
     "opmd": (dict(loss_type="opmd"), lambda trainer, current, old, a, mask: -a * current + 0.1 * (current - old) ** 2),
+    # TRL's bias-corrected KL to the behavior policy: the k3 estimate weighed by the ratio to that policy.
+    "opmd-bias-corrected-kl": (
+        dict(loss_type="opmd", beta=0.05, use_bias_correction_kl=True),
+        lambda trainer, current, old, a, mask: (
+            -a * current + 0.1 * (current - old) ** 2 + 0.05 * k3(old, current) * torch.exp(current - old)
+        ),
+    ),
 }
 
 
@@ -166,6 +192,48 @@ def test_off_policy_loss_equals_its_definition(name, tiny_model_path, tmp_path):
     trainer.train()
     assert checked["losses"] == 12 and checked["largest_log_ratio"] > 0.05, checked
     assert sum(log["bapo/x3"] for log in bapo_logs(trainer)) > 0, "no replayed group was trained on"
+
+
+def build_tiny_moe_model(path) -> str:
+    """A tiny Qwen3-MoE model (4 experts, 2 per token) with the tiny model's tokenizer."""
+    tokenizer = build_tokenizer()
+    config = Qwen3MoeConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        moe_intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_experts=4,
+        num_experts_per_tok=2,
+        router_aux_loss_coef=0.5,
+        max_position_embeddings=128,
+        tie_word_embeddings=True,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=None,
+    )
+    torch.manual_seed(0)
+    Qwen3MoeForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+def test_off_policy_loss_adds_the_moe_auxiliary_loss(tmp_path):
+    """As TRL adds it to its own losses: router_aux_loss_coef times the load-balancing loss of the same forward."""
+    model_path = build_tiny_moe_model(tmp_path / "moe")
+    trainer, checked = trainer_checking_each_loss(
+        model_path,
+        tmp_path / "out",
+        LOSSES["opmd"][1],
+        extra_loss=lambda trainer, inputs: 0.5 * moe_aux_loss(trainer.model, inputs),
+        scale_rewards="none",
+        **LOSSES["opmd"][0],
+    )
+    trainer.train()
+    assert checked["losses"] == 12, checked
+    assert all(log["aux_loss"] > 0 for log in bapo_logs(trainer))
 
 
 @pytest.mark.parametrize("loss_type", ["rec", "asymre", "opmd"])

@@ -82,6 +82,16 @@ def test_resume_without_bapo_state_fails_clearly_unless_asked(tiny_model_path, t
     assert empty._rollout_step == 3  # counted from the resume: the buffers started empty
 
 
+def test_resume_from_a_model_only_checkpoint_says_so(tiny_model_path, tmp_path):
+    """save_only_model=True writes the model alone: the error says that, not that another trainer wrote it."""
+    reward = _reward(tiny_model_path)
+    first = _trainer(tmp_path / "out", reward, save_strategy="steps", save_steps=2, save_only_model=True, max_steps=2)
+    first.train()
+    with pytest.raises(ValueError, match="save_only_model=True") as raised:
+        _trainer(tmp_path / "out", reward).train(resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-2"))
+    assert "written by BAPOTrainer" not in str(raised.value) and "resume_without_bapo_state" in str(raised.value)
+
+
 class RunsCodeOnLoad:
     """Unpickling this calls `print`: a stand-in for a tampered checkpoint that runs code."""
 
@@ -118,5 +128,10 @@ def test_state_file_keeps_images_and_arrays_of_dataset_rows(tmp_path):
     assert loaded["prompt"] == rows[0]["prompt"] and loaded["n"] == 7
     assert np.array_equal(loaded["mask"], rows[0]["mask"])
     assert loaded["image"].mode == "RGB" and list(loaded["image"].getdata()) == list(image.getdata())
+    # Modes PNG cannot hold (32-bit floats here) are kept as TIFF.
+    floats = Image.new("F", (2, 2), color=0.25)
+    write_state(str(tmp_path / "floats.pt"), {"image": floats})
+    loaded = read_state(str(tmp_path / "floats.pt"))["image"]
+    assert loaded.mode == "F" and list(loaded.getdata()) == [0.25] * 4
     with pytest.raises(TypeError, match=r"state\['difficult'\]\['examples'\]\[0\]\['when'\] of type object"):
         write_state(str(tmp_path / "bad.pt"), {"difficult": {"examples": [{"when": object()}]}})

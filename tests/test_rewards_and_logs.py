@@ -2,6 +2,7 @@
 and TRL's completions table, all through `trainer.train()` on the tiny model."""
 
 import logging
+import time
 
 import pytest
 from conftest import ScriptedReward, bapo_logs, make_config, prompt_dataset
@@ -58,15 +59,32 @@ def test_correctness_reward_decides_accuracy_beside_a_format_reward(tiny_model_p
     assert summed != alone  # without the rule, the format reward moves accuracies: the warning was due
 
 
-def test_correctness_reward_must_name_a_reward_function(tiny_model_path, tmp_path):
+def test_correctness_reward_must_name_a_reward_function_before_anything_loads(tmp_path):
+    """Neither the model nor the reward model exists: the check comes before TRL would load them."""
     args = make_config(tmp_path, correctness_reward="accuracy_reward")
-    with pytest.raises(ValueError, match=r"correctness_reward='accuracy_reward'.*\['scripted_reward'\]"):
+    names = r"\['scripted_reward', 'reward-model'\]"
+    with pytest.raises(ValueError, match=rf"correctness_reward='accuracy_reward' names none of .*{names}"):
         BAPOTrainer(
-            model=tiny_model_path,
-            reward_funcs=ScriptedReward(PLAN),
+            model=str(tmp_path / "no-model-here"),
+            reward_funcs=[ScriptedReward(PLAN), str(tmp_path / "org" / "reward-model")],
             args=args,
             train_dataset=prompt_dataset(list(PLAN)),
         )
+
+
+def test_assembly_seconds_count_the_behavior_forwards_after_assembly(tiny_model_path, tmp_path, monkeypatch):
+    """The behavior log-probs still missing when the batch is cut are measured per micro-batch, after assembly:
+    BAPO's work too. Each micro-batch's measure is made to take at least 0.25 s here."""
+    finish = BAPOTrainer._finish_behavior_logps
+
+    def slow_finish(self, chunk):
+        time.sleep(0.25)
+        return finish(self, chunk)
+
+    monkeypatch.setattr(BAPOTrainer, "_finish_behavior_logps", slow_finish)
+    _, trainer = train(tiny_model_path, tmp_path, [ScriptedReward(PLAN)])
+    micro_batches = trainer.args.steps_per_generation
+    assert all(log["bapo/assembly_seconds"] >= 0.25 * micro_batches for log in bapo_logs(trainer))
 
 
 def test_batch_reward_scaling_is_refused_unless_bapo_leaves_the_batch_alone(tmp_path):

@@ -8,6 +8,7 @@ images and arrays; they are stored as encoded bytes and tensors.
 
 from __future__ import annotations
 
+import glob
 import io
 import os
 import pickle
@@ -26,6 +27,19 @@ _PLAIN = (str, int, float, bool, bytes, type(None), torch.Tensor)
 
 def state_file(checkpoint: str, rank: int) -> str:
     return os.path.join(checkpoint, f"bapo_state_{rank}.pt")
+
+
+def resume_advice(checkpoint: str) -> str:
+    """What to do about a checkpoint whose BAPO state cannot be read, by what else it lacks: a checkpoint saved with
+    `save_only_model=True` holds the model only, without the random states transformers writes beside every
+    optimizer state (and BAPO's)."""
+    if not glob.glob(os.path.join(checkpoint, "rng_state*.pth")):
+        return (
+            "It holds no optimizer or random state either, as a checkpoint saved with save_only_model=True, which "
+            "writes only the model: train from its model instead (model_name_or_path), save with "
+            "save_only_model=False to resume,"
+        )
+    return "Resume from a checkpoint written by BAPOTrainer,"
 
 
 def write_state(path: str, state: dict[str, Any]) -> None:

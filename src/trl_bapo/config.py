@@ -14,7 +14,7 @@ from dataclasses import MISSING, dataclass, field, fields
 from transformers.utils import logging
 from trl import GRPOConfig
 
-from trl_bapo.losses import OFF_POLICY_LOSSES, REC_VARIANTS
+from trl_bapo.losses import OFF_POLICY_LOSSES, REC_VARIANTS, TRL_LOSSES
 
 ONLINE_FILTERS = ("range", "gaussian", "uniform", "none")
 # TRL's loss types with a clipped surrogate on a token-level ratio, the ones adaptive clipping can set bounds for.
@@ -320,14 +320,16 @@ class BAPOConfig(GRPOConfig):
         self._validate_losses()
         if not math.isfinite(self.correctness_threshold):
             raise ValueError(f"correctness_threshold must be a finite number, got {self.correctness_threshold!r}.")
-        if self.scale_rewards == "batch" and self.bapo_assembles_batches:
-            raise ValueError(
-                "scale_rewards='batch' normalises advantages over each rollout TRL scores, but BAPO trains on a batch "
-                "assembled from several rollouts (X1, X2, X3), so rows would be scaled over three different sets "
-                "rather than over the batch (Algorithm 1, line 18). Use scale_rewards='group' (the paper's) or "
-                "'none', or switch BAPO's batch assembly off (online_filter='none', rollout_delay=1 and both replays "
-                "off)."
-            )
+        # TRL settings that normalise over each rollout batch rather than over each group.
+        for name, value in (("scale_rewards", "batch"), ("multi_objective_aggregation", "normalize_then_sum")):
+            if getattr(self, name) == value and self.bapo_assembles_batches:
+                raise ValueError(
+                    f"{name}={value!r} normalises advantages over each rollout TRL scores, but BAPO trains on a batch "
+                    "assembled from several rollouts (X1, X2, X3), so rows would be scaled over three different sets "
+                    "rather than over the batch (Algorithm 1, line 18). Use scale_rewards='group' (the paper's) or "
+                    "'none' and multi_objective_aggregation='sum_then_normalize', or switch BAPO's batch assembly off "
+                    "(online_filter='none', rollout_delay=1 and both replays off)."
+                )
         if not self.online_filter_gaussian_std > 0:
             raise ValueError(
                 f"online_filter_gaussian_std must be > 0, got {self.online_filter_gaussian_std!r}; the paper uses 0.2."
@@ -376,6 +378,11 @@ class BAPOConfig(GRPOConfig):
 
     def _validate_losses(self) -> None:
         level = getattr(self, "importance_sampling_level", "token")
+        if self.loss_type not in TRL_LOSSES + OFF_POLICY_LOSSES:
+            raise ValueError(
+                f"loss_type must be one of TRL's {list(TRL_LOSSES)} or BAPO's {list(OFF_POLICY_LOSSES)}, got "
+                f"{self.loss_type!r}."
+            )
         if self.loss_type in OFF_POLICY_LOSSES:
             if self.rec_variant not in REC_VARIANTS:
                 raise ValueError(f"rec_variant must be one of {list(REC_VARIANTS)}, got {self.rec_variant!r}.")

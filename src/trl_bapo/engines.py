@@ -34,12 +34,12 @@ def check_swappable(model: nn.Module) -> None:
         if getattr(param, "ds_secondary_tensor", None) is not None:
             raise NotImplementedError(
                 f"Parameter {name} has a ZeRO++ secondary partition (zero_hpz_partition_size > 1), which the delayed "
-                "rollout policy cannot swap. Set zero_hpz_partition_size to 1, use vLLM, or set rollout_delay=1."
+                "rollout policy cannot swap. Set zero_hpz_partition_size to 1, or rollout_delay=1."
             )
         if hasattr(param, "ds_tensor") and getattr(param.ds_tensor, "final_location", None) == "nvme":
             raise NotImplementedError(
                 f"Parameter {name} is offloaded to NVMe, where the delayed rollout policy cannot swap it. Offload "
-                "parameters to cpu or none, use vLLM, or set rollout_delay=1."
+                "parameters to cpu or none, or set rollout_delay=1."
             )
 
 

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
+# GRPOConfig's loss types (trl 1.16.0, GRPOTrainer._compute_loss), which TRL itself checks only at the first step.
+TRL_LOSSES = ("grpo", "dr_grpo", "dapo", "bnpo", "cispo", "sapo", "luspo", "vespo")
 OFF_POLICY_LOSSES = ("rec", "asymre", "opmd")
 # REC variants of the paper: which ratios keep their gradient (the clip), and whether the importance ratio weighs it.
 REC_VARIANTS = {

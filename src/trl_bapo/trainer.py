@@ -39,7 +39,12 @@ from transformers import TrainerCallback
 from transformers.utils import logging
 from trl import GRPOTrainer
 from trl.models.utils import disable_gradient_checkpointing
-from trl.trainer.utils import get_config_model_id, split_pixel_values_by_grid, unsplit_pixel_values_by_grid
+from trl.trainer.utils import (
+    get_callable_name,
+    get_config_model_id,
+    split_pixel_values_by_grid,
+    unsplit_pixel_values_by_grid,
+)
 
 from trl_bapo.batch import (
     concat_batches,
@@ -52,7 +57,15 @@ from trl_bapo.batch import (
     unmeasured_rows,
 )
 from trl_bapo.buffers import BAPOStatus, DifficultBuffer, HighQualityBuffer, ReplayGroup
-from trl_bapo.checkpoint import STATE_VERSION, UNREADABLE, read_state, state_file, unreadable_reason, write_state
+from trl_bapo.checkpoint import (
+    STATE_VERSION,
+    UNREADABLE,
+    read_state,
+    resume_advice,
+    state_file,
+    unreadable_reason,
+    write_state,
+)
 from trl_bapo.config import BAPOConfig
 from trl_bapo.engines import local_shard, trainable_parameters
 from trl_bapo.losses import OFF_POLICY_LOSSES, adaptive_clip_bounds, asymre_loss, opmd_loss, rec_loss
@@ -124,6 +137,20 @@ class Replay:
     reevaluated: int = 0
 
 
+def reward_names(reward_funcs) -> list[str]:
+    """The names TRL gives `reward_funcs` (trl 1.16.0, GRPOTrainer.__init__), before any reward model is loaded: a
+    model's id (the last part of its path), or the function's name."""
+    funcs = reward_funcs if isinstance(reward_funcs, list) else [reward_funcs] if reward_funcs is not None else []
+    return [
+        func.rstrip("/").split("/")[-1]
+        if isinstance(func, str)
+        else get_config_model_id(func.config).split("/")[-1]
+        if isinstance(func, torch.nn.Module)
+        else get_callable_name(func)
+        for func in funcs
+    ]
+
+
 class BAPOTrainer(GRPOTrainer):
     """Drop-in for `trl.GRPOTrainer` that trains on BAPO's adaptive batch. Takes the same arguments; `args`
     must be a [`BAPOConfig`]."""
@@ -154,6 +181,13 @@ class BAPOTrainer(GRPOTrainer):
                 f"BAPOTrainer needs a BAPOConfig, got {type(args).__name__}; build the config with "
                 "trl_bapo.BAPOConfig(...), which accepts every GRPOConfig field."
             )
+        names = reward_names(reward_funcs)
+        if args.correctness_reward is not None and args.correctness_reward not in names:
+            # Checked before TRL loads the model, the reward models and the engine.
+            raise ValueError(
+                f"correctness_reward={args.correctness_reward!r} names none of this trainer's reward functions "
+                f"{names}; set it to one of them (as in TRL's `rewards/<name>/mean` log)."
+            )
         self._behavior_kl = args.kl_reference == "behavior" and args.beta != 0.0
         beta = args.beta
         if self._behavior_kl:
@@ -172,11 +206,6 @@ class BAPOTrainer(GRPOTrainer):
         self._collective_forwards = self.accelerator.num_processes > 1 and (self._dist.is_fsdp or self._dist.is_zero3)
         self._correctness_column = None
         if args.correctness_reward is not None:
-            if args.correctness_reward not in self.reward_func_names:
-                raise ValueError(
-                    f"correctness_reward={args.correctness_reward!r} names no reward function of this trainer; its "
-                    f"reward functions are {self.reward_func_names}."
-                )
             self._correctness_column = self.reward_func_names.index(args.correctness_reward)
         self._warned_reward_range = False
         if args.dynamic_sampling and not hasattr(self.train_dataset, "__getitem__"):
@@ -225,6 +254,7 @@ class BAPOTrainer(GRPOTrainer):
             return self._evaluation_inputs(generation_batch)
         generate_every = self.args.steps_per_generation * self.num_iterations
         if self._step % generate_every == 0 or self._buffered_inputs is None:
+            started, self._scoring_seconds = time.perf_counter(), 0.0
             batch, filler = self._assemble_batch(generation_batch)
             self._skip_update = num_rows(batch) == 0
             # Every process holds the whole batch and takes its own share of micro-batches, so all of them run
@@ -242,6 +272,8 @@ class BAPOTrainer(GRPOTrainer):
                 unsplit_pixel_values_by_grid(self._finish_behavior_logps(chunk))
                 for chunk in chunks[rank * steps : (rank + 1) * steps]
             ]
+            # BAPO's own work on this rollout step: assembly and the behavior log-prob forwards it adds.
+            self._log_step(assembly_seconds=time.perf_counter() - started - self._scoring_seconds)
         if self._skip_update:
             self._frozen_step.hold(self.optimizer)
         return self._buffered_inputs[self._step % self.args.steps_per_generation]
@@ -282,7 +314,7 @@ class BAPOTrainer(GRPOTrainer):
         weighed by TRL's vLLM importance sampling ratio when present, plus TRL's KL term and entropy bonus."""
         args, mode = self.args, "train" if model.training else "eval"
         mask = loss_mask(inputs)
-        logps, entropies = self._forward_logps(model, inputs, with_grad=True)
+        logps, entropies, aux_loss = self._forward_logps(model, inputs, with_grad=True)
         old = inputs.get(BEHAVIOR_LOGPS, logps.detach())
         advantages = inputs["advantages"].unsqueeze(1)
         if self.loss_type == "rec":
@@ -305,6 +337,8 @@ class BAPOTrainer(GRPOTrainer):
         if self.beta != 0.0:  # TRL's k3 estimate of KL(pi || ref)
             log_ratio = inputs["ref_per_token_logps"] - logps
             kl = torch.exp(log_ratio) - log_ratio - 1
+            if args.use_bias_correction_kl:  # weighed by the ratio to the behavior policy, as TRL does
+                kl = kl * torch.exp(logps - old)
             per_token = per_token + self.beta * kl
             self._metrics[mode]["kl"].append(self._gathered_mean(kl, mask))
         tokens = mask.sum().clamp(min=1.0)
@@ -312,6 +346,9 @@ class BAPOTrainer(GRPOTrainer):
         entropy = (entropies * mask).sum() / tokens
         loss = loss - self.entropy_coef * entropy
         self._metrics[mode]["entropy"].append(self._gathered_mean(entropies, mask))
+        if self.aux_loss_enabled:  # the MoE load-balancing loss, as TRL adds it
+            loss = loss + self.router_aux_loss_coef * aux_loss
+            self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(aux_loss).mean().item())
         return loss / (self.current_gradient_accumulation_steps if mode == "train" else 1.0)
 
     @contextmanager
@@ -373,7 +410,6 @@ class BAPOTrainer(GRPOTrainer):
 
         Decisions are taken on the rollout gathered from every process, so they are the same everywhere.
         """
-        started, self._scoring_seconds = time.perf_counter(), 0.0
         self._rollout_step += 1
         t = self._rollout_step
         fresh = self._fresh_rollout(inputs, t)
@@ -397,7 +433,6 @@ class BAPOTrainer(GRPOTrainer):
             reevaluated=x2.reevaluated,
             policy_lag=fresh.lag,
             skipped=float(num_rows(batch) == 0),
-            assembly_seconds=time.perf_counter() - started - self._scoring_seconds,
         )
         return batch, masked_row(batch if num_rows(batch) else fresh.rows)
 
@@ -562,16 +597,13 @@ class BAPOTrainer(GRPOTrainer):
         from the states: if any process cannot read its own, none resumes from them, so no process runs on with
         buffers the others lack."""
         rank = self.accelerator.process_index
-        path = state_file(checkpoint, rank)
-        if not os.path.exists(path) and rank > 0:  # written by fewer processes; the shared parts are in file 0
-            path = state_file(checkpoint, 0)
         state, error = None, None
         try:
-            state = self._checked_state(read_state(path))
+            state = self._checked_state(self._own_state(checkpoint))
         except UNREADABLE as caught:
-            error = f"process {rank} could not read {path} ({unreadable_reason(caught)})"
+            error = f"process {rank} could not read {state_file(checkpoint, rank)} ({unreadable_reason(caught)})"
         except (KeyError, ValueError) as caught:
-            error = f"process {rank} could not use {path} ({type(caught).__name__}: {caught})"
+            error = f"process {rank} could not use {state_file(checkpoint, rank)} ({type(caught).__name__}: {caught})"
         errors = [e for e in (gather_object([error]) if self.accelerator.num_processes > 1 else [error]) if e]
         if not errors:
             self._apply_bapo_state(state)
@@ -579,10 +611,23 @@ class BAPOTrainer(GRPOTrainer):
         if not self.args.resume_without_bapo_state:
             raise ValueError(
                 f"Cannot resume BAPO from {checkpoint}: {'; '.join(errors)}. Resuming without that state would "
-                "silently empty the buffers and reset the thresholds and the rollout policy. Resume from a checkpoint "
-                "written by BAPOTrainer, or set resume_without_bapo_state=True to start with empty buffers."
+                "silently empty the buffers and reset the thresholds and the rollout policy. "
+                f"{resume_advice(checkpoint)} or set resume_without_bapo_state=True to start with empty buffers."
             )
         logger.warning("Resuming from %s with empty BAPO buffers: %s", checkpoint, "; ".join(errors))
+
+    def _own_state(self, checkpoint: str) -> dict[str, Any]:
+        """This process's state file; on a process the checkpoint's writers did not have (it was written by fewer
+        processes), file 0, which holds the shared parts. A file missing on a process that did write is an error:
+        another process's shards are no rollout policy of its own."""
+        rank = self.accelerator.process_index
+        path = state_file(checkpoint, rank)
+        if rank == 0 or os.path.exists(path):
+            return read_state(path)
+        state = read_state(state_file(checkpoint, 0))
+        if rank < state["processes"]:
+            raise FileNotFoundError(f"missing, though {state['processes']} processes wrote this checkpoint")
+        return state
 
     def _checked_state(self, state: dict[str, Any]) -> dict[str, Any]:
         """`state`, with its snapshot dropped where it cannot be placed: shards of another number of processes."""
@@ -685,26 +730,27 @@ class BAPOTrainer(GRPOTrainer):
 
     def _forward_logps(
         self, model, batch: dict[str, Any], with_grad: bool = False, batch_size: int | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Per-token log-probs (and entropies, with gradient) of `batch`'s completions, through TRL's forward."""
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """Per-token log-probs of `batch`'s completions through TRL's forward; with gradient also the entropies and,
+        for a Mixture-of-Experts model whose auxiliary loss TRL adds, that loss."""
         batch = unsplit_pixel_values_by_grid(batch)
         input_ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], dim=1)
         attention_mask = torch.cat([batch["prompt_mask"], batch["completion_mask"]], dim=1)
-        logps, entropies, _ = self._get_per_token_logps_and_entropies(
+        return self._get_per_token_logps_and_entropies(
             model,
             input_ids,
             attention_mask,
             batch["completion_ids"].size(1),
             batch_size=batch_size,
             compute_entropy=with_grad,
+            compute_aux_loss=with_grad and self.aux_loss_enabled,
             **{key: batch[key] for key in MULTIMODAL_FIELDS if key in batch},
         )
-        return logps, entropies
 
     def _gathered_mean(self, values: torch.Tensor, mask: torch.Tensor) -> float:
-        """Mean of `values` over the masked tokens, averaged over processes, as TRL logs its loss metrics."""
-        mean = (values.detach() * mask).sum() / mask.sum().clamp(min=1.0)
-        return self.accelerator.gather(mean).nanmean().item()
+        """Mean of `values` over the masked tokens of every process, as TRL logs its loss metrics."""
+        totals = self._sum_processes(torch.stack([(values.detach() * mask).sum(), mask.sum()]))
+        return (totals[0] / totals[1].clamp(min=1.0)).item()
 
     def _sum_processes(self, values: torch.Tensor) -> torch.Tensor:
         return self.accelerator.reduce(values, reduction="sum") if self.accelerator.num_processes > 1 else values
@@ -721,7 +767,7 @@ class BAPOTrainer(GRPOTrainer):
         if not len(rows):
             return torch.empty(0, batch["completion_ids"].size(1), device=batch["completion_ids"].device)
         with torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs):
-            logps, _ = self._forward_logps(
+            logps, _, _ = self._forward_logps(
                 self.model, select_rows(batch, rows), batch_size=self.args.per_device_train_batch_size
             )
         return logps[:count]
