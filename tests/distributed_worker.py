@@ -11,6 +11,7 @@ Scenarios:
   errors.
 - `reevaluate`: one prompt in B_bad, re-evaluated by more processes than it has prompts.
 - `adaptive`: `train` with adaptive clipping, whose bounds every process must choose alike.
+- `decoupled`: `train` with the decoupled correction, whose importance weights every process must log alike.
 - `loss_metrics`: BAPO's own loss (OPMD), whose entropy and KL metrics must be means over every process's tokens.
 - `fsdp1`: the trainer built under FSDP1, which must refuse the delayed rollout policy.
 
@@ -289,6 +290,9 @@ if __name__ == "__main__":
         "resume": resume,
         "reevaluate": reevaluate,
         "adaptive": lambda out, path: train(out, path, loss_type="bnpo", adaptive_clipping=True),
+        "decoupled": lambda out, path: train(
+            out, path, off_policy_correction="decoupled", importance_sampling_cap=1.05
+        ),
         "loss_metrics": loss_metrics,
         "fsdp1": fsdp1,
     }

@@ -141,6 +141,21 @@ def test_adaptive_clipping_bounds_agree_across_processes(tiny_model_path, tmp_pa
     assert all(log["bapo/clip_positive"] + log["bapo/clip_negative"] > 0 for log in logs[:-1])
 
 
+@pytest.mark.parametrize("engine", ["ddp", "fsdp2"])
+def test_decoupled_correction_agrees_across_processes(engine, tiny_model_path, tmp_path):
+    """The anchor pi_start is measured for every row, on each process's share (a collective forward under FSDP2);
+    the weights' statistics are summed over both processes: the same logs and weights on both."""
+    ranks = run_worker(engine, "decoupled", tmp_path, tiny_model_path)
+    assert ranks[0]["logs"] == ranks[1]["logs"] and ranks[0]["trained"] == ranks[1]["trained"]
+    logs = ranks[0]["logs"]
+    maxima = [
+        log[f"bapo/{s}/is_weight_max"] for log in logs for s in ("x1", "x2", "x3") if f"bapo/{s}/is_weight_max" in log
+    ]
+    assert maxima and max(maxima) <= 1.05 + 1e-6
+    assert any(log.get("bapo/x1/is_truncated", 0) > 0 for log in logs), "the stale rollouts were never truncated"
+    assert len(set(ranks[0]["trained"][:6])) == 6
+
+
 def test_off_policy_loss_logs_means_over_every_process_tokens(tiny_model_path, tmp_path):
     """As TRL logs its own losses' entropy and KL: weighted by tokens, not the mean of two processes' means."""
     metrics = run_worker("ddp", "loss_metrics", tmp_path, tiny_model_path)[0]["metrics"]

@@ -81,3 +81,68 @@ def test_batch_membership_follows_algorithm_1(tiny_model_path, tmp_path):
         rollouts += 4 * GROUP_SIZE + len(expected["reevaluated"]) * GROUP_SIZE
         assert log["bapo/rollouts"] == rollouts
     assert [set(call["scored"]) for call in reevaluations] == [{"e=", "i="}, {"m=", "p="}]
+
+
+# The authors' X2 rules (README, "The authors' code"): c1 = 1/4; a re-evaluated prompt joins X2 when its accuracy beats
+# the one it entered B_bad with and stays below 1; re-evaluated prompts stay in B_bad; X2 is capped to the room X1
+# leaves. Per prompt: correct completions at each scoring.
+AUTHORS_PLAN = {
+    **{"a=": [0, 1, 2], "b=": [1, 2, 2], "i=": [0, 4, 4], "c=": [2]},
+    **{"e=": [2], "f=": [3], "g=": [2], "h=": [4]},
+    **{"j=": [0, 1], "k=": [4], "l=": [4], "m=": [4]},
+    **{"n=": [4], "o=": [4], "p=": [4], "q=": [4]},
+}
+
+
+def test_authors_difficult_replay_rules(tiny_model_path, tmp_path):
+    reward = ScriptedReward(AUTHORS_PLAN)
+    args = make_config(
+        tmp_path,
+        max_steps=4,
+        rollout_delay=1,
+        reevaluation_interval=2,
+        difficult_threshold=0.25,
+        use_high_quality_replay=False,
+        difficult_admission="improved",
+        keep_reevaluated_prompts=True,
+        cap_difficult_replay=True,
+    )
+    trainer = BAPOTrainer(
+        model=tiny_model_path, reward_funcs=reward, args=args, train_dataset=prompt_dataset(list(AUTHORS_PLAN))
+    )
+    recorder = BatchRecorder(trainer)
+    trainer.train()
+    logs = bapo_logs(trainer)
+    # t = 2: X1 = e, f, g leaves room for one group. Re-evaluated a (0 -> 1/4) and b (1/4 -> 2/4) beat their entry
+    # accuracy, i (0 -> 4/4) is solved: not admitted, yet kept. The cap keeps the first admitted, a.
+    assert [log["bapo/x2"] for log in logs] == [0, 1, 0, 3]
+    assert set(recorder.per_step[2]) == {"e=", "f=", "g=", "a="}
+    assert [log["bapo/difficult_buffer"] for log in logs] == [3, 3, 4, 4]
+    # t = 4: X1 is empty; a (2/4), b (2/4, above its 1/4) and j (0 -> 1/4) join; i (4/4) does not.
+    assert set(recorder.per_step[4]) == {"a=", "b=", "j="}
+    assert logs[3]["bapo/reevaluated"] == 4
+
+
+def test_random_reevaluation_draws_from_the_whole_buffer(tiny_model_path, tmp_path):
+    """Two prompts of B_bad re-evaluated per step, drawn at random: not always the two oldest."""
+    plan = {f"{t}{name}=": [0] for t in range(6) for name in "abcd"}
+    reward = ScriptedReward(plan)
+    args = make_config(
+        tmp_path,
+        max_steps=6,
+        rollout_delay=1,
+        reevaluation_interval=1,
+        max_reevaluation_prompts=2,
+        difficult_buffer_size=8,
+        reevaluation_order="random",
+    )
+    trainer = BAPOTrainer(
+        model=tiny_model_path, reward_funcs=reward, args=args, train_dataset=prompt_dataset(list(plan))
+    )
+    trainer.train()
+    reevaluations = [call for call in reward.calls if all(n > 0 for n in call["scored"].values())]
+    assert len(reevaluations) == 6 and all(len(call["scored"]) == 2 for call in reevaluations)
+    # B_bad holds the last 8 prompts seen (all stay at 0/4), oldest first.
+    held = [list(plan)[: 4 * t][-8:] for t in range(1, 7)]
+    assert all(set(call["scored"]) <= set(prompts) for call, prompts in zip(reevaluations, held))
+    assert any(set(call["scored"]) != set(prompts[:2]) for call, prompts in zip(reevaluations, held))

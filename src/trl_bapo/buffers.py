@@ -22,7 +22,8 @@ def prompt_key(example: dict[str, Any]) -> str:
 
 
 class DifficultBuffer:
-    """B_bad: prompts whose group accuracy was <= c1, oldest first, at most `capacity` of them.
+    """B_bad: prompts whose group accuracy was <= c1, oldest first, at most `capacity` of them, each with the
+    accuracy it entered with.
 
     Holds the dataset rows themselves (prompt and reward-function columns), which is what re-evaluation
     needs to generate and score fresh completions for them with the current policy.
@@ -31,36 +32,51 @@ class DifficultBuffer:
     def __init__(self, capacity: int):
         self.capacity = capacity
         self._entries: OrderedDict[str, dict[str, Any]] = OrderedDict()
+        self._accuracy: dict[str, float] = {}
 
     def __len__(self) -> int:
         return len(self._entries)
 
-    def add(self, examples: list[dict[str, Any]]) -> None:
+    def add(self, examples: list[dict[str, Any]], accuracies: list[float]) -> None:
         """Appends prompts; a prompt already held moves to the back; the oldest leave beyond capacity."""
-        for example in examples:
+        for example, accuracy in zip(examples, accuracies, strict=True):
             key = prompt_key(example)
             self._entries.pop(key, None)
             self._entries[key] = example
+            self._accuracy[key] = accuracy
         while len(self._entries) > self.capacity:
-            self._entries.popitem(last=False)
+            self._accuracy.pop(self._entries.popitem(last=False)[0])
 
     def oldest(self, count: int) -> list[dict[str, Any]]:
         return [example for _, example in zip(range(count), self._entries.values())]
 
+    def sample(self, count: int, generator: torch.Generator) -> list[dict[str, Any]]:
+        """`count` prompts drawn at random (all of them when there are fewer), in the buffer's order."""
+        examples = list(self._entries.values())
+        chosen = torch.randperm(len(examples), generator=generator)[:count]
+        return [examples[i] for i in sorted(chosen.tolist())]
+
+    def accuracy(self, example: dict[str, Any]) -> float:
+        """The accuracy `example` had when it entered the buffer."""
+        return self._accuracy[prompt_key(example)]
+
     def remove(self, examples: list[dict[str, Any]]) -> None:
         for example in examples:
-            self._entries.pop(prompt_key(example), None)
+            key = prompt_key(example)
+            self._entries.pop(key, None)
+            self._accuracy.pop(key, None)
 
     def prompts(self) -> list[Any]:
         return [example["prompt"] for example in self._entries.values()]
 
     def state_dict(self) -> dict[str, Any]:
-        return {"examples": list(self._entries.values())}
+        return {"examples": list(self._entries.values()), "accuracies": [self._accuracy[k] for k in self._entries]}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restores the prompts; beyond this buffer's capacity the oldest leave, as they would on `add`."""
-        self._entries = OrderedDict()
-        self.add(state["examples"])
+        """Restores the prompts; beyond this buffer's capacity the oldest leave, as they would on `add`. A state
+        written before accuracies were kept (trl-bapo 0.1.0) gives each prompt an accuracy of 0."""
+        self._entries, self._accuracy = OrderedDict(), {}
+        self.add(state["examples"], state.get("accuracies", [0.0] * len(state["examples"])))
 
 
 @dataclass

@@ -17,6 +17,9 @@ from trl import GRPOConfig
 from trl_bapo.losses import OFF_POLICY_LOSSES, REC_VARIANTS, TRL_LOSSES
 
 ONLINE_FILTERS = ("range", "gaussian", "uniform", "none")
+REEVALUATION_ORDERS = ("oldest", "random")
+DIFFICULT_ADMISSIONS = ("paper", "improved")
+OFF_POLICY_CORRECTIONS = ("behavior", "decoupled")
 # TRL's loss types with a clipped surrogate on a token-level ratio, the ones adaptive clipping can set bounds for.
 CLIPPED_LOSSES = ("grpo", "bnpo", "dr_grpo", "dapo")
 KL_REFERENCES = ("behavior", "ref")
@@ -109,6 +112,37 @@ class BAPOConfig(GRPOConfig):
     use_difficult_replay: bool = field(
         default=True, metadata={"help": "Build X2 from re-evaluated difficult prompts (B_bad)."}
     )
+    reevaluation_order: str = field(
+        default="oldest",
+        metadata={
+            "help": "Which prompts of B_bad are re-evaluated, at most `max_reevaluation_prompts` of them: 'oldest' "
+            "first (the paper's FIFO) or 'random' (the authors' code draws them at random).",
+            "choices": list(REEVALUATION_ORDERS),
+        },
+    )
+    difficult_admission: str = field(
+        default="paper",
+        metadata={
+            "help": "Which re-evaluated prompts join X2: 'paper' (eq. 6) those with c1 < mu < 1; 'improved' those "
+            "whose new mu beats the mu they entered B_bad with, and stays below 1 (the authors' code, without its "
+            "slip that also admits all-correct groups, which carry no advantage).",
+            "choices": list(DIFFICULT_ADMISSIONS),
+        },
+    )
+    keep_reevaluated_prompts: bool = field(
+        default=False,
+        metadata={
+            "help": "Keep re-evaluated prompts in B_bad whatever their new mu (the authors' code). False: a prompt "
+            "re-evaluated above c1 leaves B_bad, so it holds only what is still unsolved."
+        },
+    )
+    cap_difficult_replay: bool = field(
+        default=False,
+        metadata={
+            "help": "Cap X2 to the room X1 leaves in the batch, B - |X1| groups (the authors' code caps it in rows). "
+            "False: X2 is not capped, so a re-evaluation step can train on more than B groups."
+        },
+    )
     use_high_quality_replay: bool = field(
         default=True, metadata={"help": "Fill the batch with X3, historical high-quality groups from B_high."}
     )
@@ -134,6 +168,24 @@ class BAPOConfig(GRPOConfig):
     correctness_threshold: float = field(
         default=1.0,
         metadata={"help": "With `correctness_reward`: a completion is correct when that reward is >= this value."},
+    )
+    off_policy_correction: str = field(
+        default="behavior",
+        metadata={
+            "help": "How the loss corrects for stale samples. 'behavior' (eq. 3): the clipped ratio is taken against "
+            "the policy that generated each sample (alpha, or alpha_t' for replayed groups). 'decoupled' (the "
+            "authors' code): the clipped ratio is taken against the policy at the start of the rollout step, "
+            "measured for every row of the assembled batch, and each token's loss is weighed by "
+            "min(pi_start / pi_behavior, importance_sampling_cap).",
+            "choices": list(OFF_POLICY_CORRECTIONS),
+        },
+    )
+    importance_sampling_cap: float = field(
+        default=3.0,
+        metadata={
+            "help": "With off_policy_correction='decoupled': the truncation of the importance weight "
+            "pi_start / pi_behavior (the authors' rollout_is_threshold: 3)."
+        },
     )
     kl_reference: str = field(
         default="behavior",
@@ -307,8 +359,25 @@ class BAPOConfig(GRPOConfig):
                 f"difficult_buffer_size must be None (one rollout batch of prompts) or an integer >= 1, "
                 f"got {self.difficult_buffer_size!r}."
             )
-        if self.online_filter not in ONLINE_FILTERS:
-            raise ValueError(f"online_filter must be one of {ONLINE_FILTERS}, got {self.online_filter!r}.")
+        for name, choices in (
+            ("online_filter", ONLINE_FILTERS),
+            ("reevaluation_order", REEVALUATION_ORDERS),
+            ("difficult_admission", DIFFICULT_ADMISSIONS),
+            ("off_policy_correction", OFF_POLICY_CORRECTIONS),
+        ):
+            if getattr(self, name) not in choices:
+                raise ValueError(f"{name} must be one of {choices}, got {getattr(self, name)!r}.")
+        if not (math.isfinite(self.importance_sampling_cap) and self.importance_sampling_cap >= 1):
+            raise ValueError(
+                f"importance_sampling_cap must be a finite number >= 1, got {self.importance_sampling_cap!r}; a cap "
+                "below 1 would shrink even on-policy tokens. The authors' code uses 3."
+            )
+        if self.off_policy_correction == "decoupled" and self.loss_type == "vespo":
+            raise ValueError(
+                "off_policy_correction='decoupled' weighs each token's loss by its importance weight, which "
+                "loss_type='vespo' folds into its own sequence weights; use another loss type or "
+                "off_policy_correction='behavior'."
+            )
         if self.kl_reference not in KL_REFERENCES:
             raise ValueError(f"kl_reference must be one of {KL_REFERENCES}, got {self.kl_reference!r}.")
         if self.kl_reference == "behavior" and self.sync_ref_model:

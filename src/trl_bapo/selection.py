@@ -84,6 +84,12 @@ def improved_mask(accuracy: torch.Tensor, c1: float) -> torch.Tensor:
     return (accuracy > c1 + EPS) & (accuracy < 1 - EPS)
 
 
+def beats_mask(accuracy: torch.Tensor, entered_with: torch.Tensor) -> torch.Tensor:
+    """Re-evaluated difficult prompts that join X2 under the authors' rule: a new mu above the one the prompt
+    entered B_bad with, and below 1 (an all-correct group has no advantage)."""
+    return (accuracy > entered_with + EPS) & (accuracy < 1 - EPS)
+
+
 def x3_room(batch_groups: int, num_x1: int, num_x2: int) -> int:
     """Free room for X3 (eq. 7): B - |X1| - |X2|, never negative."""
     return max(0, batch_groups - num_x1 - num_x2)

@@ -67,11 +67,13 @@ from trl_bapo.checkpoint import (
     write_state,
 )
 from trl_bapo.config import BAPOConfig
+from trl_bapo.correction import combine_stats, source_weight_stats, weight_metrics, weighted_advantages
 from trl_bapo.engines import local_shard, trainable_parameters
 from trl_bapo.losses import OFF_POLICY_LOSSES, adaptive_clip_bounds, asymre_loss, opmd_loss, rec_loss
 from trl_bapo.rollout import RolloutSnapshot
 from trl_bapo.selection import (
     adaptive_threshold,
+    beats_mask,
     correct_completions,
     difficult_mask,
     group_accuracy,
@@ -85,6 +87,10 @@ from trl_bapo.selection import (
 from trl_bapo.vllm_sync import send_weights
 
 BEHAVIOR_LOGPS = "old_per_token_logps"
+# Per row: 1, 2 or 3 for a row of X1, X2 or X3.
+SOURCE = "bapo_source"
+# Per token, with off_policy_correction="decoupled": min(pi_start / pi_behavior, importance_sampling_cap).
+IMPORTANCE_WEIGHT = "bapo_importance_weight"
 # Image fields TRL's forward takes besides the token ids (trl 1.16.0, GRPOTrainer._compute_loss).
 MULTIMODAL_FIELDS = (
     "pixel_values",
@@ -230,6 +236,7 @@ class BAPOTrainer(GRPOTrainer):
         self.add_callback(self._frozen_step)
         self._last_rewards_per_func: torch.Tensor | None = None
         self._scoring_seconds = 0.0  # time spent in TRL's generation and scoring during this rollout step
+        self._weight_stats: list[torch.Tensor] = []  # the decoupled correction's, per micro-batch of this step
         self._engine_holds_alpha = False  # a (re)started vLLM engine holds the base model
 
     @property
@@ -268,10 +275,16 @@ class BAPOTrainer(GRPOTrainer):
                 self._tokenizer.pad_token_id,
                 equal_sizes=self.accelerator.num_processes > 1,
             )
+            self._weight_stats = []
             self._buffered_inputs = [
                 unsplit_pixel_values_by_grid(self._finish_behavior_logps(chunk))
                 for chunk in chunks[rank * steps : (rank + 1) * steps]
             ]
+            if self._weight_stats:  # decoupled correction: the same number of micro-batches on every process
+                stats = combine_stats(self._weight_stats)
+                if self.accelerator.num_processes > 1:
+                    stats = combine_stats(list(self.accelerator.gather(stats.to(self.accelerator.device)[None]).cpu()))
+                self._log_step(**weight_metrics(stats))
             # BAPO's own work on this rollout step: assembly and the behavior log-prob forwards it adds.
             self._log_step(assembly_seconds=time.perf_counter() - started - self._scoring_seconds)
         if self._skip_update:
@@ -304,6 +317,8 @@ class BAPOTrainer(GRPOTrainer):
         """TRL's loss, with adaptive clipping bounds when asked; or one of `trl_bapo.losses`' own."""
         if self.loss_type in OFF_POLICY_LOSSES:
             return self._off_policy_loss(model, inputs)
+        if IMPORTANCE_WEIGHT in inputs:
+            inputs = weighted_advantages(inputs, inputs[IMPORTANCE_WEIGHT])
         if self.args.adaptive_clipping and model.training:
             with self._adaptive_clipping(inputs):
                 return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
@@ -332,8 +347,9 @@ class BAPOTrainer(GRPOTrainer):
             per_token = asymre_loss(logps, advantages, args.asymre_tau)
         else:
             per_token = opmd_loss(logps, old, advantages, args.opmd_tau)
-        if "importance_sampling_ratio" in inputs:
-            per_token = per_token * inputs["importance_sampling_ratio"]
+        for weight in ("importance_sampling_ratio", IMPORTANCE_WEIGHT):  # TRL's vLLM weight, the decoupled one
+            if weight in inputs:
+                per_token = per_token * inputs[weight]
         if self.beta != 0.0:  # TRL's k3 estimate of KL(pi || ref)
             log_ratio = inputs["ref_per_token_logps"] - logps
             kl = torch.exp(log_ratio) - log_ratio - 1
@@ -365,7 +381,7 @@ class BAPOTrainer(GRPOTrainer):
             old = inputs.get(BEHAVIOR_LOGPS, logps.detach())
             chosen = adaptive_clip_bounds(
                 torch.exp(logps.detach() - old),
-                inputs["advantages"].unsqueeze(1),
+                weighted_advantages(inputs, 1.0)["advantages"],  # per row, or per token when weighted
                 loss_mask(inputs),
                 start=tuple(args.adaptive_clip_start),
                 step=args.adaptive_clip_step,
@@ -415,9 +431,13 @@ class BAPOTrainer(GRPOTrainer):
         fresh = self._fresh_rollout(inputs, t)
         x1 = select_rows(fresh.rows, group_rows(fresh.x1.nonzero().flatten(), self.num_generations))
         num_x1 = int(fresh.x1.sum())
-        x2 = self._difficult_replay(t)
+        x2 = self._difficult_replay(t, room=x3_room(self._batch_groups, num_x1, 0))
         x3 = self._high_quality_replay(t, fresh, room=x3_room(self._batch_groups, num_x1, x2.groups))
-        batch = concat_batches([x1, *x2.parts, *x3.parts], self._tokenizer.pad_token_id)  # line 17
+        parts = [x1, *x2.parts, *x3.parts]
+        sources = [1] + [2] * len(x2.parts) + [3] * len(x3.parts)
+        for part, source in zip(parts, sources):  # which of X1, X2, X3 each row is, for the metrics by source
+            part[SOURCE] = torch.full((num_rows(part),), source, device=part["completion_ids"].device)
+        batch = concat_batches(parts, self._tokenizer.pad_token_id)  # line 17
         batch["num_items_in_batch"] = loss_mask(batch).sum()
         self._log_step(
             x1=num_x1,
@@ -473,7 +493,7 @@ class BAPOTrainer(GRPOTrainer):
         self._rollouts += len(examples)
         if args.use_difficult_replay:  # line 8
             bad = difficult_mask(accuracy, args.c1).nonzero().flatten().tolist()
-            self._difficult.add([examples[g * group_size] for g in bad])
+            self._difficult.add([examples[g * group_size] for g in bad], [float(accuracy[g]) for g in bad])
         return FreshRollout(rows, examples, accuracy, x1, high, c2, c3, lag)
 
     def _high_quality_replay(self, t: int, fresh: FreshRollout, room: int) -> Replay:
@@ -540,19 +560,23 @@ class BAPOTrainer(GRPOTrainer):
             rows += [dict(example) for _ in range(self.num_generations)]
         return rows
 
-    def _difficult_replay(self, t: int) -> Replay:
-        """Lines 12-15, X2 (eq. 6): every m steps, regenerate the oldest prompts of B_bad with the current policy;
-        keep c1 < mu < 1.
+    def _difficult_replay(self, t: int, room: int) -> Replay:
+        """Lines 12-15, X2 (eq. 6): every m steps, regenerate prompts of B_bad with the current policy (the oldest,
+        or with `reevaluation_order='random'` a random draw) and keep those `difficult_admission` admits: c1 < mu < 1,
+        or a mu above the one the prompt entered with. With `cap_difficult_replay`, at most `room` groups.
 
-        Prompts that are no longer difficult leave B_bad, so the buffer keeps only what is still unsolved. The
-        prompts are shared between processes with accelerate's split, padded by repeating the last prompt, because
-        TRL gathers rewards across processes and expects every process to score as many rows; a prompt scored
-        twice counts once.
+        Prompts that are no longer difficult leave B_bad (unless `keep_reevaluated_prompts`), so the buffer keeps
+        only what is still unsolved. The prompts are shared between processes with accelerate's split, padded by
+        repeating the last prompt, because TRL gathers rewards across processes and expects every process to score
+        as many rows; a prompt scored twice counts once.
         """
-        group_size, c1 = self.num_generations, self.args.c1
-        if not (self.args.use_difficult_replay and t % self.args.reevaluation_interval == 0 and len(self._difficult)):
+        args, group_size, c1 = self.args, self.num_generations, self.args.c1
+        if not (args.use_difficult_replay and t % args.reevaluation_interval == 0 and len(self._difficult)):
             return Replay([], 0)
-        examples = self._difficult.oldest(self.args.max_reevaluation_prompts)
+        if args.reevaluation_order == "random":
+            examples = self._difficult.sample(args.max_reevaluation_prompts, self._generator)
+        else:
+            examples = self._difficult.oldest(args.max_reevaluation_prompts)
         with self.accelerator.split_between_processes(list(range(len(examples))), apply_padding=True) as share:
             with self._muted_metrics():
                 scored = self._score([examples[i] for i in share for _ in range(group_size)])
@@ -562,8 +586,13 @@ class BAPOTrainer(GRPOTrainer):
         self._rollouts += len(order) * group_size
         first = torch.tensor([order.index(i) for i in range(len(examples))])  # each prompt's first scored group
         accuracy = group_accuracy(scored.correct, group_size)[first]
-        self._difficult.remove([ex for ex, hard in zip(examples, difficult_mask(accuracy, c1)) if not hard])
-        keep = first[improved_mask(accuracy, c1)]
+        if args.difficult_admission == "improved":
+            admitted = beats_mask(accuracy, torch.tensor([self._difficult.accuracy(ex) for ex in examples]))
+        else:
+            admitted = improved_mask(accuracy, c1)
+        if not args.keep_reevaluated_prompts:
+            self._difficult.remove([ex for ex, hard in zip(examples, difficult_mask(accuracy, c1)) if not hard])
+        keep = first[admitted][: room if args.cap_difficult_replay else None]
         return Replay([select_rows(batch, group_rows(keep, group_size))], len(keep), reevaluated=len(examples))
 
     # ---- checkpoint state -----------------------------------------------------------------------------------
@@ -797,7 +826,10 @@ class BAPOTrainer(GRPOTrainer):
 
     def _finish_behavior_logps(self, chunk: dict[str, Any]) -> dict[str, Any]:
         """Makes a micro-batch's behavior log-probs whole, or drops them when every row is on-policy and nothing
-        needs them: TRL then takes the ratio against the detached current log-probs, exactly as GRPO does."""
+        needs them: TRL then takes the ratio against the detached current log-probs, exactly as GRPO does. With
+        `off_policy_correction="decoupled"`, anchors the ratio at the policy that starts the step instead."""
+        if self.args.off_policy_correction == "decoupled":
+            return self._decouple(chunk)
         logps = chunk[BEHAVIOR_LOGPS]
         missing = unmeasured_rows(logps)
         on_policy = bool(missing.all()) and not self._behavior_kl
@@ -809,6 +841,27 @@ class BAPOTrainer(GRPOTrainer):
         logps[rows] = measured
         if self._behavior_kl:
             chunk["ref_per_token_logps"] = logps
+        return chunk
+
+    def _decouple(self, chunk: dict[str, Any]) -> dict[str, Any]:
+        """The decoupled form of the loss: the clipped ratio's anchor is pi_start, the policy at the start of this
+        rollout step (the weights in the model while the batch is cut), measured for every row; the policy that
+        generated a row enters only through its truncated importance weight min(pi_start / pi_behavior, cap). A
+        row generated by the current policy (its behavior log-probs unmeasured) weighs 1."""
+        behavior = chunk[BEHAVIOR_LOGPS]
+        start = self._policy_logps(chunk, torch.arange(num_rows(chunk)))
+        behavior = torch.where(torch.isnan(behavior), start, behavior)
+        mask = loss_mask(chunk).bool()
+        ratio = torch.where(mask, torch.exp(start - behavior), torch.ones_like(start))
+        chunk[IMPORTANCE_WEIGHT] = ratio.clamp(max=self.args.importance_sampling_cap)
+        chunk[BEHAVIOR_LOGPS] = start
+        if self._behavior_kl:
+            chunk["ref_per_token_logps"] = behavior
+        self._weight_stats.append(
+            source_weight_stats(
+                chunk[IMPORTANCE_WEIGHT], ratio, mask, chunk.get(SOURCE), self.args.importance_sampling_cap
+            )
+        )
         return chunk
 
     def _log_step(self, **values: float) -> None:
