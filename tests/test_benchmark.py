@@ -1,8 +1,10 @@
 """The bench harness end to end for a few steps, on the embedded (warm-started) model."""
 
+import dataclasses
 import json
 
 from trl_bapo.examples import benchmark
+from trl_bapo.examples.embedded import PROMPTS_PER_STEP
 
 RECORD_KEYS = {
     "method",
@@ -29,6 +31,8 @@ def test_bench_harness_runs_grpo_and_bapo(tmp_path, monkeypatch):
     monkeypatch.setattr(benchmark, "EVAL_EVERY", 2)  # read in this process: the runs' own processes keep 25
     result = benchmark.main(
         [
+            "--regimes",
+            "carry",
             "--methods",
             "grpo",
             "bapo",
@@ -48,7 +52,8 @@ def test_bench_harness_runs_grpo_and_bapo(tmp_path, monkeypatch):
     for record in result["records"]:
         assert RECORD_KEYS <= set(record)
         assert record["steps"] == 2 and record["learning_rate"] == benchmark.TRAINING["learning_rate"]
-        assert record["rollouts"] >= 2 * benchmark.PROMPTS_PER_STEP * benchmark.GROUP_SIZE
+        assert record["rollouts"] >= 2 * PROMPTS_PER_STEP * benchmark.GROUP_SIZE
+        assert record["task"] == "carry" and record["updates_per_rollout"] == 1
         assert 0 <= record["eval_accuracy"] <= 1 and 0 <= record["unlock_rate"] <= 1
         assert 0 < record["effective_rollout_ratio"] <= 1.5
         assert record["peak_rss_mib"] > 100  # the run's own process: torch and the model at least
@@ -58,3 +63,28 @@ def test_bench_harness_runs_grpo_and_bapo(tmp_path, monkeypatch):
     assert (tmp_path / "DIFFICULTY.md").read_text().startswith("| difficulty |")
     for plot in ("heldout.png", "composition.png", "accuracy_bins.png"):
         assert (tmp_path / plot).stat().st_size > 0
+
+
+def test_bench_harness_runs_the_paper_regime(tmp_path, monkeypatch):
+    """4 updates on one rollout batch of 32 prompts, GRPO against BAPO's decoupled variant, paired by seed. The
+    regime's own task is swapped for the carry model the other tests build (the runs get the regime itself)."""
+    paper = dataclasses.replace(benchmark.REGIMES["paper"], task="carry", warm_start_steps=1500, eval_every=2)
+    monkeypatch.setitem(benchmark.REGIMES, "paper", paper)
+    result = benchmark.main(
+        ["--regimes", "paper", "--methods", "grpo", "bapo_decoupled", "--seeds", "0", "1", "--steps", "4"]
+        + ["--output-dir", str(tmp_path), "--tracked-prompts", "16"]
+    )
+    records = result["records"]
+    assert [(r["method"], r["seed"]) for r in records] == [
+        ("grpo", 0),
+        ("bapo_decoupled", 0),
+        ("grpo", 1),
+        ("bapo_decoupled", 1),
+    ]
+    for record in records:
+        assert record["updates_per_rollout"] == 4 and record["regime"] == "paper"
+        assert record["rollouts"] >= 32 * benchmark.GROUP_SIZE
+        assert len(record["heldout_curve"]) == 3  # the base model, then after 2 and 4 optimizer steps
+    assert "bapo/x1/is_weight_mean" in records[1]["bapo_means"]
+    report = (tmp_path / "paper" / "RESULTS.md").read_text()
+    assert "Gains paired by seed against GRPO" in report and "| bapo_decoupled | 2 |" in report
