@@ -20,7 +20,7 @@ from datasets import Dataset
 from transformers import TrainerCallback
 
 from trl_bapo import BAPOConfig, BAPOTrainer
-from trl_bapo.examples.tiny import build_tiny_model
+from trl_bapo.builtin.tiny import build_tiny_model
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Nothing is downloaded here; offline, TRL's telemetry thread (rank 0 of every launch) opens no connection either.

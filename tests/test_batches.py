@@ -8,7 +8,8 @@ from conftest import GROUP_SIZE, ScriptedReward, bapo_logs, make_config, paramet
 
 from trl_bapo import BAPOTrainer
 from trl_bapo.batch import concat_batches, split_micro_batches, unmeasured_rows
-from trl_bapo.examples.tiny import load_tiny_model
+from trl_bapo.builtin.tiny import load_tiny_model
+from trl_bapo.losses import LOSSES
 
 
 def test_empty_batch_trains_on_nothing(tiny_model_path, tmp_path):
@@ -109,17 +110,17 @@ def test_split_micro_batches_scales_and_fills():
     }
     filler = {key: value[:1] if value.dim() else value for key, value in batch.items()}
     filler["completion_mask"] = torch.zeros_like(filler["completion_mask"])
-    chunks = split_micro_batches(batch, 3, "grpo", filler, pad_token_id=0)
+    chunks = split_micro_batches(batch, 3, LOSSES["grpo"].normalisation, filler, pad_token_id=0)
     assert [len(c["advantages"]) for c in chunks] == [2, 2, 1]
     assert [c["bapo_loss_scale"] for c in chunks] == pytest.approx([2 * 3 / 5, 2 * 3 / 5, 1 * 3 / 5])
-    tokens = split_micro_batches(batch, 3, "bnpo", filler, pad_token_id=0)
+    tokens = split_micro_batches(batch, 3, LOSSES["bnpo"].normalisation, filler, pad_token_id=0)
     assert [c["bapo_loss_scale"] for c in tokens] == pytest.approx([4 * 3 / 10, 5 * 3 / 10, 1 * 3 / 10])
-    padded = split_micro_batches(batch, 7, "dapo", filler, pad_token_id=0)
+    padded = split_micro_batches(batch, 7, LOSSES["dapo"].normalisation, filler, pad_token_id=0)
     assert [c["bapo_loss_scale"] for c in padded] == [1.0] * 5 + [0.0] * 2
     assert padded[-1]["advantages"] is filler["advantages"]
     # Equal sizes (several processes): 5 rows in 3 chunks of 2, the last one topped up with a filler row that
     # counts in TRL's per-sequence mean, so its scale covers 2 rows.
-    equal = split_micro_batches(batch, 3, "grpo", filler, pad_token_id=0, equal_sizes=True)
+    equal = split_micro_batches(batch, 3, LOSSES["grpo"].normalisation, filler, pad_token_id=0, equal_sizes=True)
     assert [len(c["advantages"]) for c in equal] == [2, 2, 2]
     assert equal[2]["completion_mask"][1].sum() == 0
     assert [c["bapo_loss_scale"] for c in equal] == pytest.approx([2 * 3 / 5] * 3)

@@ -3,8 +3,8 @@
 import dataclasses
 import json
 
+from trl_bapo.builtin.embedded import PROMPTS_PER_STEP
 from trl_bapo.examples import benchmark
-from trl_bapo.examples.embedded import PROMPTS_PER_STEP
 
 RECORD_KEYS = {
     "method",

@@ -18,11 +18,11 @@ from trl import DatasetMixtureConfig, ModelConfig
 from trl.scripts.grpo import make_parser as trl_grpo_parser
 
 from trl_bapo import BAPOConfig
+from trl_bapo.builtin.embedded import TRAINING, embedded_model
+from trl_bapo.builtin.rewards import load_reward
 from trl_bapo.cli import launch_arguments
-from trl_bapo.examples.embedded import TRAINING, embedded_model
 from trl_bapo.scripts.bapo import BAPOScriptArguments, main, make_parser, resolve_model
 from trl_bapo.scripts.data import load_prompts
-from trl_bapo.scripts.rewards import load_reward
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 DEMO = RECIPES / "demo.yaml"
@@ -87,9 +87,9 @@ def test_recipe_parses_into_paper_settings(recipe, bf16_gpu):
     assert config.rollout_delay == 5
     assert config.reevaluation_interval == 5
     assert config.max_reevaluation_prompts == 128
-    assert config.c1 == 0.125
-    assert config.c2_range == (0.125, 0.5)
-    assert config.c3_range == (0.25, 0.625)
+    assert config.difficult_threshold == 0.125
+    assert config.high_quality_lower_range == [0.125, 0.5]
+    assert config.high_quality_upper_range == [0.25, 0.625]
     assert config.online_filter == "range"
     assert config.online_filter_gaussian_mean == 0.5
     assert config.online_filter_gaussian_std == 0.2
@@ -119,7 +119,7 @@ def test_authors_recipe_has_their_run_script_settings(bf16_gpu):
     assert (config.rollout_delay, config.reevaluation_interval, config.max_reevaluation_prompts) == (2, 2, 32)
     assert (config.reevaluation_order, config.difficult_admission) == ("random", "improved")
     assert config.keep_reevaluated_prompts and config.cap_difficult_replay
-    assert config.c2_range == (0.125, 0.125) and config.c3_range == (0.375, 0.375)
+    assert config.high_quality_lower_range == [0.125, 0.125] and config.high_quality_upper_range == [0.375, 0.375]
     assert (config.off_policy_correction, config.importance_sampling_cap) == ("decoupled", 3.0)
     assert (config.epsilon, config.epsilon_high, config.delta) == (0.2, 0.28, 10.0)
     assert (config.beta, config.entropy_coef, config.weight_decay, config.temperature) == (0.0, 0.0, 0.1, 0.99)

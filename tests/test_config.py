@@ -6,7 +6,8 @@ import pytest
 from trl import GRPOConfig
 
 from trl_bapo import BAPOConfig, BAPOTrainer
-from trl_bapo.examples.tasks import exact_answer_reward
+from trl_bapo.builtin.tasks import exact_answer_reward
+from trl_bapo.config import HEADINGS, THRESHOLD_FIELDS
 
 BAPO_FIELDS = [
     f for f in dataclasses.fields(BAPOConfig) if f.name not in {g.name for g in dataclasses.fields(GRPOConfig)}
@@ -23,8 +24,8 @@ def _config(tmp_path, **kwargs):
 def test_defaults_are_table_3(tmp_path):
     config = _config(tmp_path)
     assert (config.rollout_delay, config.reevaluation_interval, config.max_reevaluation_prompts) == (5, 5, 128)
-    assert config.c1 == 1 / 8
-    assert config.c2_range == (1 / 8, 4 / 8) and config.c3_range == (2 / 8, 5 / 8)
+    assert config.difficult_threshold == 1 / 8
+    assert config.high_quality_lower_range == [1 / 8, 4 / 8] and config.high_quality_upper_range == [2 / 8, 5 / 8]
     assert config.high_quality_buffer_steps == 3
     assert (config.online_filter, config.online_filter_gaussian_mean, config.online_filter_gaussian_std) == (
         "range",
@@ -37,13 +38,30 @@ def test_defaults_are_table_3(tmp_path):
 
 def test_mini_test_fixes_the_thresholds(tmp_path):
     config = _config(tmp_path, mini_test=True)
-    assert config.c1 == 0 and config.c2_range == (0.5, 0.5) and config.c3_range == (0.5, 0.5)
+    assert (
+        config.difficult_threshold == 0
+        and config.high_quality_lower_range == [0.5, 0.5] == config.high_quality_upper_range
+    )
 
 
-def test_every_bapo_field_is_documented():
+def test_every_bapo_field_is_documented_under_one_heading():
     assert len(BAPO_FIELDS) == 38
     for field in BAPO_FIELDS:
         assert len(field.metadata.get("help", "")) > 20, field.name
+    listed = [name for names in HEADINGS.values() for name in names]
+    assert sorted(listed) == sorted([field.name for field in BAPO_FIELDS] + ["loss_type"])
+    for heading in HEADINGS:
+        assert f"> {heading}" in BAPOConfig.__doc__
+
+
+def test_a_config_written_out_reads_back_the_same(tmp_path):
+    """Thresholds resolve to their values when the config is built; built again from them, it is the same."""
+    for settings in (dict(), dict(mini_test=True)):
+        config = _config(tmp_path, **settings)
+        again = _config(tmp_path, **{name: getattr(config, name) for name in THRESHOLD_FIELDS}, **settings)
+        assert [getattr(again, name) for name in THRESHOLD_FIELDS] == [
+            getattr(config, name) for name in THRESHOLD_FIELDS
+        ]
 
 
 @pytest.mark.parametrize(
@@ -68,7 +86,7 @@ def test_every_bapo_field_is_documented():
         (dict(online_filter_uniform_keep=1.5), "online_filter_uniform_keep"),
         (dict(kl_reference="initial"), "kl_reference"),
         (dict(mini_test=True, difficult_threshold=0.1), "mini_test"),
-        (dict(mini_test=True, high_quality_lower_range=[0.5, 0.5]), "mini_test"),
+        (dict(mini_test=True, high_quality_lower_range=[0.25, 0.5]), "mini_test"),
         (dict(mini_test=True, online_filter="gaussian"), "mini_test"),
         (dict(num_generations=1, per_device_train_batch_size=1), "at least 2 generations"),
         (dict(use_vllm=True, rollout_delay=2, reevaluation_interval=3), "multiple of rollout_delay"),

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from trl_bapo.examples.embedded import embedded_model
+from trl_bapo.builtin.embedded import embedded_model
 
 HERE = Path(__file__).parent
 WORKER = HERE / "distributed_worker.py"

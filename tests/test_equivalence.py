@@ -5,8 +5,8 @@ from conftest import make_config, parameters
 from trl import GRPOConfig, GRPOTrainer
 
 from trl_bapo import BAPOTrainer
-from trl_bapo.examples.tasks import arithmetic_dataset, exact_answer_reward
-from trl_bapo.examples.tiny import load_tiny_model
+from trl_bapo.builtin.tasks import arithmetic_dataset, exact_answer_reward
+from trl_bapo.builtin.tiny import load_tiny_model
 
 COMMON = dict(
     per_device_train_batch_size=8,

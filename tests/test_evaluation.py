@@ -2,8 +2,8 @@
 
 from transformers import AutoTokenizer
 
+from trl_bapo.builtin.tiny import load_tiny_model
 from trl_bapo.examples.evaluation import accuracy_bins, migration_matrix, prompt_accuracies, relock_rate, unlock_rate
-from trl_bapo.examples.tiny import load_tiny_model
 
 
 def test_prompt_accuracies_sample_and_greedy(tiny_model_path):

@@ -5,7 +5,7 @@ from conftest import ScriptedReward, bapo_logs, make_config, prompt_dataset
 from peft import LoraConfig, PeftModel
 
 from trl_bapo import BAPOTrainer
-from trl_bapo.examples.tiny import load_tiny_model
+from trl_bapo.builtin.tiny import load_tiny_model
 
 
 def test_lora_trains_adapters_and_snapshots_only_them(tiny_model_path, tmp_path):

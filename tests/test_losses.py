@@ -12,8 +12,8 @@ from conftest import ScriptedReward, bapo_logs, make_config, parameters, prompt_
 from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
 
 from trl_bapo import BAPOConfig, BAPOTrainer
-from trl_bapo.examples.tiny import build_tokenizer
-from trl_bapo.losses import adaptive_clip_bounds
+from trl_bapo.builtin.tiny import build_tokenizer
+from trl_bapo.clipping import adaptive_clip_bounds
 
 PLAN = {f"{t}{name}=": ks for t in range(8) for name, ks in zip("abcd", [[2], [3], [0, 2], [1]])}
 START, STEP, MAXIMUM, TARGET = (0.6, 1.2), 0.05, (0.8, 2.0), 1.0

@@ -56,7 +56,7 @@ def test_status_shows_buffers_and_thresholds_as_a_copy(tiny_model_path, tmp_path
     # r_tot is the share of correct fresh completions: (0 + 2 + 4 + 4) / 16 at both steps.
     assert status.r_tot == pytest.approx(10 / 16)
     assert (status.c2, status.c3) == pytest.approx((10 / 16 * 0.25 + 0.25, 10 / 16 * 0.25 + 0.5))  # eq. 8
-    assert status.c1 == trainer.args.c1
+    assert status.c1 == trainer.args.difficult_threshold
     with pytest.raises(dataclasses.FrozenInstanceError):
         status.c1 = 0.5
     assert trainer.bapo_status == status

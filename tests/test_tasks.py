@@ -7,7 +7,8 @@ import re
 
 import pytest
 
-from trl_bapo.examples.tasks import (
+from trl_bapo.builtin.rewards import load_reward
+from trl_bapo.builtin.tasks import (
     ARITHMETIC,
     CARRY,
     COUNTDOWN,
@@ -23,8 +24,7 @@ from trl_bapo.examples.tasks import (
     verify_arithmetic,
     verify_countdown,
 )
-from trl_bapo.examples.tiny import CHARACTERS
-from trl_bapo.scripts.rewards import load_reward
+from trl_bapo.builtin.tiny import CHARACTERS
 
 GENERATORS = {CARRY: carry_problems, ARITHMETIC: arithmetic_problems, COUNTDOWN: countdown_problems}
 
@@ -196,7 +196,7 @@ def test_countdown_limits_are_inclusive():
 
 
 def test_word_problems_are_conversational_deterministic_and_checked_on_the_last_number():
-    from trl_bapo.examples.tasks import WORD_PROBLEMS, verify_word_problem, word_problems
+    from trl_bapo.builtin.tasks import WORD_PROBLEMS, verify_word_problem, word_problems
 
     problems = word_problems(200, seed=3, max_digits=2)
     assert problems == word_problems(200, seed=3, max_digits=2)

@@ -14,7 +14,7 @@ from transformers import (
     LlavaProcessor,
 )
 
-from trl_bapo.examples.tiny import build_tokenizer, text_config
+from trl_bapo.builtin.tiny import build_tokenizer, text_config
 
 IMAGE_TOKEN = "<image>"
 # Chat template of the tiny VLM: "u:<image>2+3=a:" for a user turn with an image, then the assistant's answer.

@@ -14,8 +14,6 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import gather_object
 
-from trl_bapo.losses import OFF_POLICY_LOSSES
-
 # Per-row 2-D fields and their padding: prompts are left-padded, completions right-padded (as TRL pads them).
 LEFT_PADDED = {"prompt_ids", "prompt_mask"}
 RIGHT_PADDED = {
@@ -34,11 +32,6 @@ TOKEN_IDS = {"prompt_ids", "completion_ids"}  # padded with the tokenizer's pad 
 SPANNING = {"token_type_ids", "mm_token_type_ids"}
 # Fields that hold one value for the whole batch rather than one per row.
 BATCH_SCALARS = {"num_items_in_batch", "bapo_loss_scale"}
-
-# How each TRL loss type normalises a micro-batch (trl 1.16.0, GRPOTrainer._compute_loss).
-PER_SEQUENCE_LOSSES = {"grpo", "sapo", "luspo", "dr_grpo"}
-PER_TOKEN_LOSSES = {"bnpo", *OFF_POLICY_LOSSES}  # trl_bapo.losses' own losses average over the tokens too
-GLOBALLY_NORMALISED_LOSSES = {"dapo", "cispo", "vespo"}
 
 
 def num_rows(batch: dict[str, Any]) -> int:
@@ -169,7 +162,7 @@ def masked_row(batch: dict[str, Any]) -> dict[str, Any]:
 def split_micro_batches(
     batch: dict[str, Any],
     num_chunks: int,
-    loss_type: str,
+    normalisation: str,
     filler: dict[str, Any],
     pad_token_id: int,
     equal_sizes: bool = False,
@@ -177,8 +170,9 @@ def split_micro_batches(
     """Cuts `batch` into `num_chunks` micro-batches whose sizes differ by at most one row.
 
     TRL's `split_tensor_dict` assumes the rows divide evenly and drops the remainder; BAPO's batch size varies
-    per step. Each chunk carries `bapo_loss_scale`, the factor that turns TRL's per-micro-batch normalisation
-    into a mean over the whole batch: with equal chunks it is exactly 1. A chunk without rows gets `filler` (a
+    per step. Each chunk carries `bapo_loss_scale`, the factor that turns the loss's per-micro-batch normalisation
+    (`normalisation`, as `trl_bapo.losses.LOSSES` gives it) into a mean over the whole batch: with equal chunks it
+    is exactly 1. A chunk without rows gets `filler` (a
     row without loss) and scale 0. With `equal_sizes`, filler rows bring every chunk to the same size, because
     TRL gathers per-sequence metrics across processes and needs equal shapes on every process.
     """
@@ -191,7 +185,9 @@ def split_micro_batches(
         parts += [filler] * (size - len(rows) if equal_sizes else int(not len(rows)))
         chunk = concat_batches(parts, pad_token_id) if len(parts) > 1 else dict(parts[0])
         chunk["bapo_loss_scale"] = (
-            _chunk_scale(num_rows(chunk), float(tokens[rows].sum()), total, float(tokens.sum()), num_chunks, loss_type)
+            _chunk_scale(
+                num_rows(chunk), float(tokens[rows].sum()), total, float(tokens.sum()), num_chunks, normalisation
+            )
             if len(rows)
             else 0.0
         )
@@ -200,13 +196,13 @@ def split_micro_batches(
 
 
 def _chunk_scale(
-    rows: int, tokens: float, total_rows: int, total_tokens: float, num_chunks: int, loss_type: str
+    rows: int, tokens: float, total_rows: int, total_tokens: float, num_chunks: int, normalisation: str
 ) -> float:
-    # `rows` counts filler rows too: TRL's per-sequence losses average over every row of the micro-batch.
-    if loss_type in PER_SEQUENCE_LOSSES:
+    # `rows` counts filler rows too: per-sequence losses average over every row of the micro-batch.
+    if normalisation == "sequence":
         return rows * num_chunks / total_rows
-    if loss_type in PER_TOKEN_LOSSES:
+    if normalisation == "token":
         return tokens * num_chunks / total_tokens if total_tokens > 0 else 0.0
-    if loss_type in GLOBALLY_NORMALISED_LOSSES:
+    if normalisation == "global":
         return 1.0
-    raise ValueError(f"BAPOTrainer does not know how loss_type={loss_type!r} normalises a micro-batch.")
+    raise ValueError(f"BAPOTrainer does not know how a loss normalised by {normalisation!r} splits a batch.")

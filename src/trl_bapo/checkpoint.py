@@ -1,9 +1,11 @@
-"""BAPO's state in a checkpoint: one file per process, holding only tensors and plain containers.
+"""BAPO's state in a checkpoint, and the policy for resuming from it: one file per process, holding only tensors and
+plain containers.
 
 Each process writes `bapo_state_{rank}.pt`: the buffers, counters and random generator (the same on every process)
-and its own share of the rollout snapshot. Files are read with `torch.load(weights_only=True)`, as transformers
-reads every checkpoint file, so loading a downloaded checkpoint runs no code. Dataset rows kept in B_bad may hold
-images and arrays; they are stored as encoded bytes and tensors.
+and its own share of the rollout snapshot. On resume every process reads its own, and they decide together: if any
+cannot, none resumes from them, so no process runs on with buffers the others lack. Files are read with
+`torch.load(weights_only=True)`, as transformers reads every checkpoint file, so loading a downloaded checkpoint runs
+no code. Dataset rows kept in B_bad may hold images and arrays; they are stored as encoded bytes and tensors.
 """
 
 from __future__ import annotations
@@ -17,12 +19,18 @@ from typing import Any
 
 import numpy as np
 import torch
+from accelerate.utils import gather_object
+from transformers.utils import logging
+
+from trl_bapo.engines import local_shard, trainable_parameters
 
 STATE_VERSION = 2
 TAG = "__bapo_type__"
 # What `torch.load(weights_only=True)` can fail with on a missing, truncated, foreign or tampered file.
 UNREADABLE = (OSError, EOFError, RuntimeError, pickle.UnpicklingError)
 _PLAIN = (str, int, float, bool, bytes, type(None), torch.Tensor)
+
+logger = logging.get_logger(__name__)
 
 
 def state_file(checkpoint: str, rank: int) -> str:
@@ -97,3 +105,106 @@ def decode(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return type(value)(decode(item) for item in value)
     return value
+
+
+def bapo_state(trainer) -> dict[str, Any]:
+    """What `trainer` keeps of Algorithm 1 between steps, for this process's state file."""
+    return {
+        "version": STATE_VERSION,
+        "processes": trainer.accelerator.num_processes,
+        "sharded": trainer._dist.is_fsdp or trainer._dist.is_zero3,
+        "settings": _settings(trainer),
+        "rollout_step": trainer._rollout_step,
+        "snapshot": trainer._snapshot.state_dict(),
+        "difficult": trainer._difficult.state_dict(),
+        "high_quality": trainer._high_quality.state_dict(),
+        "generator": trainer._generator.get_state(),
+        "reward_sum": trainer._reward_sum,
+        "reward_count": trainer._reward_count,
+        "rollouts": trainer._rollouts,
+        "prompt_order": trainer._prompt_order,
+    }
+
+
+def _settings(trainer) -> dict[str, int]:
+    return {
+        "rollout_delay": trainer._snapshot.delay,
+        "difficult_buffer_size": trainer._difficult.capacity,
+        "high_quality_buffer_steps": trainer._high_quality.window,
+    }
+
+
+def load_bapo_state(trainer, checkpoint: str) -> None:
+    """Resumes `trainer` from `checkpoint`'s state files, on every process together; fails on every process with the
+    same error when any of them cannot (unless `resume_without_bapo_state`, which starts with empty buffers)."""
+    rank = trainer.accelerator.process_index
+    state, error = None, None
+    try:
+        state = _checked_state(trainer, _own_state(checkpoint, rank))
+    except UNREADABLE as caught:
+        error = f"process {rank} could not read {state_file(checkpoint, rank)} ({unreadable_reason(caught)})"
+    except (KeyError, ValueError) as caught:
+        error = f"process {rank} could not use {state_file(checkpoint, rank)} ({type(caught).__name__}: {caught})"
+    errors = [e for e in (gather_object([error]) if trainer.accelerator.num_processes > 1 else [error]) if e]
+    if not errors:
+        _apply_state(trainer, state)
+        return
+    if not trainer.args.resume_without_bapo_state:
+        raise ValueError(
+            f"Cannot resume BAPO from {checkpoint}: {'; '.join(errors)}. Resuming without that state would "
+            "silently empty the buffers and reset the thresholds and the rollout policy. "
+            f"{resume_advice(checkpoint)} or set resume_without_bapo_state=True to start with empty buffers."
+        )
+    logger.warning("Resuming from %s with empty BAPO buffers: %s", checkpoint, "; ".join(errors))
+
+
+def _own_state(checkpoint: str, rank: int) -> dict[str, Any]:
+    """This process's state file; on a process the checkpoint's writers did not have (it was written by fewer
+    processes), file 0, which holds the shared parts. A file missing on a process that did write is an error:
+    another process's shards are no rollout policy of its own."""
+    path = state_file(checkpoint, rank)
+    if rank == 0 or os.path.exists(path):
+        return read_state(path)
+    state = read_state(state_file(checkpoint, 0))
+    if rank < state["processes"]:
+        raise FileNotFoundError(f"missing, though {state['processes']} processes wrote this checkpoint")
+    return state
+
+
+def _checked_state(trainer, state: dict[str, Any]) -> dict[str, Any]:
+    """`state`, with its snapshot dropped where it cannot be placed: shards of another number of processes."""
+    if state["version"] != STATE_VERSION:
+        raise ValueError(f"state version {state['version']}, this trl-bapo reads version {STATE_VERSION}")
+    processes = trainer.accelerator.num_processes
+    if state["sharded"] and state["processes"] != processes:
+        logger.warning(
+            "The checkpoint's rollout snapshot holds the shards of %d processes, not %d; the rollout policy "
+            "restarts from the current weights on the first step.",
+            state["processes"],
+            processes,
+        )
+        state["snapshot"] = {"step": None, "weights": {}}
+    policy = trainer.accelerator.unwrap_model(trainer.model)
+    shards = {name: local_shard(param) for name, param in trainable_parameters(policy).items()}
+    for name, tensor in state["snapshot"]["weights"].items():
+        if name not in shards or shards[name].shape != tensor.shape:
+            raise ValueError(f"its rollout snapshot does not fit this model: parameter {name!r} differs")
+    return state
+
+
+def _apply_state(trainer, state: dict[str, Any]) -> None:
+    for name, current in _settings(trainer).items():
+        if state["settings"][name] != current:
+            logger.warning(
+                "%s was %s in the checkpoint and is %s now; the configured value applies.",
+                name,
+                state["settings"][name],
+                current,
+            )
+    trainer._snapshot.load_state_dict(state["snapshot"])
+    trainer._difficult.load_state_dict(state["difficult"])
+    trainer._high_quality.load_state_dict(state["high_quality"])
+    trainer._generator.set_state(state["generator"])
+    trainer._rollout_step, trainer._rollouts = state["rollout_step"], state["rollouts"]
+    trainer._reward_sum, trainer._reward_count = state["reward_sum"], state["reward_count"]
+    trainer._prompt_order = state["prompt_order"]

@@ -1,8 +1,8 @@
 """`BAPOConfig`: GRPOConfig plus the switches and thresholds of Batch Adaptation Policy Optimization.
 
 Symbols follow the paper (Batch Adaptation Policy Optimization, Algorithm 1 in appendix A.8, defaults from
-Table 3 in appendix A.7). Thresholds whose default is `None` resolve at run time (see the `c1`, `c2_range`
-and `c3_range` properties) so that `mini_test` can tell a user-set threshold from a default one.
+Table 3 in appendix A.7). Thresholds whose default is `None` take Table 3's value, or `mini_test`'s, when the config
+is built, so that `mini_test` can tell a threshold a user set from a default one.
 """
 
 from __future__ import annotations
@@ -14,23 +14,73 @@ from dataclasses import MISSING, dataclass, field, fields
 from transformers.utils import logging
 from trl import GRPOConfig
 
-from trl_bapo.losses import OFF_POLICY_LOSSES, REC_VARIANTS, TRL_LOSSES
+from trl_bapo.losses import LOSSES, REC_VARIANTS
 
 ONLINE_FILTERS = ("range", "gaussian", "uniform", "none")
 REEVALUATION_ORDERS = ("oldest", "random")
 DIFFICULT_ADMISSIONS = ("paper", "improved")
 OFF_POLICY_CORRECTIONS = ("behavior", "decoupled")
 # TRL's loss types with a clipped surrogate on a token-level ratio, the ones adaptive clipping can set bounds for.
-CLIPPED_LOSSES = ("grpo", "bnpo", "dr_grpo", "dapo")
+CLIPPED_LOSSES = [name for name, loss in LOSSES.items() if loss.clipped]
+OWN_LOSSES = [name for name, loss in LOSSES.items() if loss.per_token is not None]
 KL_REFERENCES = ("behavior", "ref")
 # Accepted spellings that mean one of KL_REFERENCES.
 KL_REFERENCE_ALIASES = {"behaviour": "behavior"}
 
-DEFAULT_C1 = 1 / 8
-DEFAULT_C2_RANGE = (1 / 8, 4 / 8)
-DEFAULT_C3_RANGE = (2 / 8, 5 / 8)
+# Table 3's thresholds, and mini_test's (section 5.2): c1, then the ranges of c2 and c3.
+DEFAULT_THRESHOLDS = (1 / 8, [1 / 8, 4 / 8], [2 / 8, 5 / 8])
+MINI_TEST_THRESHOLDS = (0.0, [0.5, 0.5], [0.5, 0.5])
+THRESHOLD_FIELDS = ("difficult_threshold", "high_quality_lower_range", "high_quality_upper_range")
 
 logger = logging.get_logger(__name__)
+
+# The docstring's headings, as GRPOConfig's groups its fields, and which of BAPOConfig's fields fall under each.
+HEADINGS = {
+    "Batch assembly (Algorithm 1)": (
+        "rollout_delay",
+        "reevaluation_interval",
+        "max_reevaluation_prompts",
+        "reevaluation_order",
+        "difficult_buffer_size",
+        "high_quality_buffer_steps",
+        "online_filter",
+        "online_filter_gaussian_mean",
+        "online_filter_gaussian_std",
+        "online_filter_uniform_keep",
+        "use_difficult_replay",
+        "difficult_admission",
+        "keep_reevaluated_prompts",
+        "cap_difficult_replay",
+        "use_high_quality_replay",
+        "mini_test",
+    ),
+    "Thresholds": (
+        "difficult_threshold",
+        "high_quality_lower_range",
+        "high_quality_upper_range",
+        "correctness_reward",
+        "correctness_threshold",
+    ),
+    "Losses for stale data": (
+        "off_policy_correction",
+        "importance_sampling_cap",
+        "kl_reference",
+        "loss_type",
+        "rec_variant",
+        "rec_ring_epsilon_low",
+        "rec_ring_epsilon_high",
+        "asymre_tau",
+        "opmd_tau",
+        "adaptive_clipping",
+        "adaptive_clip_start",
+        "adaptive_clip_max",
+        "adaptive_clip_step",
+        "adaptive_clip_target",
+        "adaptive_clip_dual",
+    ),
+    "Dynamic sampling (DAPO)": ("dynamic_sampling", "dynamic_sampling_max_rounds"),
+    "Resume": ("resume_without_bapo_state",),
+}
 
 
 @dataclass
@@ -42,6 +92,7 @@ class BAPOConfig(GRPOConfig):
     exactly as `GRPOTrainer` does.
     """
 
+    # Batch assembly (Algorithm 1)
     rollout_delay: int = field(
         default=5,
         metadata={
@@ -60,11 +111,12 @@ class BAPOConfig(GRPOConfig):
         default=128,
         metadata={"help": "Most prompts of B_bad re-evaluated at once (oldest first); paper: 128."},
     )
-    difficult_threshold: float | None = field(
-        default=None,
+    reevaluation_order: str = field(
+        default="oldest",
         metadata={
-            "help": "c1 in the paper: a prompt whose group accuracy is <= c1 enters B_bad; a re-evaluated prompt "
-            "joins X2 when c1 < accuracy < 1. None means 1/8 (0 with `mini_test`)."
+            "help": "Which prompts of B_bad are re-evaluated, at most `max_reevaluation_prompts` of them: 'oldest' "
+            "first (the paper's FIFO) or 'random' (the authors' code draws them at random).",
+            "choices": list(REEVALUATION_ORDERS),
         },
     )
     difficult_buffer_size: int | None = field(
@@ -72,21 +124,6 @@ class BAPOConfig(GRPOConfig):
         metadata={
             "help": "|B_bad|, the FIFO capacity of the difficult-prompt buffer. None means the number of prompts "
             "per rollout batch, as in the paper."
-        },
-    )
-    high_quality_lower_range: list[float] | None = field(
-        default=None,
-        metadata={
-            "help": "[c2_low, c2_high]: range of the lower accuracy bound c2 of B_high, moved by eq. 8 "
-            "(c2 = r_tot * (c2_high - c2_low) + c2_low). Equal ends give a fixed threshold. None means "
-            "[1/8, 4/8] ([1/2, 1/2] with `mini_test`)."
-        },
-    )
-    high_quality_upper_range: list[float] | None = field(
-        default=None,
-        metadata={
-            "help": "[c3_low, c3_high]: range of the upper accuracy bound c3 of B_high, moved by eq. 8. Must not "
-            "lie below the c2 range. None means [2/8, 5/8] ([1/2, 1/2] with `mini_test`)."
         },
     )
     high_quality_buffer_steps: int = field(
@@ -111,14 +148,6 @@ class BAPOConfig(GRPOConfig):
     )
     use_difficult_replay: bool = field(
         default=True, metadata={"help": "Build X2 from re-evaluated difficult prompts (B_bad)."}
-    )
-    reevaluation_order: str = field(
-        default="oldest",
-        metadata={
-            "help": "Which prompts of B_bad are re-evaluated, at most `max_reevaluation_prompts` of them: 'oldest' "
-            "first (the paper's FIFO) or 'random' (the authors' code draws them at random).",
-            "choices": list(REEVALUATION_ORDERS),
-        },
     )
     difficult_admission: str = field(
         default="paper",
@@ -154,6 +183,30 @@ class BAPOConfig(GRPOConfig):
             "Leave the thresholds and `online_filter` at their defaults with it."
         },
     )
+
+    # Thresholds
+    difficult_threshold: float | None = field(
+        default=None,
+        metadata={
+            "help": "c1 in the paper: a prompt whose group accuracy is <= c1 enters B_bad; a re-evaluated prompt "
+            "joins X2 when c1 < accuracy < 1. None means 1/8 (0 with `mini_test`)."
+        },
+    )
+    high_quality_lower_range: list[float] | None = field(
+        default=None,
+        metadata={
+            "help": "[c2_low, c2_high]: range of the lower accuracy bound c2 of B_high, moved by eq. 8 "
+            "(c2 = r_tot * (c2_high - c2_low) + c2_low). Equal ends give a fixed threshold. None means "
+            "[1/8, 4/8] ([1/2, 1/2] with `mini_test`)."
+        },
+    )
+    high_quality_upper_range: list[float] | None = field(
+        default=None,
+        metadata={
+            "help": "[c3_low, c3_high]: range of the upper accuracy bound c3 of B_high, moved by eq. 8. Must not "
+            "lie below the c2 range. None means [2/8, 5/8] ([1/2, 1/2] with `mini_test`)."
+        },
+    )
     correctness_reward: str | None = field(
         default=None,
         metadata={
@@ -169,6 +222,8 @@ class BAPOConfig(GRPOConfig):
         default=1.0,
         metadata={"help": "With `correctness_reward`: a completion is correct when that reward is >= this value."},
     )
+
+    # Losses for stale data
     off_policy_correction: str = field(
         default="behavior",
         metadata={
@@ -196,22 +251,6 @@ class BAPOConfig(GRPOConfig):
             "choices": list(KL_REFERENCES) + list(KL_REFERENCE_ALIASES),
         },
     )
-
-    dynamic_sampling: bool = field(
-        default=False,
-        metadata={
-            "help": "DAPO's dynamic sampling: keep generating fresh prompt batches until the rollout holds as many "
-            "groups with non-zero reward variance as a rollout batch has prompts, or until "
-            "`dynamic_sampling_max_rounds` batches were generated. Usable on its own (with both replays off and "
-            "rollout_delay=1 this is DAPO's sampler, to pair with epsilon_high=0.28 and loss_type='dapo') or with "
-            "BAPO. Needs a map-style train dataset."
-        },
-    )
-    dynamic_sampling_max_rounds: int = field(
-        default=4,
-        metadata={"help": "Most prompt batches generated per rollout step under `dynamic_sampling` (DAPO: 4)."},
-    )
-
     loss_type: str = field(
         default="dapo",
         metadata={
@@ -282,6 +321,23 @@ class BAPOConfig(GRPOConfig):
         metadata={"help": "Dual-clip constant c: a negative-advantage token's ratio counts at most c."},
     )
 
+    # Dynamic sampling (DAPO)
+    dynamic_sampling: bool = field(
+        default=False,
+        metadata={
+            "help": "DAPO's dynamic sampling: keep generating fresh prompt batches until the rollout holds as many "
+            "groups with non-zero reward variance as a rollout batch has prompts, or until "
+            "`dynamic_sampling_max_rounds` batches were generated. Usable on its own (with both replays off and "
+            "rollout_delay=1 this is DAPO's sampler, to pair with epsilon_high=0.28 and loss_type='dapo') or with "
+            "BAPO. Needs a map-style train dataset."
+        },
+    )
+    dynamic_sampling_max_rounds: int = field(
+        default=4,
+        metadata={"help": "Most prompt batches generated per rollout step under `dynamic_sampling` (DAPO: 4)."},
+    )
+
+    # Resume
     resume_without_bapo_state: bool = field(
         default=False,
         metadata={
@@ -322,24 +378,6 @@ class BAPOConfig(GRPOConfig):
             or self.use_high_quality_replay
             or self.dynamic_sampling
         )
-
-    @property
-    def c1(self) -> float:
-        if self.difficult_threshold is not None:
-            return self.difficult_threshold
-        return 0.0 if self.mini_test else DEFAULT_C1
-
-    @property
-    def c2_range(self) -> tuple[float, float]:
-        if self.high_quality_lower_range is not None:
-            return tuple(self.high_quality_lower_range)
-        return (0.5, 0.5) if self.mini_test else DEFAULT_C2_RANGE
-
-    @property
-    def c3_range(self) -> tuple[float, float]:
-        if self.high_quality_upper_range is not None:
-            return tuple(self.high_quality_upper_range)
-        return (0.5, 0.5) if self.mini_test else DEFAULT_C3_RANGE
 
     def _validate_bapo_fields(self) -> None:
         for name in (
@@ -409,10 +447,11 @@ class BAPOConfig(GRPOConfig):
                 "the paper keeps 0.6."
             )
         if self.mini_test:
+            # mini_test's own values pass: a config written out and read back holds them.
             explicit = [
                 name
-                for name in ("difficult_threshold", "high_quality_lower_range", "high_quality_upper_range")
-                if getattr(self, name) is not None
+                for name, value in zip(THRESHOLD_FIELDS, MINI_TEST_THRESHOLDS)
+                if getattr(self, name) not in (None, value)
             ]
             if explicit:
                 raise ValueError(
@@ -424,16 +463,20 @@ class BAPOConfig(GRPOConfig):
                     f"mini_test=True uses the range filter for X1, but online_filter={self.online_filter!r}; "
                     "leave online_filter='range' or set mini_test=False."
                 )
+        # Unset thresholds take Table 3's values, or mini_test's: from here on each field holds its value.
+        for name, value in zip(THRESHOLD_FIELDS, MINI_TEST_THRESHOLDS if self.mini_test else DEFAULT_THRESHOLDS):
+            if getattr(self, name) is None:
+                setattr(self, name, value)
         for name in ("high_quality_lower_range", "high_quality_upper_range"):
             value = getattr(self, name)
-            if value is not None and len(value) != 2:
+            if len(value) != 2:
                 raise ValueError(f"{name} takes exactly two numbers [low, high], got {value!r}.")
-        if not 0 <= self.c1 < 1:
+        if not 0 <= self.difficult_threshold < 1:
             raise ValueError(
-                f"difficult_threshold (c1) must be in [0, 1), got {self.c1!r}; a prompt at c1 or below counts as "
-                "difficult, so c1 = 1 would make every prompt difficult."
+                f"difficult_threshold (c1) must be in [0, 1), got {self.difficult_threshold!r}; a prompt at c1 or "
+                "below counts as difficult, so c1 = 1 would make every prompt difficult."
             )
-        c2, c3 = self.c2_range, self.c3_range
+        c2, c3 = self.high_quality_lower_range, self.high_quality_upper_range
         for name, (low, high) in (("high_quality_lower_range", c2), ("high_quality_upper_range", c3)):
             if not (0 <= low <= 1 and 0 <= high <= 1):
                 raise ValueError(f"{name} must lie in [0, 1], got [{low}, {high}].")
@@ -447,12 +490,11 @@ class BAPOConfig(GRPOConfig):
 
     def _validate_losses(self) -> None:
         level = getattr(self, "importance_sampling_level", "token")
-        if self.loss_type not in TRL_LOSSES + OFF_POLICY_LOSSES:
+        if self.loss_type not in LOSSES:
             raise ValueError(
-                f"loss_type must be one of TRL's {list(TRL_LOSSES)} or BAPO's {list(OFF_POLICY_LOSSES)}, got "
-                f"{self.loss_type!r}."
+                f"loss_type must be one of {list(LOSSES)} (trl_bapo.losses.LOSSES), got {self.loss_type!r}."
             )
-        if self.loss_type in OFF_POLICY_LOSSES:
+        if self.loss_type in OWN_LOSSES:
             if self.rec_variant not in REC_VARIANTS:
                 raise ValueError(f"rec_variant must be one of {list(REC_VARIANTS)}, got {self.rec_variant!r}.")
             for name in ("rec_ring_epsilon_low", "rec_ring_epsilon_high", "asymre_tau", "opmd_tau"):
@@ -505,16 +547,17 @@ class BAPOConfig(GRPOConfig):
 
 
 def _parameters_block(config: type, base: type) -> str:
-    """The `Parameters:` section of `config`'s docstring, as TRL writes GRPOConfig's, from the help of each field
-    that `config` adds to `base` or redefines: the fields' help stays the one source of their documentation."""
-    inherited = {f.name: f for f in fields(base)}
+    """The `Parameters:` section of `config`'s docstring, as TRL writes GRPOConfig's (grouped under `HEADINGS`), from
+    the help of each field that `config` adds to `base`: the fields' help stays the one source of their docs."""
+    by_name = {f.name: f for f in fields(config)}
     lines = ["", "    Parameters:"]
-    for f in fields(config):
-        if f.name in inherited and f.metadata == inherited[f.name].metadata:
-            continue
-        default = f.default if f.default is not MISSING else f.default_factory()
-        lines.append(f"        {f.name} (`{f.type}`, *optional*, defaults to `{default!r}`):")
-        lines += textwrap.wrap(f.metadata["help"], 119, initial_indent=" " * 12, subsequent_indent=" " * 12)
+    for heading, names in HEADINGS.items():
+        lines += ["", f"        > {heading}", ""]
+        for name in names:
+            f = by_name[name]
+            default = f.default if f.default is not MISSING else f.default_factory()
+            lines.append(f"        {f.name} (`{f.type}`, *optional*, defaults to `{default!r}`):")
+            lines += textwrap.wrap(f.metadata["help"], 119, initial_indent=" " * 12, subsequent_indent=" " * 12)
     return "\n".join(lines) + "\n"
 
 

@@ -20,6 +20,8 @@ from typing import Any
 import torch
 
 SOURCES = ("x1", "x2", "x3")  # row tags 1, 2, 3 of the assembled batch
+SOURCE = "bapo_source"  # the batch field of those tags, one per row
+IMPORTANCE_WEIGHT = "bapo_importance_weight"  # the batch field of w, one per token
 
 
 def weighted_advantages(inputs: dict[str, Any], weight: torch.Tensor) -> dict[str, Any]:
@@ -64,3 +66,11 @@ def combine_stats(per_micro_batch: list[torch.Tensor]) -> torch.Tensor:
     combined = stacked.sum(dim=0)
     combined[:, 2] = stacked[:, :, 2].max(dim=0).values
     return combined
+
+
+def gathered_weight_metrics(accelerator, per_micro_batch: list[torch.Tensor]) -> dict[str, float]:
+    """The metrics of a rollout step's micro-batches on every process (each has as many)."""
+    stats = combine_stats(per_micro_batch)
+    if accelerator.num_processes > 1:
+        stats = combine_stats(list(accelerator.gather(stats.to(accelerator.device)[None]).cpu()))
+    return weight_metrics(stats)

@@ -1,27 +1,34 @@
-"""Losses for stale data, as plain functions of per-token tensors: options beside TRL's loss types.
+"""The loss types trl-bapo trains with, in one table, and its own losses for stale data.
 
-Notation (every tensor is (batch, tokens) unless said otherwise): `logps` are the current policy's per-token
-log-probs (they carry the gradient), `old_logps` the behavior policy's, `advantages` one value per completion
-broadcast over its tokens, `mask` the tokens that carry loss. Each function returns the per-token loss to minimise;
-the trainer averages it over the micro-batch's tokens.
+`LOSSES` holds every loss type `loss_type` may name: TRL's own (TRL computes them) and the off-policy group-relative
+REINFORCE losses of arXiv 2509.24203 ("Group-Relative REINFORCE Is Secretly an Off-Policy Algorithm"), which
+trl-bapo computes: the REC family (clipping as regularisation), AsymRE (an optimistic baseline shift) and OPMD
+(online policy mirror descent: a squared log-ratio to the behavior policy). Config validation, the cutting of
+micro-batches and the trainer all read it. To add a loss, write its per-token function and give it an entry:
 
-- Off-policy group-relative REINFORCE ("Group-Relative REINFORCE Is Secretly an Off-Policy Algorithm",
-  arXiv 2509.24203): the REC family (clipping as regularisation), AsymRE (an optimistic baseline shift) and OPMD
-  (online policy mirror descent: a squared log-ratio to the behavior policy).
-- Adaptive clipping of Balanced Policy Optimization (arXiv 2510.18927): ratio bounds chosen per micro-batch so that
-  positive-advantage tokens are not outweighed by negative ones.
+    def my_loss(logps, old_logps, advantages, args):
+        return -advantages * logps
+
+    LOSSES["my_loss"] = Loss("token", per_token=my_loss)
+
+Notation (every tensor is (batch, tokens)): `logps` are the current policy's per-token log-probs (they carry the
+gradient), `old_logps` the behavior policy's, `advantages` one value per completion broadcast over its tokens.
+A per-token function returns the loss to minimise; `own_loss` averages it over the micro-batch's tokens.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
-# GRPOConfig's loss types (trl 1.16.0, GRPOTrainer._compute_loss), which TRL itself checks only at the first step.
-TRL_LOSSES = ("grpo", "dr_grpo", "dapo", "bnpo", "cispo", "sapo", "luspo", "vespo")
-OFF_POLICY_LOSSES = ("rec", "asymre", "opmd")
+from trl_bapo.batch import loss_mask
+from trl_bapo.behavior import BEHAVIOR_LOGPS, forward_logps
+from trl_bapo.correction import IMPORTANCE_WEIGHT
+from trl_bapo.distributed import gathered_mean
+
 # REC variants of the paper: which ratios keep their gradient (the clip), and whether the importance ratio weighs it.
 REC_VARIANTS = {
     "oneside-nois": ("one-side", False),
@@ -77,47 +84,77 @@ def opmd_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.Te
     return -advantages * logps + tau / 2 * (logps - old_logps) ** 2
 
 
-@dataclass
-class ClipBounds:
-    """Ratio bounds chosen for one micro-batch, and the clipped contributions they leave (summed over every
-    process's tokens): positive-advantage tokens' and negative-advantage tokens' (as a positive number)."""
+def _rec(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.Tensor, args) -> torch.Tensor:
+    high = args.epsilon_high if args.epsilon_high is not None else args.epsilon
+    return rec_loss(
+        logps,
+        old_logps,
+        advantages,
+        args.rec_variant,
+        args.epsilon,
+        high,
+        args.rec_ring_epsilon_low,
+        args.rec_ring_epsilon_high,
+    )
 
-    low: float
-    high: float
-    positive: float
-    negative: float
+
+@dataclass(frozen=True)
+class Loss:
+    """A loss type: how it normalises a micro-batch ('sequence': the mean over rows of each row's token mean;
+    'token': the mean over the micro-batch's tokens; 'global': tokens summed and divided by the whole batch's, which
+    TRL counts itself), whether it is a clipped surrogate of a token-level ratio (which adaptive clipping sets
+    bounds for), and the per-token function of a loss trl-bapo computes itself (None: TRL computes it)."""
+
+    normalisation: str
+    clipped: bool = False
+    per_token: Callable[..., torch.Tensor] | None = None
 
 
-def adaptive_clip_bounds(
-    ratio: torch.Tensor,
-    advantages: torch.Tensor,
-    mask: torch.Tensor,
-    start: tuple[float, float],
-    step: float,
-    maximum: tuple[float, float],
-    target: float,
-    all_reduce: Callable[[torch.Tensor], torch.Tensor] = lambda sums: sums,
-) -> ClipBounds:
-    """Balanced Policy Optimization's bounds: start from `start` = (low, high); while the positive tokens' clipped
-    contribution over the negative tokens' is below `target`, raise low by `step` up to its maximum, then high by
-    `step` up to its maximum. A token's contribution is A * min(rho, high) for A >= 0 and A * max(rho, low) for
-    A < 0, as in the clipped surrogate. `all_reduce` sums the two totals over processes, so all pick the same."""
+LOSSES: dict[str, Loss] = {
+    # TRL's, as trl 1.16.0 normalises them (GRPOTrainer._compute_loss); TRL checks the names only at the first step.
+    "grpo": Loss("sequence", clipped=True),
+    "dr_grpo": Loss("sequence", clipped=True),
+    "bnpo": Loss("token", clipped=True),
+    "dapo": Loss("global", clipped=True),
+    "cispo": Loss("global"),
+    "sapo": Loss("sequence"),
+    "luspo": Loss("sequence"),
+    "vespo": Loss("global"),
+    # trl-bapo's, for stale data
+    "rec": Loss("token", per_token=_rec),
+    "asymre": Loss(
+        "token", per_token=lambda logps, old, advantages, args: asymre_loss(logps, advantages, args.asymre_tau)
+    ),
+    "opmd": Loss(
+        "token", per_token=lambda logps, old, advantages, args: opmd_loss(logps, old, advantages, args.opmd_tau)
+    ),
+}
 
-    def balance(low: float, high: float) -> tuple[float, float]:
-        clipped = torch.where(advantages >= 0, ratio.clamp(max=high), ratio.clamp(min=low))
-        contribution = advantages * clipped * mask
-        sums = all_reduce(torch.stack([contribution.clamp(min=0).sum(), (-contribution).clamp(min=0).sum()]))
-        return float(sums[0]), float(sums[1])
 
-    def unbalanced(positive: float, negative: float) -> bool:
-        return positive < target * negative
-
-    low, high = start
-    positive, negative = balance(low, high)
-    while unbalanced(positive, negative) and low < maximum[0] - 1e-9:
-        low = min(low + step, maximum[0])
-        positive, negative = balance(low, high)
-    while unbalanced(positive, negative) and high < maximum[1] - 1e-9:
-        high = min(high + step, maximum[1])
-        positive, negative = balance(low, high)
-    return ClipBounds(low, high, positive, negative)
+def own_loss(trainer, model, inputs: dict[str, Any]) -> torch.Tensor:
+    """A loss trl-bapo computes itself, on a micro-batch: the mean per-token loss over its tokens, weighed by TRL's
+    vLLM importance weight and the decoupled correction's when present, plus TRL's KL term (bias-corrected as
+    `use_bias_correction_kl` says), entropy bonus and a Mixture-of-Experts model's load-balancing loss, each as
+    TRL adds them to its own losses (trl 1.16.0). Entropy and KL are logged as means over every process's tokens."""
+    args, mode = trainer.args, "train" if model.training else "eval"
+    mask = loss_mask(inputs)
+    logps, entropies, aux_loss = forward_logps(trainer, model, inputs, with_grad=True)
+    old = inputs.get(BEHAVIOR_LOGPS, logps.detach())
+    per_token = LOSSES[trainer.loss_type].per_token(logps, old, inputs["advantages"].unsqueeze(1), args)
+    for weight in ("importance_sampling_ratio", IMPORTANCE_WEIGHT):
+        if weight in inputs:
+            per_token = per_token * inputs[weight]
+    if trainer.beta != 0.0:  # TRL's k3 estimate of KL(pi || ref)
+        log_ratio = inputs["ref_per_token_logps"] - logps
+        kl = torch.exp(log_ratio) - log_ratio - 1
+        if args.use_bias_correction_kl:  # weighed by the ratio to the behavior policy, as TRL does
+            kl = kl * torch.exp(logps - old)
+        per_token = per_token + trainer.beta * kl
+        trainer._metrics[mode]["kl"].append(gathered_mean(trainer.accelerator, kl, mask))
+    tokens = mask.sum().clamp(min=1.0)
+    loss = (per_token * mask).sum() / tokens - trainer.entropy_coef * (entropies * mask).sum() / tokens
+    trainer._metrics[mode]["entropy"].append(gathered_mean(trainer.accelerator, entropies, mask))
+    if trainer.aux_loss_enabled:
+        loss = loss + trainer.router_aux_loss_coef * aux_loss
+        trainer._metrics[mode]["aux_loss"].append(trainer.accelerator.gather_for_metrics(aux_loss).mean().item())
+    return loss / (trainer.current_gradient_accumulation_steps if mode == "train" else 1.0)

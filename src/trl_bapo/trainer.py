@@ -1,48 +1,36 @@
 """`BAPOTrainer`: TRL's GRPOTrainer with Batch Adaptation Policy Optimization (Algorithm 1, appendix A.8).
 
-Overrides, each checked against trl 1.16.0 and transformers 5.23:
-- `_prepare_inputs`: on generation steps, builds the training batch X1 + X2 + X3 instead of using the fresh
-  rollout as is, and cuts it with BAPO's own rule (TRL's `split_tensor_dict` drops rows that do not divide).
+It reads top to bottom as construction, then Algorithm 1's rollout step, then the few overrides of TRL (checked
+against trl 1.16.0 and transformers 5.23; the private parts of TRL it touches are named in `trl_bapo.trl_private`):
+- `_prepare_inputs`: on generation steps, builds the training batch X1 + X2 + X3 instead of using the fresh rollout
+  as is, and cuts it with BAPO's own rule (TRL's `split_tensor_dict` drops rows that do not divide);
 - `_calculate_rewards`: calls TRL's and keeps the gathered rewards per function, which say which completions are
-  correct (TRL's advantages say which groups carry a learning signal).
-- `compute_loss`: scales TRL's loss by the micro-batch's share of the assembled batch.
-- `_save_optimizer_and_scheduler` / `_load_optimizer_and_scheduler`: write and read BAPO's state (buffers,
-  counters, thresholds' running reward, rollout snapshot, random generator) beside the optimizer's in every
-  checkpoint. transformers calls both on every process, and saves before it pushes a checkpoint to the Hub.
-- `__init__`: with `kl_reference="behavior"`, stops TRL from building a frozen reference model that the
-  behavior-policy KL never reads.
+  correct (TRL's advantages say which groups carry a learning signal);
+- `compute_loss`: TRL's loss, or one of `trl_bapo.losses`' own, scaled by the micro-batch's share of the batch;
+- `_save_optimizer_and_scheduler` / `_load_optimizer_and_scheduler`: BAPO's state beside the optimizer's in every
+  checkpoint (`trl_bapo.checkpoint`); transformers calls both on every process, before any push to the Hub;
+- `__init__`: with `kl_reference="behavior"`, keeps TRL from building a reference model that KL never reads.
 
 Everything else, generation, reward scoring, advantages and the clipped surrogate, is TRL's. The behavior
-log-probs of every sample travel in TRL's `old_per_token_logps`, which TRL's loss already divides by. With vLLM,
-BAPO decides when TRL's own weight sync runs (`_sync_engine`), so the engine holds alpha at every rollout. Image
+log-probs of every sample travel in TRL's `old_per_token_logps` (`trl_bapo.behavior`). With vLLM, BAPO decides
+when the engine gets weights (`_sync_engine`, `trl_bapo.vllm_sync`), so it holds alpha at every rollout. Image
 fields are split per row and merged back with TRL's `split_pixel_values_by_grid` / `unsplit_pixel_values_by_grid`.
-Under FSDP2 and DeepSpeed the rollout snapshot holds each process's own shards (`trl_bapo.engines`), and every
-forward BAPO adds runs on every process the same number of times, since a sharded forward is a collective.
+Under FSDP2 and DeepSpeed the rollout snapshot holds each process's own shards (`trl_bapo.engines`).
 """
 
 from __future__ import annotations
 
-import copy
-import math
 import os
 import textwrap
 import time
-from collections import defaultdict
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import Any
 
 import torch
-from accelerate.utils import broadcast, gather_object, send_to_device
-from transformers import TrainerCallback
+from accelerate.utils import gather_object, send_to_device
 from transformers.utils import logging
 from trl import GRPOTrainer
-from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import (
-    get_callable_name,
     get_config_model_id,
-    split_pixel_values_by_grid,
     unsplit_pixel_values_by_grid,
 )
 
@@ -54,27 +42,22 @@ from trl_bapo.batch import (
     num_rows,
     select_rows,
     split_micro_batches,
-    unmeasured_rows,
 )
+from trl_bapo.behavior import attach_behavior_logps, finish_behavior_logps
 from trl_bapo.buffers import BAPOStatus, DifficultBuffer, HighQualityBuffer, ReplayGroup
-from trl_bapo.checkpoint import (
-    STATE_VERSION,
-    UNREADABLE,
-    read_state,
-    resume_advice,
-    state_file,
-    unreadable_reason,
-    write_state,
-)
+from trl_bapo.checkpoint import bapo_state, load_bapo_state, state_file, write_state
+from trl_bapo.clipping import adaptive_clipping
 from trl_bapo.config import BAPOConfig
-from trl_bapo.correction import combine_stats, source_weight_stats, weight_metrics, weighted_advantages
-from trl_bapo.engines import local_shard, trainable_parameters
-from trl_bapo.losses import OFF_POLICY_LOSSES, adaptive_clip_bounds, asymre_loss, opmd_loss, rec_loss
+from trl_bapo.correction import IMPORTANCE_WEIGHT, SOURCE, gathered_weight_metrics, weighted_advantages
+from trl_bapo.distributed import local_rows, local_share, shared_permutation
+from trl_bapo.frozen_step import FrozenStep
+from trl_bapo.losses import LOSSES, own_loss
+from trl_bapo.records import FreshRollout, Replay, ScoredRollout
 from trl_bapo.rollout import RolloutSnapshot
+from trl_bapo.scoring import check_correctness_reward, muted_metrics, reference_kl_off, score
 from trl_bapo.selection import (
     adaptive_threshold,
     beats_mask,
-    correct_completions,
     difficult_mask,
     group_accuracy,
     group_has_variance,
@@ -86,75 +69,7 @@ from trl_bapo.selection import (
 )
 from trl_bapo.vllm_sync import send_weights
 
-BEHAVIOR_LOGPS = "old_per_token_logps"
-# Per row: 1, 2 or 3 for a row of X1, X2 or X3.
-SOURCE = "bapo_source"
-# Per token, with off_policy_correction="decoupled": min(pi_start / pi_behavior, importance_sampling_cap).
-IMPORTANCE_WEIGHT = "bapo_importance_weight"
-# Image fields TRL's forward takes besides the token ids (trl 1.16.0, GRPOTrainer._compute_loss).
-MULTIMODAL_FIELDS = (
-    "pixel_values",
-    "image_grid_thw",
-    "num_images",
-    "pixel_attention_mask",
-    "spatial_shapes",
-    "num_tiles",
-    "image_sizes",
-    "token_type_ids",
-    "mm_token_type_ids",
-    "image_position_ids",
-)
-
 logger = logging.get_logger(__name__)
-
-
-@dataclass
-class ScoredRollout:
-    """One call of TRL's generation and scoring: this process's rows, and for every process's completions the
-    advantages TRL gave them, whether each is correct, and the dataset rows they answer."""
-
-    rows: dict[str, Any]
-    advantages: torch.Tensor
-    correct: torch.Tensor
-    examples: list[dict[str, Any]]
-
-
-@dataclass
-class FreshRollout:
-    """X_on of one rollout step, gathered from every process, with what Algorithm 1 decides for each group."""
-
-    rows: dict[str, Any]
-    examples: list[dict[str, Any]]  # the dataset row of each completion
-    accuracy: torch.Tensor  # mu per group
-    x1: torch.Tensor  # kept by the online filter (line 11)
-    high: torch.Tensor  # stored in B_high (line 9)
-    c2: float  # the thresholds of eq. 8 at this step
-    c3: float
-    lag: int  # steps since alpha was taken
-
-
-@dataclass
-class Replay:
-    """X2 or X3 of one rollout step: its rows (in parts), its number of groups, and for X2 the number of B_bad's
-    prompts re-evaluated to find them."""
-
-    parts: list[dict[str, Any]]
-    groups: int
-    reevaluated: int = 0
-
-
-def reward_names(reward_funcs) -> list[str]:
-    """The names TRL gives `reward_funcs` (trl 1.16.0, GRPOTrainer.__init__), before any reward model is loaded: a
-    model's id (the last part of its path), or the function's name."""
-    funcs = reward_funcs if isinstance(reward_funcs, list) else [reward_funcs] if reward_funcs is not None else []
-    return [
-        func.rstrip("/").split("/")[-1]
-        if isinstance(func, str)
-        else get_config_model_id(func.config).split("/")[-1]
-        if isinstance(func, torch.nn.Module)
-        else get_callable_name(func)
-        for func in funcs
-    ]
 
 
 class BAPOTrainer(GRPOTrainer):
@@ -187,13 +102,7 @@ class BAPOTrainer(GRPOTrainer):
                 f"BAPOTrainer needs a BAPOConfig, got {type(args).__name__}; build the config with "
                 "trl_bapo.BAPOConfig(...), which accepts every GRPOConfig field."
             )
-        names = reward_names(reward_funcs)
-        if args.correctness_reward is not None and args.correctness_reward not in names:
-            # Checked before TRL loads the model, the reward models and the engine.
-            raise ValueError(
-                f"correctness_reward={args.correctness_reward!r} names none of this trainer's reward functions "
-                f"{names}; set it to one of them (as in TRL's `rewards/<name>/mean` log)."
-            )
+        check_correctness_reward(args.correctness_reward, reward_funcs)
         self._behavior_kl = args.kl_reference == "behavior" and args.beta != 0.0
         beta = args.beta
         if self._behavior_kl:
@@ -247,176 +156,12 @@ class BAPOTrainer(GRPOTrainer):
             self._high_quality,
             rollout_step=self._rollout_step,
             rollout_policy_step=self._snapshot.step,
-            c1=self.args.c1,
-            c2=adaptive_threshold(self._r_tot, self.args.c2_range),
-            c3=adaptive_threshold(self._r_tot, self.args.c3_range),
+            c1=self.args.difficult_threshold,
+            c2=adaptive_threshold(self._r_tot, self.args.high_quality_lower_range),
+            c3=adaptive_threshold(self._r_tot, self.args.high_quality_upper_range),
             r_tot=self._r_tot,
             rollouts=self._rollouts,
         )
-
-    # ---- TRL overrides -------------------------------------------------------------------------------------
-
-    def _prepare_inputs(self, generation_batch: dict[str, torch.Tensor | Any]) -> dict[str, torch.Tensor | Any]:
-        if not self.model.training:
-            return self._evaluation_inputs(generation_batch)
-        generate_every = self.args.steps_per_generation * self.num_iterations
-        if self._step % generate_every == 0 or self._buffered_inputs is None:
-            started, self._scoring_seconds = time.perf_counter(), 0.0
-            batch, filler = self._assemble_batch(generation_batch)
-            self._skip_update = num_rows(batch) == 0
-            # Every process holds the whole batch and takes its own share of micro-batches, so all of them run
-            # the same number of forward/backward passes whatever the batch size.
-            steps, rank = self.args.steps_per_generation, self.accelerator.process_index
-            chunks = split_micro_batches(
-                select_rows(batch, self._shared_permutation(num_rows(batch))),
-                steps * self.accelerator.num_processes,
-                self.loss_type,
-                filler,
-                self._tokenizer.pad_token_id,
-                equal_sizes=self.accelerator.num_processes > 1,
-            )
-            self._weight_stats = []
-            self._buffered_inputs = [
-                unsplit_pixel_values_by_grid(self._finish_behavior_logps(chunk))
-                for chunk in chunks[rank * steps : (rank + 1) * steps]
-            ]
-            if self._weight_stats:  # decoupled correction: the same number of micro-batches on every process
-                stats = combine_stats(self._weight_stats)
-                if self.accelerator.num_processes > 1:
-                    stats = combine_stats(list(self.accelerator.gather(stats.to(self.accelerator.device)[None]).cpu()))
-                self._log_step(**weight_metrics(stats))
-            # BAPO's own work on this rollout step: assembly and the behavior log-prob forwards it adds.
-            self._log_step(assembly_seconds=time.perf_counter() - started - self._scoring_seconds)
-        if self._skip_update:
-            self._frozen_step.hold(self.optimizer)
-        return self._buffered_inputs[self._step % self.args.steps_per_generation]
-
-    def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
-        rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
-        self._last_rewards_per_func = rewards_per_func
-        return rewards_per_func
-
-    def _save_optimizer_and_scheduler(self, output_dir):
-        super()._save_optimizer_and_scheduler(output_dir)
-        os.makedirs(output_dir, exist_ok=True)
-        write_state(state_file(output_dir, self.accelerator.process_index), self._bapo_state())
-
-    def _load_optimizer_and_scheduler(self, checkpoint):
-        super()._load_optimizer_and_scheduler(checkpoint)
-        if checkpoint is not None:
-            self._load_bapo_state(checkpoint)
-
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        if not model.training:
-            with self._reference_kl_off():
-                return self._loss(model, inputs, return_outputs, num_items_in_batch)
-        loss = self._loss(model, inputs, return_outputs, num_items_in_batch)
-        return loss * inputs["bapo_loss_scale"] if "bapo_loss_scale" in inputs else loss
-
-    def _loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        """TRL's loss, with adaptive clipping bounds when asked; or one of `trl_bapo.losses`' own."""
-        if self.loss_type in OFF_POLICY_LOSSES:
-            return self._off_policy_loss(model, inputs)
-        if IMPORTANCE_WEIGHT in inputs:
-            inputs = weighted_advantages(inputs, inputs[IMPORTANCE_WEIGHT])
-        if self.args.adaptive_clipping and model.training:
-            with self._adaptive_clipping(inputs):
-                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-
-    def _off_policy_loss(self, model, inputs: dict[str, Any]) -> torch.Tensor:
-        """REC, AsymRE or OPMD on a micro-batch: the mean per-token loss over its tokens (as TRL's 'bnpo'),
-        weighed by TRL's vLLM importance sampling ratio when present, plus TRL's KL term and entropy bonus."""
-        args, mode = self.args, "train" if model.training else "eval"
-        mask = loss_mask(inputs)
-        logps, entropies, aux_loss = self._forward_logps(model, inputs, with_grad=True)
-        old = inputs.get(BEHAVIOR_LOGPS, logps.detach())
-        advantages = inputs["advantages"].unsqueeze(1)
-        if self.loss_type == "rec":
-            per_token = rec_loss(
-                logps,
-                old,
-                advantages,
-                args.rec_variant,
-                self.epsilon_low,
-                self.epsilon_high,
-                args.rec_ring_epsilon_low,
-                args.rec_ring_epsilon_high,
-            )
-        elif self.loss_type == "asymre":
-            per_token = asymre_loss(logps, advantages, args.asymre_tau)
-        else:
-            per_token = opmd_loss(logps, old, advantages, args.opmd_tau)
-        for weight in ("importance_sampling_ratio", IMPORTANCE_WEIGHT):  # TRL's vLLM weight, the decoupled one
-            if weight in inputs:
-                per_token = per_token * inputs[weight]
-        if self.beta != 0.0:  # TRL's k3 estimate of KL(pi || ref)
-            log_ratio = inputs["ref_per_token_logps"] - logps
-            kl = torch.exp(log_ratio) - log_ratio - 1
-            if args.use_bias_correction_kl:  # weighed by the ratio to the behavior policy, as TRL does
-                kl = kl * torch.exp(logps - old)
-            per_token = per_token + self.beta * kl
-            self._metrics[mode]["kl"].append(self._gathered_mean(kl, mask))
-        tokens = mask.sum().clamp(min=1.0)
-        loss = (per_token * mask).sum() / tokens
-        entropy = (entropies * mask).sum() / tokens
-        loss = loss - self.entropy_coef * entropy
-        self._metrics[mode]["entropy"].append(self._gathered_mean(entropies, mask))
-        if self.aux_loss_enabled:  # the MoE load-balancing loss, as TRL adds it
-            loss = loss + self.router_aux_loss_coef * aux_loss
-            self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(aux_loss).mean().item())
-        return loss / (self.current_gradient_accumulation_steps if mode == "train" else 1.0)
-
-    @contextmanager
-    def _adaptive_clipping(self, inputs: dict[str, Any]) -> Iterator[None]:
-        """Runs TRL's loss with bounds chosen for this micro-batch. TRL's loss takes the current log-probs from
-        one forward pass and then reads `epsilon_low` / `epsilon_high`: the bounds are chosen right after that
-        forward, from its ratios, and the dual clip goes through TRL's `delta`."""
-        name, args = "_get_per_token_logps_and_entropies", self.args
-        forward, bounds = getattr(self, name), (self.epsilon_low, self.epsilon_high)
-        shadowed = self.__dict__.get(name)  # a wrapper someone set on this instance, restored afterwards
-
-        def forward_then_choose(*a, **k):
-            logps, entropies, aux = forward(*a, **k)
-            old = inputs.get(BEHAVIOR_LOGPS, logps.detach())
-            chosen = adaptive_clip_bounds(
-                torch.exp(logps.detach() - old),
-                weighted_advantages(inputs, 1.0)["advantages"],  # per row, or per token when weighted
-                loss_mask(inputs),
-                start=tuple(args.adaptive_clip_start),
-                step=args.adaptive_clip_step,
-                maximum=tuple(args.adaptive_clip_max),
-                target=args.adaptive_clip_target,
-                all_reduce=self._sum_processes,
-            )
-            self.epsilon_low, self.epsilon_high = 1 - chosen.low, chosen.high - 1
-            self._log_step(clip_low=chosen.low, clip_high=chosen.high)
-            self._log_step(clip_positive=chosen.positive, clip_negative=chosen.negative)
-            return logps, entropies, aux
-
-        setattr(self, name, forward_then_choose)
-        args.delta = args.adaptive_clip_dual
-        try:
-            yield
-        finally:
-            if shadowed is None:
-                delattr(self, name)
-            else:
-                setattr(self, name, shadowed)
-            (self.epsilon_low, self.epsilon_high), args.delta = bounds, None
-
-    def _evaluation_inputs(self, generation_batch: dict[str, torch.Tensor | Any]) -> dict[str, torch.Tensor | Any]:
-        """TRL's evaluation, generating with the current policy. With the behavior-policy KL, the policy that
-        generates the evaluation samples is the one evaluated, so the KL term is zero and no reference model is
-        read (TRL would look for one, or measure against the base model under PEFT)."""
-        if self.use_vllm and self._last_loaded_step != self.state.global_step:
-            # The evaluation generates with the current weights, sent through BAPO's sync (TRL's would fail where
-            # vLLM's CPU build repacked the weights); the engine no longer holds alpha.
-            send_weights(self.vllm_generation)
-            self._last_loaded_step = self.state.global_step
-            self._engine_holds_alpha = False
-        with self._reference_kl_off():
-            return super()._prepare_inputs(generation_batch)
 
     # ---- Algorithm 1, one rollout step ---------------------------------------------------------------------
 
@@ -471,8 +216,8 @@ class BAPOTrainer(GRPOTrainer):
             accuracy = group_accuracy(correct, group_size)
             self._reward_sum += float(torch.nansum(correct))
             self._reward_count += int((~torch.isnan(correct)).sum())
-            c2 = adaptive_threshold(self._r_tot, args.c2_range)
-            c3 = adaptive_threshold(self._r_tot, args.c3_range)
+            c2 = adaptive_threshold(self._r_tot, args.high_quality_lower_range)
+            c3 = adaptive_threshold(self._r_tot, args.high_quality_upper_range)
             x1 = online_filter_mask(
                 accuracy,
                 group_has_variance(torch.cat([scored.advantages for scored in rounds]), group_size),
@@ -492,7 +237,7 @@ class BAPOTrainer(GRPOTrainer):
         examples = [example for scored in rounds for example in scored.examples]
         self._rollouts += len(examples)
         if args.use_difficult_replay:  # line 8
-            bad = difficult_mask(accuracy, args.c1).nonzero().flatten().tolist()
+            bad = difficult_mask(accuracy, args.difficult_threshold).nonzero().flatten().tolist()
             self._difficult.add([examples[g * group_size] for g in bad], [float(accuracy[g]) for g in bad])
         return FreshRollout(rows, examples, accuracy, x1, high, c2, c3, lag)
 
@@ -528,13 +273,13 @@ class BAPOTrainer(GRPOTrainer):
     def _sample_fresh(self, inputs: list[dict[str, Any]]) -> list[ScoredRollout]:
         """X_on: one rollout batch, or with `dynamic_sampling` as many as DAPO draws (at most
         `dynamic_sampling_max_rounds`) until B groups have non-zero reward variance."""
-        rounds = [self._score(inputs)]
+        rounds = [score(self, inputs)]
         if not self.args.dynamic_sampling:
             return rounds
         while len(rounds) < self.args.dynamic_sampling_max_rounds and (
             sum(int(group_has_variance(s.advantages, self.num_generations).sum()) for s in rounds) < self._batch_groups
         ):
-            rounds.append(self._score(self._local_share(self._next_prompts())))
+            rounds.append(score(self, local_share(self.accelerator, self._next_prompts())))
         self._log_step(sampling_rounds=len(rounds))
         return rounds
 
@@ -545,7 +290,7 @@ class BAPOTrainer(GRPOTrainer):
             batch, num_groups = scored.rows, len(scored.advantages) // self.num_generations
             groups = needs_logps[first_group : first_group + num_groups].nonzero().flatten()
             needed = group_rows(groups, self.num_generations)
-            self._attach_behavior_logps(batch, self._local_rows(needed, num_rows(batch)))
+            attach_behavior_logps(self, batch, local_rows(self.accelerator, needed, num_rows(batch)))
             gathered.append(gather_batch(batch, self.accelerator, self._tokenizer.pad_token_id))
             first_group += num_groups
         return gathered[0] if len(gathered) == 1 else concat_batches(gathered, self._tokenizer.pad_token_id)
@@ -570,7 +315,7 @@ class BAPOTrainer(GRPOTrainer):
         repeating the last prompt, because TRL gathers rewards across processes and expects every process to score
         as many rows; a prompt scored twice counts once.
         """
-        args, group_size, c1 = self.args, self.num_generations, self.args.c1
+        args, group_size, c1 = self.args, self.num_generations, self.args.difficult_threshold
         if not (args.use_difficult_replay and t % args.reevaluation_interval == 0 and len(self._difficult)):
             return Replay([], 0)
         if args.reevaluation_order == "random":
@@ -578,10 +323,10 @@ class BAPOTrainer(GRPOTrainer):
         else:
             examples = self._difficult.oldest(args.max_reevaluation_prompts)
         with self.accelerator.split_between_processes(list(range(len(examples))), apply_padding=True) as share:
-            with self._muted_metrics():
-                scored = self._score([examples[i] for i in share for _ in range(group_size)])
+            with muted_metrics(self):
+                scored = score(self, [examples[i] for i in share for _ in range(group_size)])
             order = share if self.accelerator.num_processes == 1 else gather_object(share)
-        self._attach_behavior_logps(scored.rows, torch.tensor([], dtype=torch.long))
+        attach_behavior_logps(self, scored.rows, torch.tensor([], dtype=torch.long))
         batch = gather_batch(scored.rows, self.accelerator, self._tokenizer.pad_token_id)
         self._rollouts += len(order) * group_size
         first = torch.tensor([order.index(i) for i in range(len(examples))])  # each prompt's first scored group
@@ -595,104 +340,86 @@ class BAPOTrainer(GRPOTrainer):
         keep = first[admitted][: room if args.cap_difficult_replay else None]
         return Replay([select_rows(batch, group_rows(keep, group_size))], len(keep), reevaluated=len(examples))
 
-    # ---- checkpoint state -----------------------------------------------------------------------------------
+    # ---- TRL overrides -------------------------------------------------------------------------------------
 
-    def _bapo_state(self) -> dict[str, Any]:
-        return {
-            "version": STATE_VERSION,
-            "processes": self.accelerator.num_processes,
-            "sharded": self._dist.is_fsdp or self._dist.is_zero3,
-            "settings": self._bapo_settings(),
-            "rollout_step": self._rollout_step,
-            "snapshot": self._snapshot.state_dict(),
-            "difficult": self._difficult.state_dict(),
-            "high_quality": self._high_quality.state_dict(),
-            "generator": self._generator.get_state(),
-            "reward_sum": self._reward_sum,
-            "reward_count": self._reward_count,
-            "rollouts": self._rollouts,
-            "prompt_order": self._prompt_order,
-        }
-
-    def _bapo_settings(self) -> dict[str, int]:
-        return {
-            "rollout_delay": self._snapshot.delay,
-            "difficult_buffer_size": self._difficult.capacity,
-            "high_quality_buffer_steps": self._high_quality.window,
-        }
-
-    def _load_bapo_state(self, checkpoint: str) -> None:
-        """Reads this process's state file, then decides together with every other process whether to resume
-        from the states: if any process cannot read its own, none resumes from them, so no process runs on with
-        buffers the others lack."""
-        rank = self.accelerator.process_index
-        state, error = None, None
-        try:
-            state = self._checked_state(self._own_state(checkpoint))
-        except UNREADABLE as caught:
-            error = f"process {rank} could not read {state_file(checkpoint, rank)} ({unreadable_reason(caught)})"
-        except (KeyError, ValueError) as caught:
-            error = f"process {rank} could not use {state_file(checkpoint, rank)} ({type(caught).__name__}: {caught})"
-        errors = [e for e in (gather_object([error]) if self.accelerator.num_processes > 1 else [error]) if e]
-        if not errors:
-            self._apply_bapo_state(state)
-            return
-        if not self.args.resume_without_bapo_state:
-            raise ValueError(
-                f"Cannot resume BAPO from {checkpoint}: {'; '.join(errors)}. Resuming without that state would "
-                "silently empty the buffers and reset the thresholds and the rollout policy. "
-                f"{resume_advice(checkpoint)} or set resume_without_bapo_state=True to start with empty buffers."
+    def _prepare_inputs(self, generation_batch: dict[str, torch.Tensor | Any]) -> dict[str, torch.Tensor | Any]:
+        if not self.model.training:
+            return self._evaluation_inputs(generation_batch)
+        generate_every = self.args.steps_per_generation * self.num_iterations
+        if self._step % generate_every == 0 or self._buffered_inputs is None:
+            started, self._scoring_seconds = time.perf_counter(), 0.0
+            batch, filler = self._assemble_batch(generation_batch)
+            self._skip_update = num_rows(batch) == 0
+            # Every process holds the whole batch and takes its own share of micro-batches, so all of them run
+            # the same number of forward/backward passes whatever the batch size.
+            steps, rank = self.args.steps_per_generation, self.accelerator.process_index
+            chunks = split_micro_batches(
+                select_rows(batch, shared_permutation(self.accelerator, num_rows(batch))),
+                steps * self.accelerator.num_processes,
+                LOSSES[self.loss_type].normalisation,
+                filler,
+                self._tokenizer.pad_token_id,
+                equal_sizes=self.accelerator.num_processes > 1,
             )
-        logger.warning("Resuming from %s with empty BAPO buffers: %s", checkpoint, "; ".join(errors))
+            self._weight_stats = []
+            self._buffered_inputs = [
+                unsplit_pixel_values_by_grid(finish_behavior_logps(self, chunk))
+                for chunk in chunks[rank * steps : (rank + 1) * steps]
+            ]
+            if self._weight_stats:  # the decoupled correction's weights
+                self._log_step(**gathered_weight_metrics(self.accelerator, self._weight_stats))
+            # BAPO's own work on this rollout step: assembly and the behavior log-prob forwards it adds.
+            self._log_step(assembly_seconds=time.perf_counter() - started - self._scoring_seconds)
+        if self._skip_update:
+            self._frozen_step.hold(self.optimizer)
+        return self._buffered_inputs[self._step % self.args.steps_per_generation]
 
-    def _own_state(self, checkpoint: str) -> dict[str, Any]:
-        """This process's state file; on a process the checkpoint's writers did not have (it was written by fewer
-        processes), file 0, which holds the shared parts. A file missing on a process that did write is an error:
-        another process's shards are no rollout policy of its own."""
-        rank = self.accelerator.process_index
-        path = state_file(checkpoint, rank)
-        if rank == 0 or os.path.exists(path):
-            return read_state(path)
-        state = read_state(state_file(checkpoint, 0))
-        if rank < state["processes"]:
-            raise FileNotFoundError(f"missing, though {state['processes']} processes wrote this checkpoint")
-        return state
+    def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
+        rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
+        self._last_rewards_per_func = rewards_per_func
+        return rewards_per_func
 
-    def _checked_state(self, state: dict[str, Any]) -> dict[str, Any]:
-        """`state`, with its snapshot dropped where it cannot be placed: shards of another number of processes."""
-        if state["version"] != STATE_VERSION:
-            raise ValueError(f"state version {state['version']}, this trl-bapo reads version {STATE_VERSION}")
-        if state["sharded"] and state["processes"] != self.accelerator.num_processes:
-            logger.warning(
-                "The checkpoint's rollout snapshot holds the shards of %d processes, not %d; the rollout policy "
-                "restarts from the current weights on the first step.",
-                state["processes"],
-                self.accelerator.num_processes,
-            )
-            state["snapshot"] = {"step": None, "weights": {}}
-        policy = self.accelerator.unwrap_model(self.model)
-        shards = {name: local_shard(param) for name, param in trainable_parameters(policy).items()}
-        for name, tensor in state["snapshot"]["weights"].items():
-            if name not in shards or shards[name].shape != tensor.shape:
-                raise ValueError(f"its rollout snapshot does not fit this model: parameter {name!r} differs")
-        return state
+    def _save_optimizer_and_scheduler(self, output_dir):
+        super()._save_optimizer_and_scheduler(output_dir)
+        os.makedirs(output_dir, exist_ok=True)
+        write_state(state_file(output_dir, self.accelerator.process_index), bapo_state(self))
 
-    def _apply_bapo_state(self, state: dict[str, Any]) -> None:
-        for name, current in self._bapo_settings().items():
-            if state["settings"][name] != current:
-                logger.warning(
-                    "%s was %s in the checkpoint and is %s now; the configured value applies.",
-                    name,
-                    state["settings"][name],
-                    current,
-                )
-        self._snapshot.load_state_dict(state["snapshot"])
-        self._difficult.load_state_dict(state["difficult"])
-        self._high_quality.load_state_dict(state["high_quality"])
-        self._generator.set_state(state["generator"])
-        self._rollout_step, self._rollouts = state["rollout_step"], state["rollouts"]
-        self._reward_sum, self._reward_count = state["reward_sum"], state["reward_count"]
-        self._prompt_order = state["prompt_order"]
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        super()._load_optimizer_and_scheduler(checkpoint)
+        if checkpoint is not None:
+            load_bapo_state(self, checkpoint)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if not model.training:
+            with reference_kl_off(self):
+                return self._loss(model, inputs, return_outputs, num_items_in_batch)
+        loss = self._loss(model, inputs, return_outputs, num_items_in_batch)
+        return loss * inputs["bapo_loss_scale"] if "bapo_loss_scale" in inputs else loss
+
+    def _loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """One of `trl_bapo.losses`' own, or TRL's: with the decoupled correction's weight in each token's
+        advantage (`trl_bapo.correction`), and adaptive clipping's bounds when asked (`trl_bapo.clipping`)."""
+        if LOSSES[self.loss_type].per_token is not None:
+            return own_loss(self, model, inputs)
+        if IMPORTANCE_WEIGHT in inputs:
+            inputs = weighted_advantages(inputs, inputs[IMPORTANCE_WEIGHT])
+        if self.args.adaptive_clipping and model.training:
+            with adaptive_clipping(self, inputs):
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
+    def _evaluation_inputs(self, generation_batch: dict[str, torch.Tensor | Any]) -> dict[str, torch.Tensor | Any]:
+        """TRL's evaluation, generating with the current policy. With the behavior-policy KL, the policy that
+        generates the evaluation samples is the one evaluated, so the KL term is zero and no reference model is
+        read (TRL would look for one, or measure against the base model under PEFT)."""
+        if self.use_vllm and self._last_loaded_step != self.state.global_step:
+            # The evaluation generates with the current weights, sent through BAPO's sync (TRL's would fail where
+            # vLLM's CPU build repacked the weights); the engine no longer holds alpha.
+            send_weights(self.vllm_generation)
+            self._last_loaded_step = self.state.global_step
+            self._engine_holds_alpha = False
+        with reference_kl_off(self):
+            return super()._prepare_inputs(generation_batch)
 
     # ---- helpers --------------------------------------------------------------------------------------------
 
@@ -701,219 +428,6 @@ class BAPOTrainer(GRPOTrainer):
         """Global average training reward over every fresh completion so far (eq. 8)."""
         return self._reward_sum / self._reward_count if self._reward_count else 0.0
 
-    def _score(self, inputs: list[dict[str, Any]]) -> ScoredRollout:
-        """TRL's generation and scoring of this process's rows."""
-        started = time.perf_counter()
-        with self._reference_kl_off():
-            batch = self._generate_and_score_completions(inputs)
-        self._scoring_seconds += time.perf_counter() - started
-        # Image fields become one entry per row (TRL's own split), so rows can be selected, stored and replayed.
-        batch = split_pixel_values_by_grid(batch)
-        # Whether a group has a learning signal is TRL's call (its advantages, under any reward aggregation);
-        # whether a completion is correct is BAPO's: its weighted reward, or the reward `correctness_reward` names.
-        advantages = (
-            batch["advantages"]
-            if self.accelerator.num_processes == 1
-            else self.accelerator.gather(batch["advantages"])
-        )
-        per_func = self._last_rewards_per_func
-        if self._correctness_column is not None:
-            correct = correct_completions(per_func[:, self._correctness_column].cpu(), self.args.correctness_threshold)
-        else:
-            correct = (per_func * self.reward_weights.to(per_func.device).unsqueeze(0)).nansum(dim=1).cpu()
-            correct[torch.isnan(per_func).all(dim=1).cpu()] = math.nan
-            self._warn_if_not_accuracy(correct)
-        examples = inputs if self.accelerator.num_processes == 1 else gather_object(inputs)
-        return ScoredRollout(batch, advantages.cpu(), correct, examples)
-
-    def _warn_if_not_accuracy(self, rewards: torch.Tensor) -> None:
-        finite = rewards[~torch.isnan(rewards)]
-        if self._warned_reward_range or not ((finite < 0) | (finite > 1)).any():
-            return
-        self._warned_reward_range = True
-        logger.warning(
-            "Rewards range over [%.3g, %.3g], but BAPO reads their mean per group as accuracy: the thresholds c1, c2, "
-            "c3 and the range filter assume rewards in [0, 1]. Set correctness_reward (and correctness_threshold) to "
-            "the reward that says whether a completion is right.",
-            float(finite.min()),
-            float(finite.max()),
-        )
-
-    def _local_share(self, rows: list) -> list:
-        """This process's contiguous share of a list that every process holds, as TRL's sampler splits it."""
-        share = len(rows) // self.accelerator.num_processes
-        return rows[self.accelerator.process_index * share : (self.accelerator.process_index + 1) * share]
-
-    def _local_rows(self, rows: torch.Tensor, local_count: int) -> torch.Tensor:
-        """The rows, given in gathered numbering, that this process holds, in its own numbering."""
-        first = self.accelerator.process_index * local_count
-        return rows[(rows >= first) & (rows < first + local_count)] - first
-
-    def _shared_permutation(self, count: int) -> torch.Tensor:
-        """TRL's shuffle draws from the global RNG, which drifts apart across processes during generation; every
-        process takes process 0's draw so they cut the same batch the same way."""
-        permutation = torch.randperm(count).to(self.accelerator.device)
-        if self.accelerator.num_processes > 1:
-            permutation = broadcast(permutation, from_process=0)
-        return permutation.cpu()
-
-    def _forward_logps(
-        self, model, batch: dict[str, Any], with_grad: bool = False, batch_size: int | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-        """Per-token log-probs of `batch`'s completions through TRL's forward; with gradient also the entropies and,
-        for a Mixture-of-Experts model whose auxiliary loss TRL adds, that loss."""
-        batch = unsplit_pixel_values_by_grid(batch)
-        input_ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], dim=1)
-        attention_mask = torch.cat([batch["prompt_mask"], batch["completion_mask"]], dim=1)
-        return self._get_per_token_logps_and_entropies(
-            model,
-            input_ids,
-            attention_mask,
-            batch["completion_ids"].size(1),
-            batch_size=batch_size,
-            compute_entropy=with_grad,
-            compute_aux_loss=with_grad and self.aux_loss_enabled,
-            **{key: batch[key] for key in MULTIMODAL_FIELDS if key in batch},
-        )
-
-    def _gathered_mean(self, values: torch.Tensor, mask: torch.Tensor) -> float:
-        """Mean of `values` over the masked tokens of every process, as TRL logs its loss metrics."""
-        totals = self._sum_processes(torch.stack([(values.detach() * mask).sum(), mask.sum()]))
-        return (totals[0] / totals[1].clamp(min=1.0)).item()
-
-    def _sum_processes(self, values: torch.Tensor) -> torch.Tensor:
-        return self.accelerator.reduce(values, reduction="sum") if self.accelerator.num_processes > 1 else values
-
-    def _policy_logps(self, batch: dict[str, Any], rows: torch.Tensor) -> torch.Tensor:
-        """Per-token log-probs of the completions of `rows` under the weights now in the model.
-
-        Every process calls this at the same points. Where a forward is a collective (FSDP, ZeRO-3), each runs as
-        many forward passes as the process with the most rows, repeating its first row where it has fewer."""
-        count = len(rows)
-        if self._collective_forwards:
-            counts = self.accelerator.gather(torch.tensor([count], device=self.accelerator.device))
-            rows = torch.cat([rows, rows.new_zeros(int(counts.max()) - count)])
-        if not len(rows):
-            return torch.empty(0, batch["completion_ids"].size(1), device=batch["completion_ids"].device)
-        with torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs):
-            logps, _, _ = self._forward_logps(
-                self.model, select_rows(batch, rows), batch_size=self.args.per_device_train_batch_size
-            )
-        return logps[:count]
-
-    def _attach_behavior_logps(self, batch: dict[str, Any], rows: torch.Tensor) -> None:
-        """Fills `old_per_token_logps` for `rows` with the log-probs of the weights now in the model, the policy
-        that generated them; other rows get NaN, meaning "generated by the current policy, not measured yet".
-
-        Keeps what TRL already measured: with vLLM and TRL's importance-sampling correction on, TRL measured the
-        generating policy in the trainer and weighs the engine's mismatch itself. With the correction off, the
-        engine's own log-probs are the behavior log-probs; a token the engine returned no log-prob for (NaN) gets
-        the trainer's, measured now, while the generating policy is still in the model."""
-        sampled = batch.get("sampling_per_token_logps")
-        if sampled is not None and not self.vllm_importance_sampling_correction:
-            unscored = torch.isnan(sampled) & batch["completion_mask"].bool()
-            nan_rows = unscored.any(dim=1).nonzero().flatten()
-            behavior = sampled.clone()
-            measured = self._policy_logps(batch, nan_rows)
-            behavior[nan_rows] = torch.where(unscored[nan_rows], measured, sampled[nan_rows])
-            batch[BEHAVIOR_LOGPS] = torch.nan_to_num(behavior * batch["completion_mask"], nan=0.0)
-            return
-        if BEHAVIOR_LOGPS in batch:
-            return
-        logps = torch.full(batch["completion_mask"].shape, math.nan, device=batch["completion_mask"].device)
-        logps[rows.to(logps.device)] = self._policy_logps(batch, rows)
-        batch[BEHAVIOR_LOGPS] = logps
-
-    def _finish_behavior_logps(self, chunk: dict[str, Any]) -> dict[str, Any]:
-        """Makes a micro-batch's behavior log-probs whole, or drops them when every row is on-policy and nothing
-        needs them: TRL then takes the ratio against the detached current log-probs, exactly as GRPO does. With
-        `off_policy_correction="decoupled"`, anchors the ratio at the policy that starts the step instead."""
-        if self.args.off_policy_correction == "decoupled":
-            return self._decouple(chunk)
-        logps = chunk[BEHAVIOR_LOGPS]
-        missing = unmeasured_rows(logps)
-        on_policy = bool(missing.all()) and not self._behavior_kl
-        rows = missing.nonzero().flatten()
-        measured = self._policy_logps(chunk, rows[:0] if on_policy else rows)
-        if on_policy:
-            chunk.pop(BEHAVIOR_LOGPS)
-            return chunk
-        logps[rows] = measured
-        if self._behavior_kl:
-            chunk["ref_per_token_logps"] = logps
-        return chunk
-
-    def _decouple(self, chunk: dict[str, Any]) -> dict[str, Any]:
-        """The decoupled form of the loss: the clipped ratio's anchor is pi_start, the policy at the start of this
-        rollout step (the weights in the model while the batch is cut), measured for every row; the policy that
-        generated a row enters only through its truncated importance weight min(pi_start / pi_behavior, cap). A
-        row generated by the current policy (its behavior log-probs unmeasured) weighs 1."""
-        behavior = chunk[BEHAVIOR_LOGPS]
-        start = self._policy_logps(chunk, torch.arange(num_rows(chunk)))
-        behavior = torch.where(torch.isnan(behavior), start, behavior)
-        mask = loss_mask(chunk).bool()
-        ratio = torch.where(mask, torch.exp(start - behavior), torch.ones_like(start))
-        chunk[IMPORTANCE_WEIGHT] = ratio.clamp(max=self.args.importance_sampling_cap)
-        chunk[BEHAVIOR_LOGPS] = start
-        if self._behavior_kl:
-            chunk["ref_per_token_logps"] = behavior
-        self._weight_stats.append(
-            source_weight_stats(
-                chunk[IMPORTANCE_WEIGHT], ratio, mask, chunk.get(SOURCE), self.args.importance_sampling_cap
-            )
-        )
-        return chunk
-
     def _log_step(self, **values: float) -> None:
         for name, value in values.items():
             self._metrics["train"][f"bapo/{name}"].append(float(value))
-
-    @contextmanager
-    def _reference_kl_off(self) -> Iterator[None]:
-        # With the behavior-policy KL there is no reference model; TRL would try to score one while beta != 0.
-        beta = self.beta
-        if self._behavior_kl:
-            self.beta = 0.0
-        try:
-            yield
-        finally:
-            self.beta = beta
-
-    @contextmanager
-    def _muted_metrics(self) -> Iterator[None]:
-        # Re-evaluation goes through TRL's scoring, which would log its rewards as the training reward and its
-        # completions in the completions table (`log_completions`) as if they were the training rollout.
-        metrics, logs = self._metrics["train"], self._logs
-        self._metrics["train"], self._logs = defaultdict(list), copy.deepcopy(logs)
-        try:
-            yield
-        finally:
-            self._metrics["train"], self._logs = metrics, logs
-
-
-class FrozenStep(TrainerCallback):
-    """Keeps the optimizer steps of an empty assembled batch from moving the weights.
-
-    A zero gradient still moves them through Adam's momentum and weight decay, so those steps run at learning rate
-    0, set through the optimizer's `param_groups`, which every engine's optimizer exposes (DeepSpeed's ZeRO
-    optimizers included). The trainer calls `hold` before each micro-batch's backward pass, where DeepSpeed takes
-    its step; the rate comes back right after the step, before the scheduler reads it, unless an engine's own
-    scheduler has already set a new one.
-    """
-
-    def __init__(self):
-        self._rates: list[float] | None = None
-
-    def hold(self, optimizer) -> None:
-        if self._rates is None:
-            self._rates = [group["lr"] for group in optimizer.param_groups]
-        for group in optimizer.param_groups:
-            group["lr"] = 0.0
-
-    def on_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
-        if self._rates is None:
-            return
-        for group, rate in zip(optimizer.param_groups, self._rates):
-            if group["lr"] == 0.0:
-                group["lr"] = rate
-        self._rates = None

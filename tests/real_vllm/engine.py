@@ -24,7 +24,7 @@ import torch
 from torch.distributed.tensor import DTensor
 from transformers import TrainerCallback
 
-from trl_bapo.examples.tiny import build_tiny_model, load_tiny_model
+from trl_bapo.builtin.tiny import build_tiny_model, load_tiny_model
 
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB of KV cache per engine
 

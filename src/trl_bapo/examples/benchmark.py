@@ -35,19 +35,19 @@ from transformers import AutoTokenizer, PrinterCallback, TrainerCallback
 from trl import GRPOConfig, GRPOTrainer
 
 from trl_bapo import BAPOConfig, BAPOTrainer
-from trl_bapo.examples.callbacks import quiet_libraries
-from trl_bapo.examples.embedded import (
+from trl_bapo.builtin.embedded import (
     GROUP_SIZE,
     TRAINING,
     WARM_START_STEPS,
     embedded_datasets,
     embedded_model,
 )
+from trl_bapo.builtin.rewards import load_reward
+from trl_bapo.builtin.tasks import ARITHMETIC, CARRY
+from trl_bapo.builtin.tiny import load_tiny_model
+from trl_bapo.examples.callbacks import quiet_libraries
 from trl_bapo.examples.evaluation import accuracy_bins, evaluate_policy, prompt_accuracies, relock_rate, unlock_rate
 from trl_bapo.examples.plots import plot_accuracy_bins, plot_composition, plot_curves
-from trl_bapo.examples.tasks import ARITHMETIC, CARRY
-from trl_bapo.examples.tiny import load_tiny_model
-from trl_bapo.scripts.rewards import load_reward
 
 # About 3% of training prompts start at 0/32: 1024 tracked give some thirty, so unlock rates are not decided by
 # a handful of prompts.

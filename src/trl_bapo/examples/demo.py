@@ -15,13 +15,13 @@ from pathlib import Path
 from transformers import AutoTokenizer, PrinterCallback
 
 from trl_bapo import BAPOConfig, BAPOTrainer
+from trl_bapo.builtin.embedded import GROUP_SIZE, PROMPTS_PER_STEP, TRAINING, embedded_datasets, embedded_model
+from trl_bapo.builtin.rewards import load_reward
+from trl_bapo.builtin.tasks import CARRY, TASKS
+from trl_bapo.builtin.tiny import load_tiny_model
 from trl_bapo.examples.callbacks import CompositionPrinter, quiet_libraries
-from trl_bapo.examples.embedded import GROUP_SIZE, PROMPTS_PER_STEP, TRAINING, embedded_datasets, embedded_model
 from trl_bapo.examples.evaluation import accuracy_bins, evaluate_policy, migration_matrix, unlock_rate
 from trl_bapo.examples.plots import plot_accuracy_bins, plot_composition, plot_migration, plot_reward
-from trl_bapo.examples.tasks import CARRY, TASKS
-from trl_bapo.examples.tiny import load_tiny_model
-from trl_bapo.scripts.rewards import load_reward
 
 TRACKED_PROMPTS = 128  # fixed subset of training prompts for accuracy bins, migration and unlock rate
 

@@ -17,12 +17,12 @@ from accelerate.logging import get_logger
 from trl import DatasetMixtureConfig, ModelConfig, TrlParser, get_peft_config, get_quantization_config
 from trl.scripts.grpo import GRPOScriptArguments
 
+from trl_bapo.builtin.embedded import embedded_model
+from trl_bapo.builtin.rewards import REWARDS, load_reward
+from trl_bapo.builtin.smollm2 import smollm2_model
+from trl_bapo.builtin.tasks import CARRY, TASKS
 from trl_bapo.config import BAPOConfig
-from trl_bapo.examples.embedded import embedded_model
-from trl_bapo.examples.smollm2 import smollm2_model
-from trl_bapo.examples.tasks import CARRY, TASKS
 from trl_bapo.scripts.data import EMBEDDED, EMBEDDED_DATASETS, Prompts, load_mixture, load_prompts
-from trl_bapo.scripts.rewards import REWARDS, load_reward
 from trl_bapo.trainer import BAPOTrainer
 
 SMOLLM2 = "smollm2"

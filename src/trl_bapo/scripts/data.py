@@ -8,8 +8,8 @@ from collections.abc import Callable
 from datasets import Dataset, IterableDataset, load_dataset
 from trl import DatasetMixtureConfig, ScriptArguments, get_dataset
 
-from trl_bapo.examples.embedded import embedded_datasets
-from trl_bapo.examples.tasks import CHAT_TASKS, TASKS
+from trl_bapo.builtin.embedded import embedded_datasets
+from trl_bapo.builtin.tasks import CHAT_TASKS, TASKS
 
 EMBEDDED = "embedded"
 EMBEDDED_DATASETS = {f"{EMBEDDED}-{task}": task for task in TASKS + CHAT_TASKS}

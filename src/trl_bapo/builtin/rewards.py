@@ -16,7 +16,7 @@ from typing import Any
 
 from trl.import_utils import is_math_verify_available
 
-from trl_bapo.examples.tasks import (
+from trl_bapo.builtin.tasks import (
     ARITHMETIC,
     CARRY,
     COUNTDOWN,

@@ -1,6 +1,6 @@
 """Synthetic RL tasks with verifiable answers, generated deterministically from a seed.
 
-The tiny model's tasks (`TASKS`) use only its characters (`trl_bapo.examples.tiny.CHARACTERS`), and their prompts stay
+The tiny model's tasks (`TASKS`) use only its characters (`trl_bapo.builtin.tiny.CHARACTERS`), and their prompts stay
 within 24 characters so they fit its 128-token context with room to answer. The chat tasks (`CHAT_TASKS`) are for
 a real instruction-tuned model: conversational prompts, answers checked in free text.
 """

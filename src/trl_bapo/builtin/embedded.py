@@ -11,7 +11,7 @@ from pathlib import Path
 
 from datasets import Dataset
 
-from trl_bapo.examples.tasks import (
+from trl_bapo.builtin.tasks import (
     ARITHMETIC,
     CARRY,
     arithmetic_problems,
@@ -19,7 +19,7 @@ from trl_bapo.examples.tasks import (
     countdown_problems,
     task_splits,
 )
-from trl_bapo.examples.tiny import build_tiny_model
+from trl_bapo.builtin.tiny import build_tiny_model
 
 GROUP_SIZE = 8
 PROMPTS_PER_STEP = 16

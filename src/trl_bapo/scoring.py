@@ -1,0 +1,110 @@
+"""TRL's generation and scoring as BAPO reads it: which completions are correct, and which groups carry a signal.
+
+Whether a group has a learning signal is TRL's call (its advantages, under any reward aggregation); whether a
+completion is correct is BAPO's: its weighted reward, or the reward `correctness_reward` names.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from accelerate.utils import gather_object
+from transformers.utils import logging
+from trl.trainer.utils import get_callable_name, get_config_model_id, split_pixel_values_by_grid
+
+from trl_bapo.records import ScoredRollout
+from trl_bapo.selection import correct_completions
+
+logger = logging.get_logger(__name__)
+
+
+def reward_names(reward_funcs) -> list[str]:
+    """The names TRL gives `reward_funcs` (trl 1.16.0, GRPOTrainer.__init__), before any reward model is loaded: a
+    model's id (the last part of its path), or the function's name."""
+    funcs = reward_funcs if isinstance(reward_funcs, list) else [reward_funcs] if reward_funcs is not None else []
+    return [
+        func.rstrip("/").split("/")[-1]
+        if isinstance(func, str)
+        else get_config_model_id(func.config).split("/")[-1]
+        if isinstance(func, torch.nn.Module)
+        else get_callable_name(func)
+        for func in funcs
+    ]
+
+
+def check_correctness_reward(correctness_reward: str | None, reward_funcs) -> None:
+    """Before TRL loads the model, the reward models and the engine: `correctness_reward` names a reward function."""
+    names = reward_names(reward_funcs)
+    if correctness_reward is not None and correctness_reward not in names:
+        raise ValueError(
+            f"correctness_reward={correctness_reward!r} names none of this trainer's reward functions {names}; set it "
+            "to one of them (as in TRL's `rewards/<name>/mean` log)."
+        )
+
+
+def score(trainer, inputs: list[dict[str, Any]]) -> ScoredRollout:
+    """TRL's generation and scoring of this process's rows, with every process's advantages and correctness."""
+    started = time.perf_counter()
+    with reference_kl_off(trainer):
+        batch = trainer._generate_and_score_completions(inputs)
+    trainer._scoring_seconds += time.perf_counter() - started
+    # Image fields become one entry per row (TRL's own split), so rows can be selected, stored and replayed.
+    batch = split_pixel_values_by_grid(batch)
+    accelerator = trainer.accelerator
+    advantages = batch["advantages"] if accelerator.num_processes == 1 else accelerator.gather(batch["advantages"])
+    per_func = trainer._last_rewards_per_func
+    if trainer._correctness_column is not None:
+        correct = correct_completions(
+            per_func[:, trainer._correctness_column].cpu(), trainer.args.correctness_threshold
+        )
+    else:
+        correct = (per_func * trainer.reward_weights.to(per_func.device).unsqueeze(0)).nansum(dim=1).cpu()
+        correct[torch.isnan(per_func).all(dim=1).cpu()] = math.nan
+        _warn_if_not_accuracy(trainer, correct)
+    examples = inputs if accelerator.num_processes == 1 else gather_object(inputs)
+    return ScoredRollout(batch, advantages.cpu(), correct, examples)
+
+
+def _warn_if_not_accuracy(trainer, rewards: torch.Tensor) -> None:
+    finite = rewards[~torch.isnan(rewards)]
+    if trainer._warned_reward_range or not ((finite < 0) | (finite > 1)).any():
+        return
+    trainer._warned_reward_range = True
+    logger.warning(
+        "Rewards range over [%.3g, %.3g], but BAPO reads their mean per group as accuracy: the thresholds c1, c2, "
+        "c3 and the range filter assume rewards in [0, 1]. Set correctness_reward (and correctness_threshold) to "
+        "the reward that says whether a completion is right.",
+        float(finite.min()),
+        float(finite.max()),
+    )
+
+
+@contextmanager
+def reference_kl_off(trainer) -> Iterator[None]:
+    """With the behavior-policy KL there is no reference model; TRL would try to score one while beta != 0."""
+    beta = trainer.beta
+    if trainer._behavior_kl:
+        trainer.beta = 0.0
+    try:
+        yield
+    finally:
+        trainer.beta = beta
+
+
+@contextmanager
+def muted_metrics(trainer) -> Iterator[None]:
+    """Re-evaluation goes through TRL's scoring, which would log its rewards as the training reward and its
+    completions in the completions table (`log_completions`) as if they were the training rollout."""
+    metrics, logs = trainer._metrics["train"], trainer._logs
+    trainer._metrics["train"], trainer._logs = defaultdict(list), copy.deepcopy(logs)
+    try:
+        yield
+    finally:
+        trainer._metrics["train"], trainer._logs = metrics, logs
