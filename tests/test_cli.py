@@ -65,6 +65,16 @@ def parse(recipe: Path, *overrides: str):
     return make_parser().parse_args_and_config(["--config", str(recipe), *overrides])
 
 
+def test_help_lists_every_bapo_field(capsys):
+    """argparse formats each field's help with %: a stray percent sign once broke `trl-bapo --help`."""
+    with pytest.raises(SystemExit) as exited:
+        make_parser().parse_args_and_config(["--help"])
+    assert exited.value.code == 0
+    shown = capsys.readouterr().out
+    for name in BAPOConfig.__dataclass_fields__:
+        assert f"--{name}" in shown, name
+
+
 def test_recipes_exist():
     assert {path.name for path in recipe_paths()} >= {
         "demo.yaml",

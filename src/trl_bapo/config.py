@@ -144,7 +144,7 @@ class BAPOConfig(GRPOConfig):
         default=0.2, metadata={"help": "Gaussian filter standard deviation (sigma in Table 3)."}
     )
     online_filter_uniform_keep: float = field(
-        default=0.6, metadata={"help": "Share of fresh groups the uniform filter keeps (appendix A.3: 60%)."}
+        default=0.6, metadata={"help": "Share of fresh groups the uniform filter keeps (0.6 in appendix A.3)."}
     )
     use_difficult_replay: bool = field(
         default=True, metadata={"help": "Build X2 from re-evaluated difficult prompts (B_bad)."}
