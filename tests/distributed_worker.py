@@ -14,6 +14,8 @@ Scenarios:
 - `decoupled`: `train` with the decoupled correction, whose importance weights every process must log alike.
 - `loss_metrics`: BAPO's own loss (OPMD), whose entropy and KL metrics must be means over every process's tokens.
 - `fsdp1`: the trainer built under FSDP1, which must refuse the delayed rollout policy.
+- `observe`: `train` evaluated and tracked every 2 steps, with buffer snapshots at every logging step and a
+  checkpoint at the end: what each process measured and holds, to compare with the files process 0 wrote.
 
 The engine is whatever the launcher configured (DDP, FSDP2, DeepSpeed ZeRO-2/3); FSDP2 through conftest's
 `CPUFSDPTrainer`, which says what differs from a GPU run.
@@ -33,6 +35,8 @@ from torch.distributed.tensor import DTensor
 from transformers import TrainerCallback
 
 from trl_bapo.checkpoint import state_file
+from trl_bapo.snapshots import buffer_lines
+from trl_bapo.tracking import PromptTracking
 
 # Per rollout step, 6 prompts; k correct out of 4 before global step 3 and from then on. The last step has only
 # homogeneous groups and (with a 1-step B_high) nothing to replay: its batch is empty.
@@ -202,6 +206,27 @@ def resume(output_dir: Path, model_path: str) -> dict:
     return result
 
 
+def observe(output_dir: Path, model_path: str) -> dict:
+    args = make_config(
+        output_dir,
+        **SETTINGS,
+        eval_strategy="steps",
+        eval_steps=2,
+        per_device_eval_batch_size=8,
+        track_prompts=True,
+        log_buffer_snapshots=True,
+        save_strategy="steps",
+        save_steps=len(STEPS),
+    )
+    prompts = Dataset.from_dict({"prompt": list(PLAN)})
+    held_out = prompts.select(range(6))
+    trainer = CPUFSDPTrainer(model_path, step_reward, args, train_dataset=prompts, eval_dataset=held_out)
+    trainer.train()
+    tracking = next(c for c in trainer.callback_handler.callbacks if isinstance(c, PromptTracking))
+    lines = buffer_lines(trainer._difficult, trainer._high_quality, trainer._rollout_step)
+    return {**bapo_state(trainer), "tracking": tracking.records, "buffers": lines}
+
+
 def resume_error(output_dir: Path, model_path: str, checkpoint: Path) -> str | None:
     try:
         make_trainer(output_dir / "split", model_path).train(resume_from_checkpoint=str(checkpoint))
@@ -295,6 +320,7 @@ if __name__ == "__main__":
         ),
         "loss_metrics": loss_metrics,
         "fsdp1": fsdp1,
+        "observe": observe,
     }
     result = scenarios[scenario](Path(output), model)
     (Path(output) / f"{scenario}-{PartialState().process_index}.json").write_text(json.dumps(result))

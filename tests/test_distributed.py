@@ -156,6 +156,26 @@ def test_decoupled_correction_agrees_across_processes(engine, tiny_model_path, t
     assert len(set(ranks[0]["trained"][:6])) == 6
 
 
+@pytest.mark.parametrize("engine", ["ddp", "fsdp2"])
+def test_tracking_snapshots_and_metrics_by_source_on_two_processes(engine, tiny_model_path, tmp_path):
+    """Every process measures the tracked prompts alike (a collective generation under FSDP2), holds the same
+    buffers and logs the same lag and clip fractions; process 0 alone writes the files, with those numbers."""
+    ranks = run_worker(engine, "observe", tmp_path, tiny_model_path)
+    for key in ("tracking", "buffers", "logs"):
+        assert ranks[0][key] == ranks[1][key], key
+    records = [json.loads(line) for line in (tmp_path / "prompt_tracking.jsonl").read_text().splitlines()]
+    assert records == ranks[0]["tracking"] and [r["step"] for r in records] == [0, 2, 4, 6]
+    saved = (tmp_path / f"checkpoint-{STEPS}" / "bapo_buffers.jsonl").read_text().splitlines()
+    assert [json.loads(line) for line in saved] == ranks[0]["buffers"] and saved
+    logged = [json.loads(line) for line in (tmp_path / "bapo_buffers.jsonl").read_text().splitlines()]
+    assert sorted({line["step"] for line in logged}) == list(range(1, STEPS + 1))
+    logs = ranks[0]["logs"]
+    assert [log["bapo/x1/lag_max"] for log in logs if log["bapo/x1"]] == [
+        t - REFRESHED_AT[t] for t, log in enumerate(logs, start=1) if log["bapo/x1"]
+    ]
+    assert any("bapo/x3/lag_mean" in log for log in logs) and any("bapo/x1/clip_fraction" in log for log in logs)
+
+
 def test_off_policy_loss_logs_means_over_every_process_tokens(tiny_model_path, tmp_path):
     """As TRL logs its own losses' entropy and KL: weighted by tokens, not the mean of two processes' means."""
     metrics = run_worker("ddp", "loss_metrics", tmp_path, tiny_model_path)[0]["metrics"]

@@ -1,9 +1,11 @@
-"""Evaluation helpers: per-prompt accuracy on the tiny model, bins, unlock/relock rates and migration."""
+"""Evaluation helpers: per-prompt accuracy on the tiny model, unlock/relock rates, and the library's bins and
+migration."""
 
 from transformers import AutoTokenizer
 
 from trl_bapo.builtin.tiny import load_tiny_model
-from trl_bapo.examples.evaluation import accuracy_bins, migration_matrix, prompt_accuracies, relock_rate, unlock_rate
+from trl_bapo.examples.evaluation import prompt_accuracies, relock_rate, unlock_rate
+from trl_bapo.tracking import accuracy_bins, migration_counts
 
 
 def test_prompt_accuracies_sample_and_greedy(tiny_model_path):
@@ -28,6 +30,6 @@ def test_bins_rates_and_migration():
     assert accuracy_bins(before, 8) == [2, 1, 0, 0, 1, 0, 0, 0, 1]
     assert unlock_rate(before, after) == 0.5  # one of the two 0/8 prompts reached 2/8
     assert relock_rate(before, after) == 1 / 3  # one of the three solved prompts fell to 0/8
-    matrix = migration_matrix(before, after, 8)
+    matrix = migration_counts(before, after, 8)
     assert matrix[0][2] == 1 and matrix[0][0] == 1 and matrix[1][0] == 1 and matrix[8][8] == 1
     assert sum(map(sum, matrix)) == len(before)

@@ -21,9 +21,20 @@ def prompt_key(example: dict[str, Any]) -> str:
     return Hasher.hash(example)
 
 
+@dataclass
+class DifficultEntry:
+    """A prompt held in B_bad: its dataset row, the accuracy it entered with, the rollout step it entered at, and how
+    often it was re-evaluated since."""
+
+    key: str
+    example: dict[str, Any]
+    accuracy: float
+    entered: int
+    reevaluated: int = 0
+
+
 class DifficultBuffer:
-    """B_bad: prompts whose group accuracy was <= c1, oldest first, at most `capacity` of them, each with the
-    accuracy it entered with.
+    """B_bad: prompts whose group accuracy was <= c1, oldest first, at most `capacity` of them.
 
     Holds the dataset rows themselves (prompt and reward-function columns), which is what re-evaluation
     needs to generate and score fresh completions for them with the current policy.
@@ -31,63 +42,87 @@ class DifficultBuffer:
 
     def __init__(self, capacity: int):
         self.capacity = capacity
-        self._entries: OrderedDict[str, dict[str, Any]] = OrderedDict()
-        self._accuracy: dict[str, float] = {}
+        self._entries: OrderedDict[str, DifficultEntry] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._entries)
 
-    def add(self, examples: list[dict[str, Any]], accuracies: list[float]) -> None:
-        """Appends prompts; a prompt already held moves to the back; the oldest leave beyond capacity."""
+    def add(self, examples: list[dict[str, Any]], accuracies: list[float], step: int = 0) -> None:
+        """Appends prompts that entered at rollout `step`; a prompt already held moves to the back and starts
+        over; the oldest leave beyond capacity."""
         for example, accuracy in zip(examples, accuracies, strict=True):
             key = prompt_key(example)
             self._entries.pop(key, None)
-            self._entries[key] = example
-            self._accuracy[key] = accuracy
+            self._entries[key] = DifficultEntry(key, example, accuracy, step)
         while len(self._entries) > self.capacity:
-            self._accuracy.pop(self._entries.popitem(last=False)[0])
+            self._entries.popitem(last=False)
 
     def oldest(self, count: int) -> list[dict[str, Any]]:
-        return [example for _, example in zip(range(count), self._entries.values())]
+        return [entry.example for _, entry in zip(range(count), self._entries.values())]
 
     def sample(self, count: int, generator: torch.Generator) -> list[dict[str, Any]]:
         """`count` prompts drawn at random (all of them when there are fewer), in the buffer's order."""
-        examples = list(self._entries.values())
+        examples = [entry.example for entry in self._entries.values()]
         chosen = torch.randperm(len(examples), generator=generator)[:count]
         return [examples[i] for i in sorted(chosen.tolist())]
 
     def accuracy(self, example: dict[str, Any]) -> float:
         """The accuracy `example` had when it entered the buffer."""
-        return self._accuracy[prompt_key(example)]
+        return self._entries[prompt_key(example)].accuracy
+
+    def count_reevaluated(self, examples: list[dict[str, Any]]) -> None:
+        for example in examples:
+            self._entries[prompt_key(example)].reevaluated += 1
 
     def remove(self, examples: list[dict[str, Any]]) -> None:
         for example in examples:
-            key = prompt_key(example)
-            self._entries.pop(key, None)
-            self._accuracy.pop(key, None)
+            self._entries.pop(prompt_key(example), None)
+
+    def entries(self) -> list[DifficultEntry]:
+        return list(self._entries.values())
 
     def prompts(self) -> list[Any]:
-        return [example["prompt"] for example in self._entries.values()]
+        return [entry.example["prompt"] for entry in self._entries.values()]
 
     def state_dict(self) -> dict[str, Any]:
-        return {"examples": list(self._entries.values()), "accuracies": [self._accuracy[k] for k in self._entries]}
+        entries = self._entries.values()
+        return {
+            "examples": [entry.example for entry in entries],
+            "accuracies": [entry.accuracy for entry in entries],
+            "entered": [entry.entered for entry in entries],
+            "reevaluated": [entry.reevaluated for entry in entries],
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restores the prompts; beyond this buffer's capacity the oldest leave, as they would on `add`. A state
-        written before accuracies were kept (trl-bapo 0.1.0) gives each prompt an accuracy of 0."""
-        self._entries, self._accuracy = OrderedDict(), {}
-        self.add(state["examples"], state.get("accuracies", [0.0] * len(state["examples"])))
+        written before accuracies were kept (trl-bapo 0.1.0) gives each prompt an accuracy of 0, and one written
+        before entry steps were kept, step 0."""
+        examples, count = state["examples"], len(state["examples"])
+        self._entries = OrderedDict()
+        for example, accuracy, entered, reevaluated in zip(
+            examples,
+            state.get("accuracies", [0.0] * count),
+            state.get("entered", [0] * count),
+            state.get("reevaluated", [0] * count),
+            strict=True,
+        ):
+            self.add([example], [accuracy], entered)
+            self._entries[prompt_key(example)].reevaluated = reevaluated
 
 
 @dataclass
 class ReplayGroup:
     """One stored group of eq. 4: the G rows of a TRL batch (prompt, completions, advantages and the
-    behavior policy's per-token log-probs), its accuracy and the rollout step that generated it."""
+    behavior policy's per-token log-probs), its accuracy, the rollout step that generated it and the step its
+    generating policy alpha was taken at, its prompt and prompt key, and how often X3 replayed it."""
 
     step: int
     accuracy: float
     rows: dict[str, Any]
     prompt: Any
+    policy_step: int = 0
+    key: str = ""
+    replayed: int = 0
 
 
 class HighQualityBuffer:
@@ -118,7 +153,10 @@ class HighQualityBuffer:
         accuracy = torch.tensor([group.accuracy for group in candidates])
         eligible = high_quality_mask(accuracy, c2, c3).nonzero().flatten()
         order = torch.randperm(len(eligible), generator=generator)[:count]
-        return [candidates[int(eligible[i])] for i in sorted(order.tolist())]
+        drawn = [candidates[int(eligible[i])] for i in sorted(order.tolist())]
+        for group in drawn:
+            group.replayed += 1
+        return drawn
 
     def groups(self) -> list[ReplayGroup]:
         return list(self._groups)
@@ -127,7 +165,8 @@ class HighQualityBuffer:
         return {"groups": [vars(group) for group in self._groups]}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self._groups = [ReplayGroup(**group) for group in state["groups"]]
+        """A state written before policy steps were kept takes each group's own step as its policy's."""
+        self._groups = [ReplayGroup(**{"policy_step": group["step"], **group}) for group in state["groups"]]
 
 
 class StoredGroup(NamedTuple):

@@ -80,6 +80,7 @@ HEADINGS = {
     ),
     "Dynamic sampling (DAPO)": ("dynamic_sampling", "dynamic_sampling_max_rounds"),
     "Resume": ("resume_without_bapo_state",),
+    "What BAPO did": ("track_prompts", "log_buffer_snapshots"),
 }
 
 
@@ -347,6 +348,26 @@ class BAPOConfig(GRPOConfig):
         },
     )
 
+    # What BAPO did
+    track_prompts: bool = field(
+        default=False,
+        metadata={
+            "help": "Measure each evaluation prompt's accuracy over G samples before training and at every "
+            "evaluation, and write one record per measurement to output_dir/prompt_tracking.jsonl: per-prompt "
+            "accuracy, counts at 0/G .. G/G (the paper's fig. 7), migration between them (fig. 15), prompts "
+            "unlocked and relocked against the baseline, the most improved prompts. Needs an eval_dataset and an "
+            "eval_strategy other than 'no'."
+        },
+    )
+    log_buffer_snapshots: bool = field(
+        default=False,
+        metadata={
+            "help": "At every logging step, append what B_bad and B_high hold to output_dir/bapo_buffers.jsonl: "
+            "each prompt or group with its accuracy, the rollout step it entered, its age and how often it was "
+            "re-evaluated or replayed. Every checkpoint gets the same lines in its own bapo_buffers.jsonl either way."
+        },
+    )
+
     def __post_init__(self):
         if self.kl_reference in KL_REFERENCE_ALIASES:
             logger.info("kl_reference=%r is read as %r.", self.kl_reference, KL_REFERENCE_ALIASES[self.kl_reference])
@@ -418,6 +439,11 @@ class BAPOConfig(GRPOConfig):
             )
         if self.kl_reference not in KL_REFERENCES:
             raise ValueError(f"kl_reference must be one of {KL_REFERENCES}, got {self.kl_reference!r}.")
+        if self.track_prompts and self.eval_strategy in ("no", None):
+            raise ValueError(
+                "track_prompts=True measures the evaluation prompts at every evaluation, but eval_strategy='no' "
+                "never evaluates. Set eval_strategy='steps' (with eval_steps) or 'epoch', or track_prompts=False."
+            )
         if self.kl_reference == "behavior" and self.sync_ref_model:
             raise ValueError(
                 "sync_ref_model=True syncs a frozen reference model, but kl_reference='behavior' measures the KL "

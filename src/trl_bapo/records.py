@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -35,9 +35,10 @@ class FreshRollout:
 
 @dataclass
 class Replay:
-    """X2 or X3 of one rollout step: its rows (in parts), its number of groups, and for X2 the number of B_bad's
-    prompts re-evaluated to find them."""
+    """X2 or X3 of one rollout step: its rows (in parts), its number of groups, for X2 the number of B_bad's
+    prompts re-evaluated to find them, and for X3 each group's policy lag (rollout steps)."""
 
     parts: list[dict[str, Any]]
     groups: int
     reevaluated: int = 0
+    lags: list[int] = field(default_factory=list)

@@ -20,7 +20,7 @@ from transformers.utils import logging
 from trl.trainer.utils import get_callable_name, get_config_model_id, split_pixel_values_by_grid
 
 from trl_bapo.records import ScoredRollout
-from trl_bapo.selection import correct_completions
+from trl_bapo.selection import correct_completions, group_accuracy
 
 logger = logging.get_logger(__name__)
 
@@ -108,3 +108,34 @@ def muted_metrics(trainer) -> Iterator[None]:
         yield
     finally:
         trainer._metrics["train"], trainer._logs = metrics, logs
+
+
+def score_prompts(trainer, examples: list[dict[str, Any]]) -> tuple[ScoredRollout, torch.Tensor]:
+    """G completions of each of `examples` under the weights in the model, through TRL's generation and scoring, and
+    per example the index of its first scored group. The prompts are shared between processes with accelerate's
+    split, padded by repeating the last prompt, because TRL gathers rewards across processes and expects every
+    process to score as many rows; a prompt scored twice counts once."""
+    group_size, accelerator = trainer.num_generations, trainer.accelerator
+    with accelerator.split_between_processes(list(range(len(examples))), apply_padding=True) as share:
+        with muted_metrics(trainer):
+            scored = score(trainer, [examples[i] for i in share for _ in range(group_size)])
+        order = share if accelerator.num_processes == 1 else gather_object(share)
+    return scored, torch.tensor([order.index(i) for i in range(len(examples))])
+
+
+def prompt_accuracies(trainer, examples: list[dict[str, Any]]) -> list[float]:
+    """Each prompt's accuracy over G samples of the current policy, the same on every process: prompt tracking's
+    measurement. It samples as training does (TRL's generation in training mode, B prompts at a time), and leaves
+    no trace in training's metrics or token count."""
+    model, tokens = trainer.model, trainer.state.num_input_tokens_seen
+    was_training, batch = model.training, trainer._batch_groups
+    model.train()
+    try:
+        accuracies = []
+        for start in range(0, len(examples), batch):
+            scored, first = score_prompts(trainer, examples[start : start + batch])
+            accuracies += group_accuracy(scored.correct, trainer.num_generations)[first].tolist()
+    finally:
+        model.train(was_training)
+        trainer.state.num_input_tokens_seen = tokens
+    return accuracies

@@ -23,10 +23,11 @@ from __future__ import annotations
 import os
 import textwrap
 import time
+from contextlib import nullcontext
 from typing import Any
 
 import torch
-from accelerate.utils import gather_object, send_to_device
+from accelerate.utils import send_to_device
 from transformers.utils import logging
 from trl import GRPOTrainer
 from trl.trainer.utils import (
@@ -44,7 +45,7 @@ from trl_bapo.batch import (
     split_micro_batches,
 )
 from trl_bapo.behavior import attach_behavior_logps, finish_behavior_logps
-from trl_bapo.buffers import BAPOStatus, DifficultBuffer, HighQualityBuffer, ReplayGroup
+from trl_bapo.buffers import BAPOStatus, DifficultBuffer, HighQualityBuffer, ReplayGroup, prompt_key
 from trl_bapo.checkpoint import bapo_state, load_bapo_state, state_file, write_state
 from trl_bapo.clipping import adaptive_clipping
 from trl_bapo.config import BAPOConfig
@@ -54,7 +55,7 @@ from trl_bapo.frozen_step import FrozenStep
 from trl_bapo.losses import LOSSES, own_loss
 from trl_bapo.records import FreshRollout, Replay, ScoredRollout
 from trl_bapo.rollout import RolloutSnapshot
-from trl_bapo.scoring import check_correctness_reward, muted_metrics, reference_kl_off, score
+from trl_bapo.scoring import check_correctness_reward, prompt_accuracies, reference_kl_off, score, score_prompts
 from trl_bapo.selection import (
     adaptive_threshold,
     beats_mask,
@@ -67,6 +68,9 @@ from trl_bapo.selection import (
     online_filter_mask,
     x3_room,
 )
+from trl_bapo.snapshots import SNAPSHOT_FILE, BufferSnapshots, buffer_lines, write_lines
+from trl_bapo.staleness import clip_fractions, lag_metrics
+from trl_bapo.tracking import PromptTracking
 from trl_bapo.vllm_sync import send_weights
 
 logger = logging.get_logger(__name__)
@@ -147,6 +151,10 @@ class BAPOTrainer(GRPOTrainer):
         self._scoring_seconds = 0.0  # time spent in TRL's generation and scoring during this rollout step
         self._weight_stats: list[torch.Tensor] = []  # the decoupled correction's, per micro-batch of this step
         self._engine_holds_alpha = False  # a (re)started vLLM engine holds the base model
+        if args.track_prompts:
+            self.add_callback(PromptTracking(self, self._tracked_accuracies))
+        if args.log_buffer_snapshots:
+            self.add_callback(BufferSnapshots(self))
 
     @property
     def bapo_status(self) -> BAPOStatus:
@@ -198,6 +206,7 @@ class BAPOTrainer(GRPOTrainer):
             reevaluated=x2.reevaluated,
             policy_lag=fresh.lag,
             skipped=float(num_rows(batch) == 0),
+            **lag_metrics({"x1": [fresh.lag] * num_x1, "x2": [0] * x2.groups, "x3": x3.lags}),
         )
         return batch, masked_row(batch if num_rows(batch) else fresh.rows)
 
@@ -238,7 +247,7 @@ class BAPOTrainer(GRPOTrainer):
         self._rollouts += len(examples)
         if args.use_difficult_replay:  # line 8
             bad = difficult_mask(accuracy, args.difficult_threshold).nonzero().flatten().tolist()
-            self._difficult.add([examples[g * group_size] for g in bad], [float(accuracy[g]) for g in bad])
+            self._difficult.add([examples[g * group_size] for g in bad], [float(accuracy[g]) for g in bad], t)
         return FreshRollout(rows, examples, accuracy, x1, high, c2, c3, lag)
 
     def _high_quality_replay(self, t: int, fresh: FreshRollout, room: int) -> Replay:
@@ -254,11 +263,14 @@ class BAPOTrainer(GRPOTrainer):
                     accuracy=float(fresh.accuracy[g]),
                     rows=send_to_device(select_rows(fresh.rows, group_rows(torch.tensor([g]), group_size)), "cpu"),
                     prompt=fresh.examples[g * group_size]["prompt"],
+                    policy_step=t - fresh.lag,
+                    key=prompt_key(fresh.examples[g * group_size]),
                 )
                 for g in fresh.high.nonzero().flatten().tolist()
             ]
         )
-        return Replay([send_to_device(group.rows, device) for group in replayed], len(replayed))
+        lags = [t - group.policy_step for group in replayed]
+        return Replay([send_to_device(group.rows, device) for group in replayed], len(replayed), lags=lags)
 
     def _sync_engine(self, policy: torch.nn.Module, t: int, refreshed: bool) -> None:
         """vLLM generates with alpha: it gets the weights on refresh steps (line 5 of Algorithm 1), and alpha again
@@ -311,9 +323,7 @@ class BAPOTrainer(GRPOTrainer):
         or a mu above the one the prompt entered with. With `cap_difficult_replay`, at most `room` groups.
 
         Prompts that are no longer difficult leave B_bad (unless `keep_reevaluated_prompts`), so the buffer keeps
-        only what is still unsolved. The prompts are shared between processes with accelerate's split, padded by
-        repeating the last prompt, because TRL gathers rewards across processes and expects every process to score
-        as many rows; a prompt scored twice counts once.
+        only what is still unsolved.
         """
         args, group_size, c1 = self.args, self.num_generations, self.args.difficult_threshold
         if not (args.use_difficult_replay and t % args.reevaluation_interval == 0 and len(self._difficult)):
@@ -322,14 +332,11 @@ class BAPOTrainer(GRPOTrainer):
             examples = self._difficult.sample(args.max_reevaluation_prompts, self._generator)
         else:
             examples = self._difficult.oldest(args.max_reevaluation_prompts)
-        with self.accelerator.split_between_processes(list(range(len(examples))), apply_padding=True) as share:
-            with muted_metrics(self):
-                scored = score(self, [examples[i] for i in share for _ in range(group_size)])
-            order = share if self.accelerator.num_processes == 1 else gather_object(share)
+        scored, first = score_prompts(self, examples)
         attach_behavior_logps(self, scored.rows, torch.tensor([], dtype=torch.long))
         batch = gather_batch(scored.rows, self.accelerator, self._tokenizer.pad_token_id)
-        self._rollouts += len(order) * group_size
-        first = torch.tensor([order.index(i) for i in range(len(examples))])  # each prompt's first scored group
+        self._rollouts += len(scored.correct)
+        self._difficult.count_reevaluated(examples)
         accuracy = group_accuracy(scored.correct, group_size)[first]
         if args.difficult_admission == "improved":
             admitted = beats_mask(accuracy, torch.tensor([self._difficult.accuracy(ex) for ex in examples]))
@@ -383,6 +390,9 @@ class BAPOTrainer(GRPOTrainer):
         super()._save_optimizer_and_scheduler(output_dir)
         os.makedirs(output_dir, exist_ok=True)
         write_state(state_file(output_dir, self.accelerator.process_index), bapo_state(self))
+        if self.is_world_process_zero():  # what the buffers hold, for people (the state file is for resuming)
+            lines = buffer_lines(self._difficult, self._high_quality, self._rollout_step)
+            write_lines(os.path.join(output_dir, SNAPSHOT_FILE), lines)
 
     def _load_optimizer_and_scheduler(self, checkpoint):
         super()._load_optimizer_and_scheduler(checkpoint)
@@ -403,23 +413,32 @@ class BAPOTrainer(GRPOTrainer):
             return own_loss(self, model, inputs)
         if IMPORTANCE_WEIGHT in inputs:
             inputs = weighted_advantages(inputs, inputs[IMPORTANCE_WEIGHT])
-        if self.args.adaptive_clipping and model.training:
-            with adaptive_clipping(self, inputs):
+        if not model.training:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        # Adaptive clipping chooses its bounds inside TRL's forward; the clip fractions, counted after it, see them.
+        with adaptive_clipping(self, inputs) if self.args.adaptive_clipping else nullcontext():
+            with clip_fractions(self, inputs):
                 return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
     def _evaluation_inputs(self, generation_batch: dict[str, torch.Tensor | Any]) -> dict[str, torch.Tensor | Any]:
         """TRL's evaluation, generating with the current policy. With the behavior-policy KL, the policy that
         generates the evaluation samples is the one evaluated, so the KL term is zero and no reference model is
         read (TRL would look for one, or measure against the base model under PEFT)."""
+        self._send_current_weights()
+        with reference_kl_off(self):
+            return super()._prepare_inputs(generation_batch)
+
+    def _tracked_accuracies(self, examples: list[dict[str, Any]]) -> list[float]:
+        self._send_current_weights()
+        return prompt_accuracies(self, examples)
+
+    def _send_current_weights(self) -> None:
+        """Evaluation and prompt tracking generate with the current weights, sent through BAPO's sync (TRL's would
+        fail where vLLM's CPU build repacked the weights); the engine no longer holds alpha."""
         if self.use_vllm and self._last_loaded_step != self.state.global_step:
-            # The evaluation generates with the current weights, sent through BAPO's sync (TRL's would fail where
-            # vLLM's CPU build repacked the weights); the engine no longer holds alpha.
             send_weights(self.vllm_generation)
             self._last_loaded_step = self.state.global_step
             self._engine_holds_alpha = False
-        with reference_kl_off(self):
-            return super()._prepare_inputs(generation_batch)
 
     # ---- helpers --------------------------------------------------------------------------------------------
 

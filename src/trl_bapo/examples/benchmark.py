@@ -46,8 +46,9 @@ from trl_bapo.builtin.rewards import load_reward
 from trl_bapo.builtin.tasks import ARITHMETIC, CARRY
 from trl_bapo.builtin.tiny import load_tiny_model
 from trl_bapo.examples.callbacks import quiet_libraries
-from trl_bapo.examples.evaluation import accuracy_bins, evaluate_policy, prompt_accuracies, relock_rate, unlock_rate
+from trl_bapo.examples.evaluation import evaluate_policy, prompt_accuracies, relock_rate, unlock_rate
 from trl_bapo.examples.plots import plot_accuracy_bins, plot_composition, plot_curves
+from trl_bapo.tracking import accuracy_bins
 
 # About 3% of training prompts start at 0/32: 1024 tracked give some thirty, so unlock rates are not decided by
 # a handful of prompts.

@@ -1,4 +1,5 @@
-"""Per-prompt accuracy of a model on a task: held-out accuracy, accuracy bins and unlock rates.
+"""Per-prompt accuracy of a model on a task: held-out accuracy and unlock rates (accuracy bins are the library's,
+`trl_bapo.tracking`).
 
 Completions are sampled with `model.generate` (left-padded batches), the way the paper measures mean@G:
 G samples per prompt at temperature 1, or one greedy completion.
@@ -80,16 +81,12 @@ def evaluate_policy(
         "heldout": statistics.fmean(sampled),
         "heldout_per_prompt": sampled,
         "greedy": statistics.fmean(greedy),
-        "tracked": prompt_accuracies(model, tokenizer, tracked_rows, reward_func, num_samples=samples, seed=seed),
+        "tracked": (
+            prompt_accuracies(model, tokenizer, tracked_rows, reward_func, num_samples=samples, seed=seed)
+            if tracked_rows
+            else []
+        ),
     }
-
-
-def accuracy_bins(accuracies: Sequence[float], num_samples: int) -> list[int]:
-    """How many prompts sit at 0/G, 1/G, ..., G/G (the paper's fig. 7)."""
-    counts = [0] * (num_samples + 1)
-    for accuracy in accuracies:
-        counts[round(accuracy * num_samples)] += 1
-    return counts
 
 
 def unlock_rate(before: Sequence[float], after: Sequence[float]) -> float:
@@ -103,11 +100,3 @@ def relock_rate(before: Sequence[float], after: Sequence[float]) -> float:
     for `unlock_rate`, since a policy that only moves at random unlocks and relocks alike."""
     solved = [a for b, a in zip(before, after) if b > 0]
     return sum(a == 0 for a in solved) / len(solved) if solved else 0.0
-
-
-def migration_matrix(before: Sequence[float], after: Sequence[float], num_samples: int) -> list[list[int]]:
-    """counts[i][j]: prompts that moved from accuracy bin i/G to bin j/G (the paper's fig. 15)."""
-    counts = [[0] * (num_samples + 1) for _ in range(num_samples + 1)]
-    for b, a in zip(before, after):
-        counts[round(b * num_samples)][round(a * num_samples)] += 1
-    return counts
