@@ -3,6 +3,8 @@
 import dataclasses
 import json
 
+import pytest
+
 from trl_bapo.builtin.embedded import PROMPTS_PER_STEP
 from trl_bapo.examples import benchmark
 
@@ -68,7 +70,9 @@ def test_bench_harness_runs_grpo_and_bapo(tmp_path, monkeypatch):
 def test_bench_harness_runs_the_paper_regime(tmp_path, monkeypatch):
     """4 updates on one rollout batch of 32 prompts, GRPO against BAPO's decoupled variant, paired by seed. The
     regime's own task is swapped for the carry model the other tests build (the runs get the regime itself)."""
-    paper = dataclasses.replace(benchmark.REGIMES["paper"], task="carry", warm_start_steps=1500, eval_every=2)
+    paper = dataclasses.replace(
+        benchmark.REGIMES["paper"], task="carry", warm_start_steps=1500, eval_every=2, candidates=()
+    )
     monkeypatch.setitem(benchmark.REGIMES, "paper", paper)
     result = benchmark.main(
         ["--regimes", "paper", "--methods", "grpo", "bapo_decoupled", "--seeds", "0", "1", "--steps", "4"]
@@ -88,3 +92,19 @@ def test_bench_harness_runs_the_paper_regime(tmp_path, monkeypatch):
     assert "bapo/x1/is_weight_mean" in records[1]["bapo_means"]
     report = (tmp_path / "paper" / "RESULTS.md").read_text()
     assert "Gains paired by seed against GRPO" in report and "| bapo_decoupled | 2 |" in report
+
+
+def test_paper_task_rule_runs_grpo_alone_first_and_stops_when_no_candidate_passes(tmp_path, monkeypatch):
+    """The rule with one candidate that meets the share (the threshold set to 0 here): GRPO runs on every seed, the
+    gate fails in 2 steps, and the bench stops before any BAPO variant runs, with the figures in DIFFICULTY.md."""
+    paper = dataclasses.replace(benchmark.REGIMES["paper"], eval_every=2, candidates=(("carry", 1500),))
+    monkeypatch.setitem(benchmark.REGIMES, "paper", paper)
+    monkeypatch.setattr(benchmark, "ZERO_VARIANCE_SHARE", 0.0)
+    with pytest.raises(SystemExit, match="No candidate of the paper regime meets its rule"):
+        benchmark.main(
+            ["--regimes", "paper", "--methods", "grpo", "bapo", "--seeds", "0", "1", "--steps", "2"]
+            + ["--output-dir", str(tmp_path), "--tracked-prompts", "16"]
+        )
+    table = (tmp_path / "paper" / "DIFFICULTY.md").read_text()
+    assert "| carry | 1500 |" in table and "| failed |" in table
+    assert sorted(p.name for p in (tmp_path / "paper" / "runs").iterdir()) == ["grpo-0", "grpo-1"]
