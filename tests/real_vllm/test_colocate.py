@@ -29,6 +29,7 @@ from engine import (
 from peft import LoraConfig
 
 from trl_bapo import BAPOTrainer
+from trl_bapo.tracking import TRACKING_FILE, read_records
 
 PLAN = {f"{t}{name}=": ks for t in range(8) for name, ks in zip("abcd", [[2], [3], [0, 2], [1]])}
 
@@ -235,3 +236,33 @@ def test_evaluation_uses_the_current_policy_and_rollouts_return_to_alpha(model_p
     # and 4 (global steps 1 and 3), each after an evaluation.
     assert engine.syncs == [0, 1, 1, 2, 2, 3, 3, 4]
     assert [log["bapo/policy_lag"] for log in bapo_logs(trainer)] == [0, 1, 0, 1]
+
+
+def test_prompt_tracking_measures_the_current_policy_through_the_engine(model_path, tmp_path):
+    """Tracking samples through the engine in training mode: before training with the base weights, after every
+    evaluation with the current ones; the rollouts still come from alpha, and the file has one record each time."""
+    heldout = prompt_dataset([f"{i}e=" for i in range(4)])
+    trainer, engine, history = train(
+        model_path,
+        tmp_path,
+        eval_dataset=heldout,
+        max_steps=3,
+        rollout_delay=3,
+        reevaluation_interval=3,
+        eval_strategy="steps",
+        eval_steps=1,
+        per_device_eval_batch_size=16,
+        track_prompts=True,
+    )
+    decode = trainer.processing_class.decode
+    held_out = [call for call in engine.calls if call["training"] and "e=" in decode(call["prompts"][0])]
+    assert [call["step"] for call in held_out] == [0, 1, 2, 3]
+    assert all(engine.holds(call, history.after[call["step"]]) for call in held_out)
+    rollouts = [call for call in engine.calls if call["training"] and all(call is not h for h in held_out)]
+    # Alpha, refreshed at t = 1 and 3; re-evaluation at t = 3 holds the current weights, which alpha then is.
+    assert rollouts
+    for call in rollouts:
+        assert engine.holds(call, history.after[refreshed_at(call["step"] + 1, 3) - 1]), call["step"]
+    records = read_records(str(tmp_path / TRACKING_FILE))
+    assert [record["step"] for record in records] == [0, 1, 2, 3]
+    assert all(len(record["accuracy"]) == 4 for record in records)
