@@ -3,8 +3,6 @@
 import dataclasses
 import json
 
-import pytest
-
 from trl_bapo.builtin.embedded import PROMPTS_PER_STEP
 from trl_bapo.examples import benchmark
 
@@ -93,18 +91,36 @@ def test_bench_harness_runs_the_paper_regime(tmp_path, monkeypatch):
     report = (tmp_path / "paper" / "RESULTS.md").read_text()
     assert "Gains paired by seed against GRPO" in report and "| bapo_decoupled | 2 |" in report
 
+    # A method run apart (another process, another core) merges into the same report, paired on the same seeds. The
+    # authors' settings override a shared one (beta 0).
+    benchmark.main(
+        ["--regimes", "paper", "--methods", "bapo_authors", "--seeds", "0", "1", "--steps", "4"]
+        + ["--output-dir", str(tmp_path / "apart"), "--tracked-prompts", "16"]
+    )
+    merged = benchmark.main(
+        ["--regimes", "paper", "--merge", str(tmp_path / "paper"), str(tmp_path / "apart" / "paper")]
+        + ["--output-dir", str(tmp_path / "merged")]
+    )
+    assert [(r["method"], r["seed"]) for r in merged["records"]] == [(r["method"], r["seed"]) for r in records] + [
+        ("bapo_authors", 0),
+        ("bapo_authors", 1),
+    ]
+    report = (tmp_path / "merged" / "paper" / "RESULTS.md").read_text()
+    assert "| bapo_authors | 2 |" in report and "| bapo_decoupled | 2 |" in report
 
-def test_paper_task_rule_runs_grpo_alone_first_and_stops_when_no_candidate_passes(tmp_path, monkeypatch):
-    """The rule with one candidate that meets the share (the threshold set to 0 here): GRPO runs on every seed, the
-    gate fails in 2 steps, and the bench stops before any BAPO variant runs, with the figures in DIFFICULTY.md."""
+
+def test_paper_task_rule_runs_grpo_alone_first_and_compares_nothing_when_no_candidate_passes(tmp_path, monkeypatch):
+    """The rule with one candidate that meets the share (the threshold set to 0 here): GRPO runs on every seed, fails
+    the gate in 2 steps, and no BAPO variant runs."""
     paper = dataclasses.replace(benchmark.REGIMES["paper"], eval_every=2, candidates=(("carry", 1500),))
     monkeypatch.setitem(benchmark.REGIMES, "paper", paper)
     monkeypatch.setattr(benchmark, "ZERO_VARIANCE_SHARE", 0.0)
-    with pytest.raises(SystemExit, match="No candidate of the paper regime meets its rule"):
-        benchmark.main(
-            ["--regimes", "paper", "--methods", "grpo", "bapo", "--seeds", "0", "1", "--steps", "2"]
-            + ["--output-dir", str(tmp_path), "--tracked-prompts", "16"]
-        )
+    result = benchmark.main(
+        ["--regimes", "paper", "--methods", "grpo", "bapo", "--seeds", "0", "1", "--steps", "2"]
+        + ["--output-dir", str(tmp_path), "--tracked-prompts", "16"]
+    )
+    assert result["records"] == []
+    assert "No candidate task met the rule" in (tmp_path / "paper" / "RESULTS.md").read_text()
     table = (tmp_path / "paper" / "DIFFICULTY.md").read_text()
     assert "| carry | 1500 |" in table and "| failed |" in table
     assert sorted(p.name for p in (tmp_path / "paper" / "runs").iterdir()) == ["grpo-0", "grpo-1"]
