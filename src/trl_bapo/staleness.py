@@ -7,7 +7,7 @@ surrogate cuts off.
 - Clip fraction (`bapo/x1/clip_fraction`, ...): the share of a source's loss tokens whose ratio the clipped surrogate
   cuts, as TRL counts its `clip_ratio/region_mean` (a negative advantage below 1 - epsilon_low, a positive one above
   1 + epsilon_high), against whatever the loss takes its ratio against (`off_policy_correction`). Logged per
-  micro-batch, for TRL's clipped losses.
+  micro-batch, for the clipped surrogates of `trl_bapo.losses.LOSSES` (grpo, dr_grpo, bnpo, dapo).
 """
 
 from __future__ import annotations

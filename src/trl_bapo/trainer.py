@@ -417,7 +417,7 @@ class BAPOTrainer(GRPOTrainer):
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         # Adaptive clipping chooses its bounds inside TRL's forward; the clip fractions, counted after it, see them.
         with adaptive_clipping(self, inputs) if self.args.adaptive_clipping else nullcontext():
-            with clip_fractions(self, inputs):
+            with clip_fractions(self, inputs) if LOSSES[self.loss_type].clipped else nullcontext():
                 return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
     def _evaluation_inputs(self, generation_batch: dict[str, torch.Tensor | Any]) -> dict[str, torch.Tensor | Any]:
