@@ -63,11 +63,15 @@ class Server:
         self.log.close()
 
 
-@pytest.fixture(scope="module")
-def server(model_path, tmp_path_factory):
+def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+        return probe.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(model_path, tmp_path_factory):
+    port = free_port()
     options = ScriptArguments(model=str(model_path), host="127.0.0.1", port=port, max_model_len=64, enforce_eager=True)
     command = build_command(options)
     serve = command.index("serve")
@@ -113,6 +117,9 @@ def generated_tokens(url: str) -> float:
 
 
 def test_trainer_generates_through_a_vllm_server(server, model_path, tmp_path, monkeypatch):
+    # The colocate tests before this one leave TRL's single-process group settings in the environment; the group
+    # the config opens then listens on MASTER_PORT, which another job's default 29500 on this machine can hold.
+    monkeypatch.setenv("MASTER_PORT", str(free_port()))
     trainer_holder = []
     transfer = StandInWeightTransfer(monkeypatch, lambda: trainer_holder[0].state.global_step)
     args = make_config(
