@@ -10,6 +10,8 @@ same number of times, since under FSDP and ZeRO-3 a forward is a collective.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -51,6 +53,29 @@ def forward_logps(
         compute_aux_loss=with_grad and trainer.aux_loss_enabled,
         **{key: batch[key] for key in MULTIMODAL_FIELDS if key in batch},
     )
+
+
+@contextmanager
+def after_forward(trainer, hook: Callable[[torch.Tensor], None]) -> Iterator[None]:
+    """Calls `hook` with the log-probs of each of TRL's forwards inside the block (trl 1.16.0's loss takes them in
+    one `_get_per_token_logps_and_entropies` call), by wrapping the method on this instance. Blocks nest: an inner
+    wrapper calls the outer one first, and each puts back what it found."""
+    name = "_get_per_token_logps_and_entropies"
+    forward, shadowed = getattr(trainer, name), trainer.__dict__.get(name)
+
+    def forward_then_hook(*args, **kwargs):
+        logps, entropies, aux = forward(*args, **kwargs)
+        hook(logps)
+        return logps, entropies, aux
+
+    setattr(trainer, name, forward_then_hook)
+    try:
+        yield
+    finally:
+        if shadowed is None:
+            delattr(trainer, name)
+        else:
+            setattr(trainer, name, shadowed)
 
 
 def policy_logps(trainer, batch: dict[str, Any], rows: torch.Tensor) -> torch.Tensor:

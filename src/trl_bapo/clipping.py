@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from trl_bapo.batch import loss_mask
-from trl_bapo.behavior import BEHAVIOR_LOGPS
+from trl_bapo.behavior import BEHAVIOR_LOGPS, after_forward
 from trl_bapo.correction import weighted_advantages
 from trl_bapo.distributed import sum_processes
 
@@ -68,12 +68,9 @@ def adaptive_clipping(trainer, inputs: dict[str, Any]) -> Iterator[None]:
     """Runs TRL's loss with bounds chosen for this micro-batch. TRL's loss (trl 1.16.0) takes the current log-probs
     from one forward pass and then reads `epsilon_low` / `epsilon_high`: the bounds are chosen right after that
     forward, from its ratios, and the dual clip goes through TRL's `delta`."""
-    name, args = "_get_per_token_logps_and_entropies", trainer.args
-    forward, bounds = getattr(trainer, name), (trainer.epsilon_low, trainer.epsilon_high)
-    shadowed = trainer.__dict__.get(name)  # a wrapper someone set on this instance, restored afterwards
+    args, bounds = trainer.args, (trainer.epsilon_low, trainer.epsilon_high)
 
-    def forward_then_choose(*a, **k):
-        logps, entropies, aux = forward(*a, **k)
+    def choose(logps: torch.Tensor) -> None:
         old = inputs.get(BEHAVIOR_LOGPS, logps.detach())
         chosen = adaptive_clip_bounds(
             torch.exp(logps.detach() - old),
@@ -88,15 +85,10 @@ def adaptive_clipping(trainer, inputs: dict[str, Any]) -> Iterator[None]:
         trainer.epsilon_low, trainer.epsilon_high = 1 - chosen.low, chosen.high - 1
         trainer._log_step(clip_low=chosen.low, clip_high=chosen.high)
         trainer._log_step(clip_positive=chosen.positive, clip_negative=chosen.negative)
-        return logps, entropies, aux
 
-    setattr(trainer, name, forward_then_choose)
     args.delta = args.adaptive_clip_dual
     try:
-        yield
+        with after_forward(trainer, choose):
+            yield
     finally:
-        if shadowed is None:
-            delattr(trainer, name)
-        else:
-            setattr(trainer, name, shadowed)
         (trainer.epsilon_low, trainer.epsilon_high), args.delta = bounds, None

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from trl_bapo.batch import loss_mask
-from trl_bapo.behavior import BEHAVIOR_LOGPS
+from trl_bapo.behavior import BEHAVIOR_LOGPS, after_forward
 from trl_bapo.correction import SOURCE, SOURCES
 
 
@@ -68,23 +68,13 @@ def clip_fractions(trainer, inputs: dict[str, Any]) -> Iterator[None]:
     """Counts, per source, the tokens TRL's clipped loss cuts in this micro-batch, from the log-probs of the loss's
     own forward (trl 1.16.0 takes them in one `_get_per_token_logps_and_entropies` call) and the bounds in force
     when it ran (adaptive clipping sets them right after that forward); logs them summed over processes."""
-    name, captured = "_get_per_token_logps_and_entropies", {}
-    forward = getattr(trainer, name)
-    shadowed = trainer.__dict__.get(name)  # a wrapper set on this instance (adaptive clipping's), put back after
+    captured = {}
 
-    def forward_and_keep(*a, **k):
-        logps, entropies, aux = forward(*a, **k)
+    def keep(logps: torch.Tensor) -> None:
         captured.update(logps=logps.detach(), low=trainer.epsilon_low, high=trainer.epsilon_high)
-        return logps, entropies, aux
 
-    setattr(trainer, name, forward_and_keep)
-    try:
+    with after_forward(trainer, keep):
         yield
-    finally:
-        if shadowed is None:
-            delattr(trainer, name)
-        else:
-            setattr(trainer, name, shadowed)
     logps, mask = captured["logps"], loss_mask(inputs)
     log_ratio = logps - inputs.get(BEHAVIOR_LOGPS, logps)
     if trainer.importance_sampling_level == "sequence":  # GSPO's one ratio per sequence, as TRL takes it

@@ -11,7 +11,7 @@ TRAINER_METHODS = {
     "_prepare_inputs": "overridden: builds BAPO's batch on generation steps (trainer.py)",
     "_calculate_rewards": "overridden: keeps the gathered rewards per function (trainer.py)",
     "_generate_and_score_completions": "called: TRL's generation and scoring of a rollout (scoring.py)",
-    "_get_per_token_logps_and_entropies": "called: TRL's forward (behavior.py); wrapped by adaptive clipping",
+    "_get_per_token_logps_and_entropies": "called: TRL's forward (behavior.py); wrapped by behavior.after_forward",
     "_save_optimizer_and_scheduler": "overridden (transformers): BAPO's state beside the optimizer's",
     "_load_optimizer_and_scheduler": "overridden (transformers): BAPO's state read back on resume",
 }
