@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gc
 import os
+import socket
 import sys
 from collections import Counter, defaultdict
 
@@ -44,6 +45,14 @@ def release_finished_engines():
 @pytest.fixture(scope="session")
 def tiny_model_path(tmp_path_factory) -> str:
     return str(build_tiny_model(tmp_path_factory.mktemp("tiny") / "model"))
+
+
+def free_port() -> int:
+    """A port no process on this machine listens on now. `accelerate launch` otherwise opens its process group on
+    29500, which a second suite running on the same machine may hold (EADDRINUSE)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def end_worker() -> None:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import free_port
 
 from trl_bapo.builtin.embedded import embedded_model
 
@@ -45,6 +46,8 @@ def accelerate_settings(processes: int) -> list[str]:
         "no",
         "--dynamo_backend",
         "no",
+        "--main_process_port",
+        str(free_port()),
     ]
 
 

@@ -12,7 +12,6 @@ all along, and the test checks exactly that: what BAPO sends, when, and that gen
 
 import os
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -20,7 +19,7 @@ import time
 import pytest
 import requests
 import torch
-from conftest import ScriptedReward, bapo_logs, make_config, prompt_dataset
+from conftest import ScriptedReward, bapo_logs, free_port, make_config, prompt_dataset
 from engine import LOGP_TOLERANCE, EngineRecorder, WeightHistory, build_vllm_model, completion_logps
 from trl.generation.vllm_client import VLLMClient
 from trl.scripts.vllm_serve import ScriptArguments, build_command
@@ -61,12 +60,6 @@ class Server:
         except subprocess.TimeoutExpired:
             self.process.kill()
         self.log.close()
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

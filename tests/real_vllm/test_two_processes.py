@@ -9,6 +9,7 @@ from importlib import resources
 from pathlib import Path
 
 import pytest
+from conftest import free_port
 from engine import build_vllm_model
 
 WORKER = Path(__file__).with_name("two_process_worker.py")
@@ -34,6 +35,8 @@ def test_two_processes_colocated_engines_hold_alpha_in_lockstep(engine, tmp_path
         "no",
         "--dynamo_backend",
         "no",
+        "--main_process_port",
+        str(free_port()),
         str(WORKER),
         str(tmp_path),
         str(model_path),
