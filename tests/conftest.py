@@ -55,6 +55,23 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+def accelerate_settings(processes: int) -> list[str]:
+    """`accelerate launch` options for the tests' multi-process runs on CPU: one machine, full precision, no
+    compilation, and a process group on a free port."""
+    return [
+        "--num_processes",
+        str(processes),
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(free_port()),
+    ]
+
+
 def end_worker() -> None:
     """Ends a process of `accelerate launch` once its results are written: closes the process group, then exits
     without interpreter teardown. Trainers under DeepSpeed are never freed in process: after `gc.collect()` and

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import free_port
+from conftest import accelerate_settings
 
 from trl_bapo.builtin.embedded import embedded_model
 
@@ -34,21 +34,6 @@ FSDP1 = ["--config_file", str(HERE / "engines" / "fsdp1.yaml")]
 SHARDED = {"fsdp2", "zero3"}
 STEPS = 6
 REFRESHED_AT = {1: 1, 2: 1, 3: 1, 4: 1, 5: 5, 6: 5}  # v = 5: refreshed at t = 1 and t mod 5 == 0
-
-
-def accelerate_settings(processes: int) -> list[str]:
-    return [
-        "--num_processes",
-        str(processes),
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "--main_process_port",
-        str(free_port()),
-    ]
 
 
 def run(command: list[str]) -> subprocess.CompletedProcess:

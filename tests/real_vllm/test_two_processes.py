@@ -9,7 +9,7 @@ from importlib import resources
 from pathlib import Path
 
 import pytest
-from conftest import free_port
+from conftest import accelerate_settings
 from engine import build_vllm_model
 
 WORKER = Path(__file__).with_name("two_process_worker.py")
@@ -27,16 +27,7 @@ def test_two_processes_colocated_engines_hold_alpha_in_lockstep(engine, tmp_path
         "-m",
         "accelerate.commands.launch",
         *ENGINES[engine],
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "--main_process_port",
-        str(free_port()),
+        *accelerate_settings(2),
         str(WORKER),
         str(tmp_path),
         str(model_path),
