@@ -85,6 +85,26 @@ def end_worker() -> None:
     os._exit(0)
 
 
+def completion_logps(model, tokenizer, prompt: str, completion_ids: list[int]) -> torch.Tensor:
+    """The tests' oracle for a policy's per-token log-probs of one completion: a forward pass of their own, on the
+    prompt as text and the completion's token ids, independent of TRL's and BAPO's forwards."""
+    prompt_ids = tokenizer(prompt)["input_ids"]
+    ids = torch.tensor([prompt_ids + list(completion_ids)])
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits[0, len(prompt_ids) - 1 : -1]
+    return torch.log_softmax(logits.float(), dim=-1).gather(1, torch.tensor(completion_ids).unsqueeze(1))[:, 0]
+
+
+def batch_completion_logps(model, inputs: dict) -> torch.Tensor:
+    """The same oracle on every row of a micro-batch at once, padded as TRL pads it: (rows, completion tokens)."""
+    ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
+    attention = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
+    width = inputs["completion_ids"].shape[1]
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=attention).logits[:, -width - 1 : -1].float()
+    return torch.log_softmax(logits, dim=-1).gather(2, inputs["completion_ids"].unsqueeze(2))[..., 0]
+
+
 def make_config(output_dir, **overrides) -> BAPOConfig:
     """A small CPU config: 4 prompts x 4 completions per rollout step, two micro-batches per step."""
     settings = dict(

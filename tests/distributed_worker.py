@@ -126,8 +126,8 @@ def make_trainer(output_dir, model_path, **overrides):
 
 def bapo_state(trainer) -> dict:
     return {
-        "difficult": trainer._difficult.prompts(),
-        "high_quality": [[g.prompt, g.step, g.accuracy] for g in trainer._high_quality.groups()],
+        "difficult": list(trainer.bapo_status.difficult_prompts),
+        "high_quality": [[g.prompt, g.step, g.accuracy] for g in trainer.bapo_status.high_quality_groups],
         "counters": [trainer._rollout_step, trainer._rollouts, trainer._reward_sum, trainer._reward_count],
         "logs": [
             {k: v for k, v in e.items() if k.startswith("bapo/") and k != "bapo/assembly_seconds"}
@@ -223,7 +223,7 @@ def observe(output_dir: Path, model_path: str) -> dict:
     trainer = CPUFSDPTrainer(model_path, step_reward, args, train_dataset=prompts, eval_dataset=held_out)
     trainer.train()
     tracking = next(c for c in trainer.callback_handler.callbacks if isinstance(c, PromptTracking))
-    lines = buffer_lines(trainer._difficult, trainer._high_quality, trainer._rollout_step)
+    lines = buffer_lines(trainer._buffers, trainer._rollout_step)
     return {**bapo_state(trainer), "tracking": tracking.records, "buffers": lines}
 
 

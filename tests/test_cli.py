@@ -127,13 +127,18 @@ def test_authors_recipe_has_their_run_script_settings(bf16_gpu):
     mini_batch = config.per_device_train_batch_size * GPU_COUNT * config.gradient_accumulation_steps
     assert mini_batch // config.num_generations == 16  # 2 updates per rollout
     assert (config.rollout_delay, config.reevaluation_interval, config.max_reevaluation_prompts) == (2, 2, 32)
-    assert (config.reevaluation_order, config.difficult_admission) == ("random", "improved")
-    assert config.keep_reevaluated_prompts and config.cap_difficult_replay
+    assert (config.reevaluation_order, config.difficult_admission) == ("random", "improved_or_solved")
+    assert config.keep_reevaluated_prompts and config.cap_difficult_replay and config.online_filter_fallback
+    assert config.rollout_refresh_phase == 1 and config.difficult_entry_after_update
+    assert config.shared_buffer and (config.difficult_buffer_size, config.high_quality_buffer_size) == (128, 8)
     assert config.high_quality_lower_range == [0.125, 0.125] and config.high_quality_upper_range == [0.375, 0.375]
     assert (config.off_policy_correction, config.importance_sampling_cap) == ("decoupled", 3.0)
+    assert (config.x3_anchor, config.batch_aggregation) == ("stored", "mini_batch")
+    assert not config.vllm_importance_sampling_correction  # one truncation of the importance weight, not two
     assert (config.epsilon, config.epsilon_high, config.delta) == (0.2, 0.28, 10.0)
     assert (config.beta, config.entropy_coef, config.weight_decay, config.temperature) == (0.0, 0.0, 0.1, 0.99)
-    assert (config.lr_scheduler_type, config.warmup_steps) == ("constant_with_warmup", 10)
+    # verl steps its scheduler once per rollout step (10 warm-up steps), TRL once per optimizer step (2 a rollout).
+    assert (config.lr_scheduler_type, config.warmup_steps) == ("constant_with_warmup", 20)
     assert_every_key_arrives(AUTHORS, script_args, config, model_args)
 
 

@@ -45,7 +45,7 @@ def test_mini_test_fixes_the_thresholds(tmp_path):
 
 
 def test_every_bapo_field_is_documented_under_one_heading():
-    assert len(BAPO_FIELDS) == 40
+    assert len(BAPO_FIELDS) == 47
     for field in BAPO_FIELDS:
         assert len(field.metadata.get("help", "")) > 20, field.name
     listed = [name for names in HEADINGS.values() for name in names]
@@ -89,7 +89,25 @@ def test_a_config_written_out_reads_back_the_same(tmp_path):
         (dict(mini_test=True, high_quality_lower_range=[0.25, 0.5]), "mini_test"),
         (dict(mini_test=True, online_filter="gaussian"), "mini_test"),
         (dict(num_generations=1, per_device_train_batch_size=1), "at least 2 generations"),
-        (dict(use_vllm=True, rollout_delay=2, reevaluation_interval=3), "multiple of rollout_delay"),
+        (dict(rollout_delay=2, rollout_refresh_phase=2), "rollout_refresh_phase"),
+        (dict(rollout_refresh_phase=-1), "rollout_refresh_phase"),
+        (dict(high_quality_buffer_size=0), "high_quality_buffer_size"),
+        (dict(difficult_admission="beats"), "difficult_admission"),
+        (dict(shared_buffer=True, high_quality_buffer_size=8), "difficult_entry_after_update"),
+        (dict(shared_buffer=True, difficult_entry_after_update=True), "high_quality_buffer_size"),
+        (
+            dict(
+                shared_buffer=True,
+                difficult_entry_after_update=True,
+                high_quality_buffer_size=8,
+                difficult_buffer_size=8,
+            ),
+            "must be below difficult_buffer_size",
+        ),  # fmt: skip
+        (dict(x3_anchor="pi_old"), "x3_anchor"),
+        (dict(x3_anchor="stored"), "off_policy_correction='decoupled'"),
+        (dict(batch_aggregation="tokens"), "batch_aggregation"),
+        (dict(batch_aggregation="mini_batch", loss_type="grpo"), "token-normalised loss type"),
         (dict(use_vllm=True, vllm_enable_sleep_mode=True, rollout_delay=2, reevaluation_interval=2), "sleep_mode"),
         (dict(kl_reference="behavior", beta=0.01, sync_ref_model=True), "sync_ref_model"),
         (dict(correctness_threshold=float("nan")), "correctness_threshold"),

@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from conftest import ScriptedReward, bapo_logs, make_config, parameters, prompt_dataset
+from conftest import ScriptedReward, bapo_logs, batch_completion_logps, make_config, parameters, prompt_dataset
 from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
 
 from trl_bapo import BAPOConfig, BAPOTrainer
@@ -66,16 +66,6 @@ def test_adaptive_bounds_on_a_scripted_batch():
     assert (doubled.low, doubled.high) == pytest.approx((0.8, 1.4)) and doubled.negative == pytest.approx(7.5)
 
 
-def completion_logps(model, inputs):
-    """Per-token log-probs of every row's completion, from a forward pass of our own."""
-    ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
-    attention = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
-    width = inputs["completion_ids"].shape[1]
-    with torch.no_grad():
-        logits = model(input_ids=ids, attention_mask=attention).logits[:, -width - 1 : -1].float()
-    return torch.log_softmax(logits, dim=-1).gather(2, inputs["completion_ids"].unsqueeze(2))[..., 0]
-
-
 def moe_aux_loss(model, inputs) -> torch.Tensor:
     """The load-balancing loss of a Mixture-of-Experts model on a micro-batch, from a forward pass of our own."""
     ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
@@ -105,7 +95,7 @@ def trainer_checking_each_loss(model_path, output_dir, expected_per_token, extra
     compute_loss = trainer.compute_loss
 
     def checking_compute_loss(model, inputs, *a, **k):
-        current = completion_logps(trainer.model, inputs)
+        current = batch_completion_logps(trainer.model, inputs)
         old = inputs.get("old_per_token_logps", current)
         mask = inputs["completion_mask"].float()
         advantages = inputs["advantages"].unsqueeze(1)

@@ -25,8 +25,8 @@ def _trainer(output_dir, reward, **overrides):
 def _state(trainer):
     return {
         "weights": parameters(trainer.model),
-        "difficult": trainer._difficult.prompts(),
-        "high_quality": [(g.prompt, g.step, g.accuracy) for g in trainer._high_quality.groups()],
+        "difficult": list(trainer.bapo_status.difficult_prompts),
+        "high_quality": [(g.prompt, g.step, g.accuracy) for g in trainer.bapo_status.high_quality_groups],
         "snapshot": {name: w.clone() for name, w in trainer._snapshot.weights.items()},
         "counters": (trainer._rollout_step, trainer._rollouts, trainer._reward_sum, trainer._reward_count),
     }
@@ -114,7 +114,7 @@ def test_changed_buffer_settings_apply_on_resume_with_a_note(tiny_model_path, tm
     notes = [r.getMessage() for r in caplog.records if "the configured value applies" in r.getMessage()]
     assert any(n.startswith("difficult_buffer_size was 4") and "is 1 now" in n for n in notes), notes
     assert any(n.startswith("rollout_delay was 4") and "is 2 now" in n for n in notes), notes
-    assert len(resumed._difficult) == 1 and resumed._snapshot.delay == 2
+    assert len(resumed.bapo_status.difficult_prompts) == 1 and resumed._snapshot.delay == 2
     # t = 4 is a refresh step under the new delay of 2.
     assert bapo_logs(resumed)[-1]["bapo/policy_lag"] == 0
 

@@ -2,8 +2,17 @@
 
 import math
 
+import pytest
 import torch
-from conftest import BatchRecorder, ScriptedReward, bapo_logs, make_config, parameters, prompt_dataset
+from conftest import (
+    BatchRecorder,
+    ScriptedReward,
+    bapo_logs,
+    completion_logps,
+    make_config,
+    parameters,
+    prompt_dataset,
+)
 from transformers import TrainerCallback
 
 from trl_bapo import BAPOTrainer
@@ -22,13 +31,26 @@ class WeightsAfterStep(TrainerCallback):
         self.weights.append(parameters(self.model))
 
 
-def test_rollout_snapshot_lags_and_reevaluation_uses_current_weights(tiny_model_path, tmp_path):
+# Which step's weights generate at each rollout step t (v = 3): t mod v == 0 refreshes (phase 0, Algorithm 1), or
+# (t - 1) mod v == 0 (phase 1, the authors' code); the first step always does.
+REFRESHED_AT = {0: {1: 1, 2: 1, 3: 3, 4: 3, 5: 3, 6: 6, 7: 6}, 1: {1: 1, 2: 1, 3: 1, 4: 4, 5: 4, 6: 4, 7: 7}}
+
+
+@pytest.mark.parametrize("phase", [0, 1])
+def test_rollout_snapshot_lags_and_reevaluation_uses_current_weights(tiny_model_path, tmp_path, phase):
     steps = 7
     plan = {}
     for t in range(steps):
         plan.update({f"{t}a=": [2], f"{t}b=": [3], f"{t}c=": [0, 0], f"{t}d=": [1, 0]})
     reward = ScriptedReward(plan)
-    args = make_config(tmp_path, max_steps=steps, rollout_delay=3, reevaluation_interval=2, learning_rate=1e-2)
+    args = make_config(
+        tmp_path,
+        max_steps=steps,
+        rollout_delay=3,
+        rollout_refresh_phase=phase,
+        reevaluation_interval=2,
+        learning_rate=1e-2,
+    )
     trainer = BAPOTrainer(
         model=tiny_model_path, reward_funcs=reward, args=args, train_dataset=prompt_dataset(list(plan))
     )
@@ -54,7 +76,7 @@ def test_rollout_snapshot_lags_and_reevaluation_uses_current_weights(tiny_model_
     trainer.compute_loss = compute_loss
     trainer.train()
 
-    refresh = {1: 1, 2: 1, 3: 3, 4: 3, 5: 3, 6: 6, 7: 6}  # t mod v == 0 refreshes (v = 3), first step too
+    refresh = REFRESHED_AT[phase]
     fresh = [(c, w) for c, w in seen_by_reward if all(n == 0 for n in c["scored"].values())]
     reevaluated = [(c, w) for c, w in seen_by_reward if all(n > 0 for n in c["scored"].values())]
     assert len(fresh) == steps
@@ -66,15 +88,7 @@ def test_rollout_snapshot_lags_and_reevaluation_uses_current_weights(tiny_model_
     for call, used in reevaluated:
         assert _same(used, weights.weights[call["step"]]), "re-evaluation did not use the current policy"
     assert not _same(weights.weights[2], weights.weights[0]), "the policy did not move; the lag test is vacuous"
-    assert [log["bapo/policy_lag"] for log in bapo_logs(trainer)] == [0, 1, 0, 1, 2, 0, 1]
-
-
-def _completion_logps(model, tokenizer, prompt: str, completion_ids: list[int]) -> torch.Tensor:
-    prompt_ids = tokenizer(prompt)["input_ids"]
-    ids = torch.tensor([prompt_ids + list(completion_ids)])
-    with torch.no_grad():
-        logits = model(input_ids=ids).logits[0, len(prompt_ids) - 1 : -1]
-    return torch.log_softmax(logits.float(), dim=-1).gather(1, torch.tensor(completion_ids).unsqueeze(1))[:, 0]
+    assert [log["bapo/policy_lag"] for log in bapo_logs(trainer)] == [t - refresh[t] for t in range(1, steps + 1)]
 
 
 def test_replayed_sample_ratio_is_taken_against_stored_behavior_logps(tiny_model_path, tmp_path):
@@ -99,7 +113,7 @@ def test_replayed_sample_ratio_is_taken_against_stored_behavior_logps(tiny_model
     def reward(prompts, completions, completion_ids, **kwargs):
         # Independent oracle: log-probs of each completion under the weights that just generated it.
         for prompt, ids in zip(prompts, completion_ids):
-            behavior[(prompt, tuple(ids))] = _completion_logps(trainer.model, trainer.processing_class, prompt, ids)
+            behavior[(prompt, tuple(ids))] = completion_logps(trainer.model, trainer.processing_class, prompt, ids)
         return scripted(prompts, completions, **kwargs)
 
     trainer = BAPOTrainer(
@@ -121,7 +135,7 @@ def test_replayed_sample_ratio_is_taken_against_stored_behavior_logps(tiny_model
             if not ids:
                 expected_rows.append(torch.tensor(0.0))
                 continue
-            current = _completion_logps(trainer.model, tokenizer, prompt, ids)
+            current = completion_logps(trainer.model, tokenizer, prompt, ids)
             # Fresh rows come from the snapshot, replayed rows from an earlier step: either way the oracle
             # recorded the log-probs of the policy that generated them.
             stored = behavior[(prompt, tuple(ids))]

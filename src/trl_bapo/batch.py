@@ -14,6 +14,8 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import gather_object
 
+from trl_bapo.correction import ANCHOR_LOGPS
+
 # Per-row 2-D fields and their padding: prompts are left-padded, completions right-padded (as TRL pads them).
 LEFT_PADDED = {"prompt_ids", "prompt_mask"}
 RIGHT_PADDED = {
@@ -24,6 +26,7 @@ RIGHT_PADDED = {
     "ref_per_token_logps",
     "sampling_per_token_logps",
     "importance_sampling_ratio",
+    ANCHOR_LOGPS,
 }
 PAD_VALUES = {"tool_mask": 1, "importance_sampling_ratio": 1.0}
 TOKEN_IDS = {"prompt_ids", "completion_ids"}  # padded with the tokenizer's pad token, everything else as above or 0
@@ -167,42 +170,129 @@ def split_micro_batches(
     pad_token_id: int,
     equal_sizes: bool = False,
 ) -> list[dict[str, Any]]:
-    """Cuts `batch` into `num_chunks` micro-batches whose sizes differ by at most one row.
+    """Cuts `batch` into `num_chunks` micro-batches whose sizes differ by at most one row (`batch_aggregation=
+    "spread"`).
 
     TRL's `split_tensor_dict` assumes the rows divide evenly and drops the remainder; BAPO's batch size varies
     per step. Each chunk carries `bapo_loss_scale`, the factor that turns the loss's per-micro-batch normalisation
     (`normalisation`, as `trl_bapo.losses.LOSSES` gives it) into a mean over the whole batch: with equal chunks it
-    is exactly 1. A chunk without rows gets `filler` (a
-    row without loss) and scale 0. With `equal_sizes`, filler rows bring every chunk to the same size, because
-    TRL gathers per-sequence metrics across processes and needs equal shapes on every process.
+    is exactly 1. A chunk without rows gets `filler` (a row without loss) and scale 0. With `equal_sizes`, filler
+    rows bring every chunk to the same size, because TRL gathers per-sequence metrics across processes and needs
+    equal shapes on every process.
     """
     total = num_rows(batch)
     tokens = loss_mask(batch).sum(dim=1).float()
-    size = max(1, -(-total // num_chunks)) if equal_sizes else 1
+    pieces = list(torch.tensor_split(torch.arange(total), num_chunks))
+    scales = [
+        _chunk_scale(
+            len(rows), float(tokens[rows].sum()), total, float(tokens.sum()), num_chunks, normalisation, equal_sizes
+        )
+        if len(rows)
+        else 0.0
+        for rows in pieces
+    ]
+    return _chunks(batch, pieces, scales, filler, pad_token_id, equal_sizes)
+
+
+def split_mini_batches(
+    batch: dict[str, Any],
+    steps: int,
+    accumulation: int,
+    processes: int,
+    micro_batch_rows: int,
+    normalisation: str,
+    filler: dict[str, Any],
+    pad_token_id: int,
+) -> tuple[list[dict[str, Any]], list[bool]]:
+    """Cuts `batch` as the authors' code trains on it (`batch_aggregation="mini_batch"`; github waunx/BAPO_ICLR,
+    verl/workers/actor/dp_actor.py, `update_policy`): into mini-batches of a full optimizer step's rows, M =
+    `micro_batch_rows` x `accumulation` x `processes`, one optimizer step each; the steps left over get filler rows
+    and are skipped. A mini-batch's rows are shared by the processes, then by their micro-batches. Each micro-batch's
+    loss becomes its token mean times its rows over `micro_batch_rows` x `accumulation` (their `len(micro_batch) /
+    ppo_mini_batch_size`), so a partial mini-batch's step is smaller in proportion.
+
+    Returns the `steps x processes` micro-batches, process after process (process p's micro-step i is chunk
+    p * steps + i), and for each of the `steps // accumulation` optimizer steps whether it is skipped. A batch larger
+    than the configured steps hold (dynamic sampling, X2 uncapped) fills them with more rows each.
+    """
+    total, updates = num_rows(batch), steps // accumulation
+    full = micro_batch_rows * accumulation * processes
+    per_update = max(full, -(-total // updates))
+    used = -(-total // per_update)
+    tokens = loss_mask(batch).sum(dim=1).float()
+    pieces = [torch.tensor([], dtype=torch.long)] * (steps * processes)
+    scales = [0.0] * (steps * processes)
+    for update in range(used):
+        rows = torch.arange(update * per_update, min((update + 1) * per_update, total))
+        for index, part in enumerate(torch.tensor_split(rows, processes * accumulation)):
+            chunk = (index // accumulation) * steps + update * accumulation + index % accumulation
+            pieces[chunk] = part
+            micro_tokens = float(tokens[part].sum())
+            if micro_tokens > 0:
+                scales[chunk] = _mini_batch_scale(
+                    len(part), micro_tokens, per_update // processes, float(tokens.sum()), accumulation, steps,
+                    processes, normalisation,
+                )  # fmt: skip
+    chunks = _chunks(batch, pieces, scales, filler, pad_token_id, equal_sizes=processes > 1)
+    return chunks, [update >= used for update in range(updates)]
+
+
+def _chunks(
+    batch: dict[str, Any],
+    pieces: list[torch.Tensor],
+    scales: list[float],
+    filler: dict[str, Any],
+    pad_token_id: int,
+    equal_sizes: bool,
+) -> list[dict[str, Any]]:
+    """The micro-batches holding the given rows of `batch`, each with its loss scale; one without rows holds
+    `filler`, and with `equal_sizes` filler rows bring all to the size of the largest."""
+    size = max(1, max(len(rows) for rows in pieces)) if equal_sizes else 1
     chunks = []
-    for rows in torch.tensor_split(torch.arange(total), num_chunks):
+    for rows, scale in zip(pieces, scales):
         parts = [select_rows(batch, rows)] if len(rows) else []
         parts += [filler] * (size - len(rows) if equal_sizes else int(not len(rows)))
         chunk = concat_batches(parts, pad_token_id) if len(parts) > 1 else dict(parts[0])
-        chunk["bapo_loss_scale"] = (
-            _chunk_scale(
-                num_rows(chunk), float(tokens[rows].sum()), total, float(tokens.sum()), num_chunks, normalisation
-            )
-            if len(rows)
-            else 0.0
-        )
+        chunk["bapo_loss_scale"] = scale
         chunks.append(chunk)
     return chunks
 
 
 def _chunk_scale(
-    rows: int, tokens: float, total_rows: int, total_tokens: float, num_chunks: int, normalisation: str
+    rows: int,
+    tokens: float,
+    total_rows: int,
+    total_tokens: float,
+    num_chunks: int,
+    normalisation: str,
+    equal_sizes: bool,
 ) -> float:
-    # `rows` counts filler rows too: per-sequence losses average over every row of the micro-batch.
+    # Per-sequence losses average over every row of the micro-batch, filler rows included.
     if normalisation == "sequence":
-        return rows * num_chunks / total_rows
+        size = max(1, -(-total_rows // num_chunks)) if equal_sizes else rows
+        return size * num_chunks / total_rows
     if normalisation == "token":
         return tokens * num_chunks / total_tokens if total_tokens > 0 else 0.0
     if normalisation == "global":
         return 1.0
     raise ValueError(f"BAPOTrainer does not know how a loss normalised by {normalisation!r} splits a batch.")
+
+
+def _mini_batch_scale(
+    rows: int,
+    tokens: float,
+    process_rows: int,
+    total_tokens: float,
+    accumulation: int,
+    steps: int,
+    processes: int,
+    normalisation: str,
+) -> float:
+    """The factor that turns TRL's loss of a micro-batch into the authors' token mean x rows / process_rows: TRL
+    divides a 'token' loss by the accumulation steps, and a 'global' one by its share of the batch's tokens (trl
+    1.16.0, `GRPOTrainer._compute_loss`: num_items_in_batch / processes x accumulation / steps)."""
+    if normalisation == "token":
+        return rows / process_rows * accumulation
+    if normalisation == "global":
+        return rows / process_rows * total_tokens * accumulation / (tokens * processes * steps)
+    raise ValueError(f"batch_aggregation='mini_batch' takes a token mean, which {normalisation!r} losses are not.")

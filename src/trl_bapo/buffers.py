@@ -1,17 +1,31 @@
-"""The two FIFO buffers of Algorithm 1, B_bad (difficult prompts) and B_high (recent high-quality groups), and the
-read-only view of them that `BAPOTrainer.bapo_status` gives users."""
+"""Algorithm 1's buffers, B_bad (difficult prompts) and B_high (recent high-quality groups), in two layouts, and the
+read-only view of them that `BAPOTrainer.bapo_status` gives users.
+
+- `PaperBuffers` (the default): two FIFO buffers, as the paper describes them. B_bad holds prompts, at most
+  `capacity`, oldest first; B_high holds the groups of the last `window` rollout steps (optionally at most `cap`).
+- `SharedBuffer` (`shared_buffer=True`): one store, as the authors' code keeps it (github waunx/BAPO_ICLR,
+  verl/trainer/ppo/ray_trainer.py, `OffPolicyGroupBuffer._check_and_evict`): every stored rollout group is an entry;
+  nothing leaves until the store is full, and then entries are classed by their latest accuracy.
+
+Both hold `BufferedGroup`s and answer the same four calls of Algorithm 1: `add` (lines 8 and 9), `draw_reevaluation`
+and `after_reevaluation` (lines 12-15), `draw_replay` (line 16).
+"""
 
 from __future__ import annotations
 
 import copy
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any, NamedTuple
 
 import torch
 from datasets.fingerprint import Hasher
 
-from trl_bapo.selection import high_quality_mask
+from trl_bapo.selection import EPS, high_quality_mask
+
+# The authors' store keeps the last 32 re-evaluation outcomes of an entry (their `max_scores_per_uid`): an entry's
+# latest accuracy is their mean, up to four re-evaluations of 8 completions pooled.
+SCORES_KEPT = 32
 
 
 def prompt_key(example: dict[str, Any]) -> str:
@@ -22,74 +36,69 @@ def prompt_key(example: dict[str, Any]) -> str:
 
 
 @dataclass
-class DifficultEntry:
-    """A prompt held in B_bad: its dataset row, the accuracy it entered with, the rollout step it entered at, and how
-    often it was re-evaluated since."""
+class BufferedGroup:
+    """A rollout group held by a buffer: its prompt's dataset row (`example`) and prompt key, the accuracy mu it was
+    stored with, the rollout step that generated it and the step its generating policy alpha was taken at, its G
+    rows of a TRL batch (completions, advantages, behavior log-probs; kept where X3 may replay it), how often it was
+    re-evaluated and replayed, and its re-evaluations' outcomes (the shared store reads its latest accuracy there)."""
 
     key: str
     example: dict[str, Any]
     accuracy: float
-    entered: int
+    step: int
+    policy_step: int = 0
+    rows: dict[str, Any] | None = None
     reevaluated: int = 0
+    replayed: int = 0
+    scores: list[float] = field(default_factory=list)
+
+    @property
+    def prompt(self) -> Any:
+        return self.example["prompt"]
+
+
+def draw(groups: list[BufferedGroup], count: int, generator: torch.Generator) -> list[BufferedGroup]:
+    """`count` groups drawn at random (all of them when there are fewer), in the order they are held."""
+    chosen = torch.randperm(len(groups), generator=generator)[: max(count, 0)]
+    return [groups[i] for i in sorted(chosen.tolist())]
+
+
+def in_band(accuracy: list[float], c2: float, c3: float) -> list[bool]:
+    return high_quality_mask(torch.tensor(accuracy, dtype=torch.float64), c2, c3).tolist() if accuracy else []
 
 
 class DifficultBuffer:
-    """B_bad: prompts whose group accuracy was <= c1, oldest first, at most `capacity` of them.
-
-    Holds the dataset rows themselves (prompt and reward-function columns), which is what re-evaluation
-    needs to generate and score fresh completions for them with the current policy.
-    """
+    """B_bad: prompts whose group accuracy was <= c1, oldest first, at most `capacity` of them; a prompt met again
+    moves to the back and starts over. Holds the dataset rows, which is what re-evaluation needs to generate and
+    score fresh completions for them with the current policy."""
 
     def __init__(self, capacity: int):
         self.capacity = capacity
-        self._entries: OrderedDict[str, DifficultEntry] = OrderedDict()
+        self._entries: OrderedDict[str, BufferedGroup] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._entries)
 
-    def add(self, examples: list[dict[str, Any]], accuracies: list[float], step: int = 0) -> None:
-        """Appends prompts that entered at rollout `step`; a prompt already held moves to the back and starts
-        over; the oldest leave beyond capacity."""
-        for example, accuracy in zip(examples, accuracies, strict=True):
-            key = prompt_key(example)
-            self._entries.pop(key, None)
-            self._entries[key] = DifficultEntry(key, example, accuracy, step)
+    def add(self, groups: list[BufferedGroup]) -> None:
+        for group in groups:
+            self._entries.pop(group.key, None)
+            self._entries[group.key] = replace(group, rows=None)  # re-evaluation regenerates; no rows to keep
         while len(self._entries) > self.capacity:
             self._entries.popitem(last=False)
 
-    def oldest(self, count: int) -> list[dict[str, Any]]:
-        return [entry.example for _, entry in zip(range(count), self._entries.values())]
+    def remove(self, groups: list[BufferedGroup]) -> None:
+        for group in groups:
+            self._entries.pop(group.key, None)
 
-    def sample(self, count: int, generator: torch.Generator) -> list[dict[str, Any]]:
-        """`count` prompts drawn at random (all of them when there are fewer), in the buffer's order."""
-        examples = [entry.example for entry in self._entries.values()]
-        chosen = torch.randperm(len(examples), generator=generator)[:count]
-        return [examples[i] for i in sorted(chosen.tolist())]
-
-    def accuracy(self, example: dict[str, Any]) -> float:
-        """The accuracy `example` had when it entered the buffer."""
-        return self._entries[prompt_key(example)].accuracy
-
-    def count_reevaluated(self, examples: list[dict[str, Any]]) -> None:
-        for example in examples:
-            self._entries[prompt_key(example)].reevaluated += 1
-
-    def remove(self, examples: list[dict[str, Any]]) -> None:
-        for example in examples:
-            self._entries.pop(prompt_key(example), None)
-
-    def entries(self) -> list[DifficultEntry]:
+    def entries(self) -> list[BufferedGroup]:
         return list(self._entries.values())
-
-    def prompts(self) -> list[Any]:
-        return [entry.example["prompt"] for entry in self._entries.values()]
 
     def state_dict(self) -> dict[str, Any]:
         entries = self._entries.values()
         return {
             "examples": [entry.example for entry in entries],
             "accuracies": [entry.accuracy for entry in entries],
-            "entered": [entry.entered for entry in entries],
+            "entered": [entry.step for entry in entries],
             "reevaluated": [entry.reevaluated for entry in entries],
         }
 
@@ -99,74 +108,261 @@ class DifficultBuffer:
         before entry steps were kept, step 0."""
         examples, count = state["examples"], len(state["examples"])
         self._entries = OrderedDict()
-        for example, accuracy, entered, reevaluated in zip(
-            examples,
-            state.get("accuracies", [0.0] * count),
-            state.get("entered", [0] * count),
-            state.get("reevaluated", [0] * count),
-            strict=True,
-        ):
-            self.add([example], [accuracy], entered)
-            self._entries[prompt_key(example)].reevaluated = reevaluated
-
-
-@dataclass
-class ReplayGroup:
-    """One stored group of eq. 4: the G rows of a TRL batch (prompt, completions, advantages and the
-    behavior policy's per-token log-probs), its accuracy, the rollout step that generated it and the step its
-    generating policy alpha was taken at, its prompt and prompt key, and how often X3 replayed it."""
-
-    step: int
-    accuracy: float
-    rows: dict[str, Any]
-    prompt: Any
-    policy_step: int = 0
-    key: str = ""
-    replayed: int = 0
+        self.add(
+            [
+                BufferedGroup(prompt_key(example), example, accuracy, entered, reevaluated=reevaluated)
+                for example, accuracy, entered, reevaluated in zip(
+                    examples,
+                    state.get("accuracies", [0.0] * count),
+                    state.get("entered", [0] * count),
+                    state.get("reevaluated", [0] * count),
+                    strict=True,
+                )
+            ]
+        )
 
 
 class HighQualityBuffer:
-    """B_high: groups with c2 <= mu <= c3 from the `window` most recent rollout steps.
+    """B_high: groups with c2 <= mu <= c3 from the `window` most recent rollout steps, at most `cap` of them (the
+    oldest leave first; None: no cap). A group generated at step s may be drawn into X3 at steps s+1 .. s+window;
+    drawing does not remove it."""
 
-    A group generated at step s may be drawn into X3 at steps s+1 .. s+window; drawing does not remove it.
-    """
-
-    def __init__(self, window: int):
-        self.window = window
-        self._groups: list[ReplayGroup] = []
+    def __init__(self, window: int, cap: int | None = None):
+        self.window, self.cap = window, cap
+        self._groups: list[BufferedGroup] = []
 
     def __len__(self) -> int:
         return len(self._groups)
 
-    def add(self, groups: list[ReplayGroup]) -> None:
+    def add(self, groups: list[BufferedGroup]) -> None:
         self._groups.extend(groups)
+        if self.cap is not None:
+            self._groups = self._groups[-self.cap :]
 
     def expire(self, step: int) -> None:
         """Drops groups older than the window as seen from rollout step `step`."""
         self._groups = [group for group in self._groups if group.step >= step - self.window]
 
-    def sample(self, step: int, c2: float, c3: float, count: int, generator: torch.Generator) -> list[ReplayGroup]:
-        """X3 (eq. 7 and line 16): `count` random groups from earlier steps whose accuracy is in [c2, c3]."""
-        candidates = [group for group in self._groups if group.step < step]
-        if not candidates or count <= 0:
-            return []
-        accuracy = torch.tensor([group.accuracy for group in candidates])
-        eligible = high_quality_mask(accuracy, c2, c3).nonzero().flatten()
-        order = torch.randperm(len(eligible), generator=generator)[:count]
-        drawn = [candidates[int(eligible[i])] for i in sorted(order.tolist())]
+    def entries(self) -> list[BufferedGroup]:
+        return list(self._groups)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "groups": [
+                {
+                    "step": group.step,
+                    "accuracy": group.accuracy,
+                    "rows": group.rows,
+                    "prompt": group.prompt,
+                    "policy_step": group.policy_step,
+                    "key": group.key,
+                    "replayed": group.replayed,
+                }
+                for group in self._groups
+            ]
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """A state written before policy steps were kept takes each group's own step as its policy's."""
+        self._groups = [
+            BufferedGroup(
+                key=group.get("key", ""),
+                example={"prompt": group["prompt"]},
+                accuracy=group["accuracy"],
+                step=group["step"],
+                policy_step=group.get("policy_step", group["step"]),
+                rows=group["rows"],
+                replayed=group.get("replayed", 0),
+            )
+            for group in state["groups"]
+        ]
+
+
+class PaperBuffers:
+    """The paper's layout: B_bad, a FIFO of prompts, and B_high, a window of recent groups."""
+
+    def __init__(self, c1: float, capacity: int, window: int, high_quality_size: int | None = None):
+        self.c1 = c1
+        self.difficult = DifficultBuffer(capacity)
+        self.high_quality = HighQualityBuffer(window, high_quality_size)
+
+    def keeps_rows(
+        self, accuracy: torch.Tensor, c2: float, c3: float, difficult: bool, high_quality: bool
+    ) -> torch.Tensor:
+        """Groups whose rows `add` would keep for replay: B_high's."""
+        return high_quality_mask(accuracy, c2, c3) & high_quality
+
+    def add(self, groups: list[BufferedGroup], c2: float, c3: float, difficult: bool, high_quality: bool) -> None:
+        """Lines 8 and 9: prompts at mu <= c1 enter B_bad (when `difficult`), groups at c2 <= mu <= c3 B_high (when
+        `high_quality`)."""
+        accuracy = [group.accuracy for group in groups]
+        if difficult:
+            self.difficult.add([group for group, mu in zip(groups, accuracy) if mu <= self.c1 + EPS])
+        if high_quality:
+            self.high_quality.add([group for group, band in zip(groups, in_band(accuracy, c2, c3)) if band])
+
+    def draw_reevaluation(self, count: int, order: str, generator: torch.Generator) -> list[BufferedGroup]:
+        """B_bad's prompts to re-evaluate: the `count` oldest, or with order 'random' a random draw."""
+        entries = self.difficult.entries()
+        return draw(entries, count, generator) if order == "random" else entries[:count]
+
+    def after_reevaluation(self, groups: list[BufferedGroup], scores: list[list[float]], keep: bool) -> None:
+        """Counts the re-evaluation; unless `keep`, prompts re-evaluated above c1 leave B_bad."""
+        for group in groups:
+            group.reevaluated += 1
+        if not keep:
+            self.difficult.remove([group for group, s in zip(groups, scores) if not mean(s) <= self.c1 + EPS])
+
+    def draw_replay(self, step: int, c2: float, c3: float, count: int, generator) -> list[BufferedGroup]:
+        """X3 (eq. 7 and line 16): `count` random groups of earlier steps in B_high's window with c2 <= mu <= c3."""
+        self.high_quality.expire(step)
+        candidates = [group for group in self.high_quality.entries() if group.step < step]
+        eligible = [
+            group for group, band in zip(candidates, in_band([g.accuracy for g in candidates], c2, c3)) if band
+        ]
+        drawn = draw(eligible, count, generator)
         for group in drawn:
             group.replayed += 1
         return drawn
 
-    def groups(self) -> list[ReplayGroup]:
-        return list(self._groups)
+    def difficult_entries(self) -> list[BufferedGroup]:
+        return self.difficult.entries()
+
+    def high_quality_entries(self) -> list[BufferedGroup]:
+        return self.high_quality.entries()
+
+    def settings(self) -> dict[str, int | None]:
+        return {
+            "difficult_buffer_size": self.difficult.capacity,
+            "high_quality_buffer_steps": self.high_quality.window,
+        }
 
     def state_dict(self) -> dict[str, Any]:
-        return {"groups": [vars(group) for group in self._groups]}
+        return {"difficult": self.difficult.state_dict(), "high_quality": self.high_quality.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """A state written before policy steps were kept takes each group's own step as its policy's."""
-        self._groups = [ReplayGroup(**{"policy_step": group["step"], **group}) for group in state["groups"]]
+        self.difficult.load_state_dict(state["difficult"])
+        self.high_quality.load_state_dict(state["high_quality"])
+
+
+def mean(values: list[float]) -> float:
+    """The mean of scorable outcomes (NaN: unscorable, left out); NaN when none is scorable."""
+    scorable = [value for value in values if value == value]
+    return sum(scorable) / len(scorable) if scorable else float("nan")
+
+
+class SharedBuffer:
+    """The authors' layout (github waunx/BAPO_ICLR, verl/trainer/ppo/ray_trainer.py, `OffPolicyManager` and
+    `OffPolicyGroupBuffer`): one store of at most `capacity` entries (their `max_total_uids`), each a stored rollout
+    group (a prompt met twice is two entries). Difficult groups (mu <= c1) and groups in the band [c2, c3] enter it at
+    the end of their rollout step; nothing leaves until it is full.
+
+    When full, each entry is classed by its latest accuracy: the mean of its re-evaluations' outcomes, else the
+    accuracy it entered with. High-quality entries (latest in [c2, c3]) beyond `high_quality_size` leave, oldest
+    first; difficult ones (latest <= c1, not in the band) beyond the rest of the capacity leave, oldest first; if
+    still over, entries in neither class (re-evaluated above the band) leave first, then difficult ones, then
+    high-quality ones, oldest first. No entry leaves by age alone: B_high's window does not apply here.
+
+    Re-evaluation draws from the entries that entered at mu <= c1, whatever they scored since; X3 from the entries
+    whose latest accuracy is in [c2, c3], which includes difficult prompts re-evaluated into the band: X3 then
+    replays their stored rollout."""
+
+    def __init__(self, c1: float, capacity: int, high_quality_size: int):
+        self.c1, self.capacity, self.high_quality_size = c1, capacity, high_quality_size
+        self._entries: list[BufferedGroup] = []
+        self._band = (c1, c1)  # [c2, c3] of the last rollout step, for the views below
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def keeps_rows(
+        self, accuracy: torch.Tensor, c2: float, c3: float, difficult: bool, high_quality: bool
+    ) -> torch.Tensor:
+        """Groups whose rows `add` would keep: every entry's, since any of them may enter the band and be replayed."""
+        return ((accuracy <= self.c1 + EPS) & difficult) | (high_quality_mask(accuracy, c2, c3) & high_quality)
+
+    def entries(self) -> list[BufferedGroup]:
+        return list(self._entries)
+
+    def latest(self, group: BufferedGroup) -> float:
+        return mean(group.scores) if group.scores else group.accuracy
+
+    def add(self, groups: list[BufferedGroup], c2: float, c3: float, difficult: bool, high_quality: bool) -> None:
+        """Stores, in rollout order, the groups at mu <= c1 (when `difficult`) and in [c2, c3] (when
+        `high_quality`), each followed by the eviction check, as the authors' `collect_data` adds them."""
+        self._band = (c2, c3)
+        accuracy = [group.accuracy for group in groups]
+        for group, band in zip(groups, in_band(accuracy, c2, c3)):
+            if (difficult and group.accuracy <= self.c1 + EPS) or (high_quality and band):
+                self._entries.append(group)
+                self._evict(group.step, c2, c3)
+
+    def _evict(self, step: int, c2: float, c3: float) -> None:
+        excess = len(self._entries) - self.capacity
+        if excess <= 0:
+            return
+        latest = [self.latest(group) for group in self._entries]
+        band = in_band(latest, c2, c3)
+        high = [g for g, b in zip(self._entries, band) if b]
+        difficult = [g for g, b, mu in zip(self._entries, band, latest) if not b and mu <= self.c1 + EPS]
+        other = [g for g, b, mu in zip(self._entries, band, latest) if not b and not mu <= self.c1 + EPS]
+        leaving: list[BufferedGroup] = []
+        if len(high) > self.high_quality_size:
+            # The authors evict the stale ones first (stored more than `max_high_quality_staleness_steps` ago), then
+            # the oldest; entries are kept in the order they were stored, so the stale ones are the oldest anyway.
+            leaving += high[: len(high) - self.high_quality_size]
+            high = high[len(high) - self.high_quality_size :]
+        if len(difficult) > self.capacity - self.high_quality_size:
+            over = len(difficult) - (self.capacity - self.high_quality_size)
+            leaving += difficult[:over]
+            difficult = difficult[over:]
+        over = len(high) + len(difficult) + len(other) - self.capacity
+        for kind in (other, difficult, high):
+            leaving += kind[: max(over, 0)]
+            over -= len(kind[: max(over, 0)])
+        self._entries = [group for group in self._entries if not any(group is g for g in leaving)]
+
+    def draw_reevaluation(self, count: int, order: str, generator: torch.Generator) -> list[BufferedGroup]:
+        """Entries that entered at mu <= c1: the `count` oldest, or with order 'random' a random draw."""
+        candidates = self.difficult_entries()
+        return draw(candidates, count, generator) if order == "random" else candidates[:count]
+
+    def after_reevaluation(self, groups: list[BufferedGroup], scores: list[list[float]], keep: bool) -> None:
+        """Each re-evaluated entry keeps the outcomes (its last `SCORES_KEPT`); unless `keep`, entries re-evaluated
+        above c1 leave."""
+        for group, outcome in zip(groups, scores):
+            group.reevaluated += 1
+            group.scores = (group.scores + outcome)[-SCORES_KEPT:]
+        if not keep:
+            solved = [group for group, s in zip(groups, scores) if not mean(s) <= self.c1 + EPS]
+            self._entries = [group for group in self._entries if not any(group is g for g in solved)]
+
+    def draw_replay(self, step: int, c2: float, c3: float, count: int, generator) -> list[BufferedGroup]:
+        """X3: `count` random entries whose latest accuracy is in [c2, c3] (all of them entered at earlier steps)."""
+        self._band = (c2, c3)
+        drawn = draw(self.high_quality_entries(), count, generator)
+        for group in drawn:
+            group.replayed += 1
+        return drawn
+
+    def difficult_entries(self) -> list[BufferedGroup]:
+        """B_bad as re-evaluation sees it: entries that entered at mu <= c1."""
+        return [group for group in self._entries if group.accuracy <= self.c1 + EPS]
+
+    def high_quality_entries(self) -> list[BufferedGroup]:
+        """B_high as X3 sees it: entries whose latest accuracy is in the band of the last rollout step."""
+        latest = [self.latest(group) for group in self._entries]
+        return [group for group, band in zip(self._entries, in_band(latest, *self._band)) if band]
+
+    def settings(self) -> dict[str, int | None]:
+        return {"difficult_buffer_size": self.capacity, "high_quality_buffer_size": self.high_quality_size}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"shared": {"band": list(self._band), "entries": [vars(group) for group in self._entries]}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._band = tuple(state["shared"]["band"])
+        self._entries = [BufferedGroup(**entry) for entry in state["shared"]["entries"]]
 
 
 class StoredGroup(NamedTuple):
@@ -193,11 +389,12 @@ class BAPOStatus:
     rollouts: int  # completions generated so far, re-evaluation included
 
     @classmethod
-    def of(cls, difficult: DifficultBuffer, high_quality: HighQualityBuffer, **values: Any) -> BAPOStatus:
+    def of(cls, buffers: PaperBuffers | SharedBuffer, **values: Any) -> BAPOStatus:
         return cls(
-            difficult_prompts=tuple(copy.deepcopy(difficult.prompts())),
+            difficult_prompts=tuple(copy.deepcopy([group.prompt for group in buffers.difficult_entries()])),
             high_quality_groups=tuple(
-                StoredGroup(group.step, group.accuracy, copy.deepcopy(group.prompt)) for group in high_quality.groups()
+                StoredGroup(group.step, group.accuracy, copy.deepcopy(group.prompt))
+                for group in buffers.high_quality_entries()
             ),
             **values,
         )

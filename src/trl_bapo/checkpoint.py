@@ -116,8 +116,7 @@ def bapo_state(trainer) -> dict[str, Any]:
         "settings": _settings(trainer),
         "rollout_step": trainer._rollout_step,
         "snapshot": trainer._snapshot.state_dict(),
-        "difficult": trainer._difficult.state_dict(),
-        "high_quality": trainer._high_quality.state_dict(),
+        **trainer._buffers.state_dict(),
         "generator": trainer._generator.get_state(),
         "reward_sum": trainer._reward_sum,
         "reward_count": trainer._reward_count,
@@ -127,11 +126,7 @@ def bapo_state(trainer) -> dict[str, Any]:
 
 
 def _settings(trainer) -> dict[str, int]:
-    return {
-        "rollout_delay": trainer._snapshot.delay,
-        "difficult_buffer_size": trainer._difficult.capacity,
-        "high_quality_buffer_steps": trainer._high_quality.window,
-    }
+    return {"rollout_delay": trainer._snapshot.delay, **trainer._buffers.settings()}
 
 
 def load_bapo_state(trainer, checkpoint: str) -> None:
@@ -175,6 +170,11 @@ def _checked_state(trainer, state: dict[str, Any]) -> dict[str, Any]:
     """`state`, with its snapshot dropped where it cannot be placed: shards of another number of processes."""
     if state["version"] != STATE_VERSION:
         raise ValueError(f"state version {state['version']}, this trl-bapo reads version {STATE_VERSION}")
+    shared = trainer.args.shared_buffer
+    if ("shared" in state) != shared:
+        raise ValueError(
+            f"its buffers were written with shared_buffer={not shared}, and this run has shared_buffer={shared}"
+        )
     processes = trainer.accelerator.num_processes
     if state["sharded"] and state["processes"] != processes:
         logger.warning(
@@ -194,7 +194,7 @@ def _checked_state(trainer, state: dict[str, Any]) -> dict[str, Any]:
 
 def _apply_state(trainer, state: dict[str, Any]) -> None:
     for name, current in _settings(trainer).items():
-        if state["settings"][name] != current:
+        if state["settings"].get(name) != current:
             logger.warning(
                 "%s was %s in the checkpoint and is %s now; the configured value applies.",
                 name,
@@ -202,8 +202,7 @@ def _apply_state(trainer, state: dict[str, Any]) -> None:
                 current,
             )
     trainer._snapshot.load_state_dict(state["snapshot"])
-    trainer._difficult.load_state_dict(state["difficult"])
-    trainer._high_quality.load_state_dict(state["high_quality"])
+    trainer._buffers.load_state_dict(state)
     trainer._generator.set_state(state["generator"])
     trainer._rollout_step, trainer._rollouts = state["rollout_step"], state["rollouts"]
     trainer._reward_sum, trainer._reward_count = state["reward_sum"], state["reward_count"]

@@ -18,8 +18,10 @@ from trl_bapo.losses import LOSSES, REC_VARIANTS
 
 ONLINE_FILTERS = ("range", "gaussian", "uniform", "none")
 REEVALUATION_ORDERS = ("oldest", "random")
-DIFFICULT_ADMISSIONS = ("paper", "improved")
+DIFFICULT_ADMISSIONS = ("paper", "improved", "improved_or_solved")
 OFF_POLICY_CORRECTIONS = ("behavior", "decoupled")
+X3_ANCHORS = ("start", "stored")
+BATCH_AGGREGATIONS = ("spread", "mini_batch")
 # TRL's loss types with a clipped surrogate on a token-level ratio, the ones adaptive clipping can set bounds for.
 CLIPPED_LOSSES = [name for name, loss in LOSSES.items() if loss.clipped]
 OWN_LOSSES = [name for name, loss in LOSSES.items() if loss.per_token is not None]
@@ -40,7 +42,6 @@ HEADINGS = {
         "rollout_delay",
         "reevaluation_interval",
         "max_reevaluation_prompts",
-        "reevaluation_order",
         "difficult_buffer_size",
         "high_quality_buffer_steps",
         "online_filter",
@@ -48,11 +49,21 @@ HEADINGS = {
         "online_filter_gaussian_std",
         "online_filter_uniform_keep",
         "use_difficult_replay",
+        "use_high_quality_replay",
+        "mini_test",
+    ),
+    "The authors' code (github waunx/BAPO_ICLR)": (
+        "rollout_refresh_phase",
+        "reevaluation_order",
         "difficult_admission",
         "keep_reevaluated_prompts",
         "cap_difficult_replay",
-        "use_high_quality_replay",
-        "mini_test",
+        "difficult_entry_after_update",
+        "online_filter_fallback",
+        "shared_buffer",
+        "high_quality_buffer_size",
+        "x3_anchor",
+        "batch_aggregation",
     ),
     "Thresholds": (
         "difficult_threshold",
@@ -154,16 +165,18 @@ class BAPOConfig(GRPOConfig):
         default="paper",
         metadata={
             "help": "Which re-evaluated prompts join X2: 'paper' (eq. 6) those with c1 < mu < 1; 'improved' those "
-            "whose new mu beats the mu they entered B_bad with, and stays below 1 (the authors' code, without its "
-            "slip that also admits all-correct groups, which carry no advantage).",
+            "whose new mu beats the mu they entered B_bad with, and stays below 1; 'improved_or_solved' those whose "
+            "new mu beats it, all-correct groups included, as the authors' code admits them (an all-correct group "
+            "has no advantage: it takes room in the batch and tokens in the loss's mean, and moves nothing).",
             "choices": list(DIFFICULT_ADMISSIONS),
         },
     )
     keep_reevaluated_prompts: bool = field(
         default=False,
         metadata={
-            "help": "Keep re-evaluated prompts in B_bad whatever their new mu (the authors' code). False: a prompt "
-            "re-evaluated above c1 leaves B_bad, so it holds only what is still unsolved."
+            "help": "Re-evaluation removes nothing from B_bad, whatever the new mu (the authors' code; with "
+            "`shared_buffer`, their eviction then moves solved prompts out first once the store is full). False: a "
+            "prompt re-evaluated above c1 leaves B_bad, so it holds only what is still unsolved."
         },
     )
     cap_difficult_replay: bool = field(
@@ -182,6 +195,52 @@ class BAPOConfig(GRPOConfig):
             "help": "The parameter-free variant of section 5.2: X1 drops only all-correct/all-wrong groups, "
             "X2 replays exactly the all-wrong prompts (c1 = 0), X3 reuses exactly the groups at accuracy 1/2. "
             "Leave the thresholds and `online_filter` at their defaults with it."
+        },
+    )
+    rollout_refresh_phase: int = field(
+        default=0,
+        metadata={
+            "help": "Which rollout steps refresh alpha: those with (t - phase) mod v == 0, and the first. 0 is "
+            "Algorithm 1's t mod v; the authors' code refreshes at (t - 1) mod v (its step counter starts at 0), "
+            "phase 1. Must be below rollout_delay."
+        },
+    )
+    difficult_entry_after_update: bool = field(
+        default=False,
+        metadata={
+            "help": "Store a rollout step's difficult prompts in B_bad at the end of the step, after X2 and X3 are "
+            "drawn (the authors' code fills its buffer after the update), so they are re-evaluated from the next "
+            "re-evaluation step on. False: Algorithm 1's order, line 8 before the re-evaluation of line 12, so a "
+            "prompt can be re-evaluated in the step it entered."
+        },
+    )
+    online_filter_fallback: bool = field(
+        default=False,
+        metadata={
+            "help": "When the online filter keeps no fresh group, X1 is the whole fresh batch (the authors' code: "
+            "'no samples in range filter, returning original batch'); the batch is then full, so X2 and X3 get no "
+            "room. False: X1 stays empty and X2, X3 fill the batch."
+        },
+    )
+    shared_buffer: bool = field(
+        default=False,
+        metadata={
+            "help": "B_bad and B_high as the authors' code keeps them: one store of `difficult_buffer_size` groups "
+            "(their max_total_uids), each stored rollout group one entry. Nothing leaves until the store is full; "
+            "then each entry is classed by its latest accuracy (its re-evaluations', else its own): at most "
+            "`high_quality_buffer_size` in the band [c2, c3] stay, the oldest (the stalest) leaving first; difficult "
+            "ones beyond the rest leave oldest first; when still over, entries above both bands leave first. No "
+            "entry leaves by age alone (`high_quality_buffer_steps` does not apply). Re-evaluation draws from entries "
+            "that entered at mu <= c1, X3 from entries whose latest accuracy is in [c2, c3]. Needs "
+            "difficult_entry_after_update=True and high_quality_buffer_size. False: the paper's two FIFO buffers."
+        },
+    )
+    high_quality_buffer_size: int | None = field(
+        default=None,
+        metadata={
+            "help": "Most high-quality groups B_high keeps (the authors' code: 8). With `shared_buffer` the cap "
+            "applies once the store is full; otherwise B_high keeps at most this many of its last "
+            "`high_quality_buffer_steps` steps. The oldest leave first. None: no cap."
         },
     )
 
@@ -241,6 +300,30 @@ class BAPOConfig(GRPOConfig):
         metadata={
             "help": "With off_policy_correction='decoupled': the truncation of the importance weight "
             "pi_start / pi_behavior (the authors' rollout_is_threshold: 3)."
+        },
+    )
+    x3_anchor: str = field(
+        default="start",
+        metadata={
+            "help": "With off_policy_correction='decoupled', what X3's clipped ratio is anchored at. 'start': "
+            "pi_start of the step that trains it, the whole staleness in the importance weight "
+            "min(pi_start / pi_behavior, cap). 'stored' (the authors' code): the policy that started the step "
+            "the group was generated in, measured then and stored with it, with the importance weight of that "
+            "moment, min(pi_start_then / pi_behavior, cap).",
+            "choices": list(X3_ANCHORS),
+        },
+    )
+    batch_aggregation: str = field(
+        default="spread",
+        metadata={
+            "help": "How the assembled batch becomes optimizer steps. 'spread': over the configured steps "
+            "(steps_per_generation / gradient_accumulation_steps), each normalised as `loss_type` says, so the "
+            "learning rate scales a mean gradient whatever the batch fill. 'mini_batch' (the authors' code): "
+            "mini-batches of a full step's rows (per_device_train_batch_size x gradient_accumulation_steps x "
+            "processes), one optimizer step each, the steps left over skipped; each micro-batch's loss is its "
+            "token mean times its rows over per_device_train_batch_size x gradient_accumulation_steps, so a "
+            "partial mini-batch's step shrinks with its fill. For token-normalised loss types.",
+            "choices": list(BATCH_AGGREGATIONS),
         },
     )
     kl_reference: str = field(
@@ -374,19 +457,12 @@ class BAPOConfig(GRPOConfig):
             self.kl_reference = KL_REFERENCE_ALIASES[self.kl_reference]
         self._validate_bapo_fields()
         super().__post_init__()
-        # vLLM holds the rollout policy and is refreshed only every v steps; re-evaluation needs the current
-        # policy, which vLLM holds only on refresh steps. Forcing a sync off-schedule would refresh alpha early.
+        # vLLM holds the rollout policy, alpha; TRL's sleep mode would hand it the current policy after every step.
         if self.use_vllm and self.vllm_enable_sleep_mode and self.rollout_delay > 1:
             raise ValueError(
                 "vllm_enable_sleep_mode=True frees the engine's weights after every generation, and TRL then sends "
                 "it the current policy, while BAPO's rollouts need alpha, the policy of "
                 f"rollout_delay={self.rollout_delay} steps back. Set vllm_enable_sleep_mode=False, or rollout_delay=1."
-            )
-        if self.use_vllm and self.use_difficult_replay and self.reevaluation_interval % self.rollout_delay:
-            raise ValueError(
-                f"With use_vllm=True, reevaluation_interval (m={self.reevaluation_interval}) must be a multiple of "
-                f"rollout_delay (v={self.rollout_delay}): re-evaluation needs the current policy, which vLLM holds "
-                "only on refresh steps. Set reevaluation_interval to a multiple of rollout_delay."
             )
 
     @property
@@ -411,18 +487,27 @@ class BAPOConfig(GRPOConfig):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}.")
-        if self.difficult_buffer_size is not None and (
-            not isinstance(self.difficult_buffer_size, int) or self.difficult_buffer_size < 1
+        for name, meaning in (
+            ("difficult_buffer_size", "one rollout batch of prompts"),
+            ("high_quality_buffer_size", "no cap"),
         ):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise ValueError(f"{name} must be None ({meaning}) or an integer >= 1, got {value!r}.")
+        phase = self.rollout_refresh_phase
+        if not isinstance(phase, int) or isinstance(phase, bool) or not 0 <= phase < self.rollout_delay:
             raise ValueError(
-                f"difficult_buffer_size must be None (one rollout batch of prompts) or an integer >= 1, "
-                f"got {self.difficult_buffer_size!r}."
+                f"rollout_refresh_phase must be an integer in [0, rollout_delay={self.rollout_delay}), got "
+                f"{phase!r}: alpha is refreshed when (t - phase) mod v == 0. The authors' code uses 1."
             )
+        self._validate_authors_rules()
         for name, choices in (
             ("online_filter", ONLINE_FILTERS),
             ("reevaluation_order", REEVALUATION_ORDERS),
             ("difficult_admission", DIFFICULT_ADMISSIONS),
             ("off_policy_correction", OFF_POLICY_CORRECTIONS),
+            ("x3_anchor", X3_ANCHORS),
+            ("batch_aggregation", BATCH_AGGREGATIONS),
         ):
             if getattr(self, name) not in choices:
                 raise ValueError(f"{name} must be one of {choices}, got {getattr(self, name)!r}.")
@@ -514,11 +599,46 @@ class BAPOConfig(GRPOConfig):
                 f"{list(c3)} at either end, otherwise c2 > c3 and B_high is empty."
             )
 
+    def _validate_authors_rules(self) -> None:
+        """Combinations of the authors' options that have no meaning, refused with the setting that fixes them."""
+        if self.shared_buffer:
+            if not self.difficult_entry_after_update:
+                raise ValueError(
+                    "shared_buffer=True stores every group at the end of its rollout step, as the authors' code does "
+                    "after the update; set difficult_entry_after_update=True with it."
+                )
+            if self.high_quality_buffer_size is None:
+                raise ValueError(
+                    "shared_buffer=True needs high_quality_buffer_size, the most high-quality groups the full store "
+                    "keeps (the authors' code: 8)."
+                )
+            capacity = self.difficult_buffer_size
+            if capacity is not None and self.high_quality_buffer_size >= capacity:
+                raise ValueError(
+                    f"high_quality_buffer_size ({self.high_quality_buffer_size}) must be below difficult_buffer_size "
+                    f"({capacity}) with shared_buffer=True: the store's other entries hold B_bad "
+                    "(the authors' code: 8 of 128)."
+                )
+        if self.x3_anchor == "stored" and self.off_policy_correction != "decoupled":
+            raise ValueError(
+                "x3_anchor='stored' anchors X3's ratio under the decoupled correction; with "
+                f"off_policy_correction={self.off_policy_correction!r} the ratio is already taken against the "
+                "policy that generated each group. Set off_policy_correction='decoupled' or x3_anchor='start'."
+            )
+
     def _validate_losses(self) -> None:
         level = getattr(self, "importance_sampling_level", "token")
         if self.loss_type not in LOSSES:
             raise ValueError(
                 f"loss_type must be one of {list(LOSSES)} (trl_bapo.losses.LOSSES), got {self.loss_type!r}."
+            )
+        normalisation = LOSSES[self.loss_type].normalisation
+        if self.batch_aggregation == "mini_batch" and normalisation not in ("token", "global"):
+            raise ValueError(
+                "batch_aggregation='mini_batch' takes each micro-batch's token mean, but "
+                f"loss_type={self.loss_type!r} normalises per {normalisation}; use a token-normalised loss type "
+                f"({', '.join(n for n, loss in LOSSES.items() if loss.normalisation in ('token', 'global'))}) or "
+                "batch_aggregation='spread'."
             )
         if self.loss_type in OWN_LOSSES:
             if self.rec_variant not in REC_VARIANTS:

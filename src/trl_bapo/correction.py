@@ -11,6 +11,9 @@ TRL multiplies the per-token loss by its own vLLM importance weight only when vL
 same product comes from multiplying each token's advantage by w, with or without vLLM; with vLLM's correction on,
 TRL's weight (pi_behavior measured by the trainer over the engine's) multiplies on top, so the two compose to
 pi_start over the engine's policy.
+
+For X3, the authors anchor at the policy that started the step the group was generated in, with the importance
+weight of that moment (`x3_anchor="stored"`): pi_start then, measured when the group is stored and kept with it.
 """
 
 from __future__ import annotations
@@ -22,6 +25,9 @@ import torch
 SOURCES = ("x1", "x2", "x3")  # row tags 1, 2, 3 of the assembled batch
 SOURCE = "bapo_source"  # the batch field of those tags, one per row
 IMPORTANCE_WEIGHT = "bapo_importance_weight"  # the batch field of w, one per token
+# With `x3_anchor="stored"`: pi_start of the step a row was generated in, one per token, stored with the groups X3 may
+# replay; NaN rows are measured when their micro-batch is cut.
+ANCHOR_LOGPS = "bapo_anchor_logps"
 
 
 def weighted_advantages(inputs: dict[str, Any], weight: torch.Tensor) -> dict[str, Any]:

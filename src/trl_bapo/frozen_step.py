@@ -1,4 +1,6 @@
-"""The optimizer steps of an empty assembled batch, which must leave the weights where they are."""
+"""The optimizer steps BAPO skips: those of an empty assembled batch, and with `batch_aggregation="mini_batch"` the
+steps an underfilled batch has no mini-batch for. A skipped step must leave the weights and the optimizer's state
+where they are."""
 
 from __future__ import annotations
 
@@ -6,13 +8,15 @@ from transformers import TrainerCallback
 
 
 class FrozenStep(TrainerCallback):
-    """Keeps the optimizer steps of an empty assembled batch from moving the weights.
+    """Makes the optimizer step after `hold` a step that changes nothing.
 
-    A zero gradient still moves them through Adam's momentum and weight decay, so those steps run at learning rate
-    0, set through the optimizer's `param_groups`, which every engine's optimizer exposes (DeepSpeed's ZeRO
-    optimizers included). The trainer calls `hold` before each micro-batch's backward pass, where DeepSpeed takes
-    its step; the rate comes back right after the step, before the scheduler reads it, unless an engine's own
-    scheduler has already set a new one.
+    The Trainer still calls the optimizer (and the scheduler, which advances as it does for every step). Right
+    before the step, every gradient is dropped: torch's optimizers skip a parameter whose gradient is None, so the
+    weights, Adam's moments and its step count stay as they were, as if no step had been taken. DeepSpeed's ZeRO
+    optimizers step inside the backward pass and keep their gradients to themselves: there the step runs at learning
+    rate 0, set through the optimizer's `param_groups` before each micro-batch's backward pass, which leaves the
+    weights in place (the moments still decay). The rate comes back right after the step, before the scheduler reads
+    it, unless an engine's own scheduler has already set a new one.
     """
 
     def __init__(self):
@@ -23,6 +27,13 @@ class FrozenStep(TrainerCallback):
             self._rates = [group["lr"] for group in optimizer.param_groups]
         for group in optimizer.param_groups:
             group["lr"] = 0.0
+
+    def on_pre_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
+        if self._rates is None:
+            return
+        for group in optimizer.param_groups:
+            for param in group["params"]:
+                param.grad = None
 
     def on_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
         if self._rates is None:

@@ -27,7 +27,7 @@ class FreshRollout:
     examples: list[dict[str, Any]]  # the dataset row of each completion
     accuracy: torch.Tensor  # mu per group
     x1: torch.Tensor  # kept by the online filter (line 11)
-    high: torch.Tensor  # stored in B_high (line 9)
+    kept: torch.Tensor  # whose rows the buffers keep for replay (B_high's; with the shared buffer, every entry's)
     c2: float  # the thresholds of eq. 8 at this step
     c3: float
     lag: int  # steps since alpha was taken

@@ -20,16 +20,16 @@ from trl_bapo.engines import check_swappable, host_copy, local_shard, release_ga
 
 
 class RolloutSnapshot:
-    """alpha: refreshed from the policy when t mod v == 0 (and at the first rollout step)."""
+    """alpha: refreshed from the policy when (t - phase) mod v == 0 (and at the first rollout step)."""
 
-    def __init__(self, delay: int):
-        self.delay = delay
+    def __init__(self, delay: int, phase: int = 0):
+        self.delay, self.phase = delay, phase
         self.step: int | None = None
         self.weights: dict[str, torch.Tensor] = {}
 
     def maybe_refresh(self, model: nn.Module, step: int) -> bool:
         """Copies the policy into the snapshot when `step` is a refresh step; returns whether it did."""
-        if self.step is not None and step % self.delay != 0:
+        if self.step is not None and (step - self.phase) % self.delay != 0:
             return False
         self.step = step
         # With v = 1 the snapshot is always the live policy: nothing to copy.

@@ -85,9 +85,21 @@ def improved_mask(accuracy: torch.Tensor, c1: float) -> torch.Tensor:
 
 
 def beats_mask(accuracy: torch.Tensor, entered_with: torch.Tensor) -> torch.Tensor:
-    """Re-evaluated difficult prompts that join X2 under the authors' rule: a new mu above the one the prompt
-    entered B_bad with, and below 1 (an all-correct group has no advantage)."""
-    return (accuracy > entered_with + EPS) & (accuracy < 1 - EPS)
+    """Re-evaluated difficult prompts whose new mu beats the one they entered B_bad with (the authors' test)."""
+    return accuracy > entered_with + EPS
+
+
+def reevaluation_admitted(accuracy: torch.Tensor, entered_with: torch.Tensor, c1: float, rule: str) -> torch.Tensor:
+    """Which re-evaluated prompts join X2 (`difficult_admission`): 'paper', eq. 6's c1 < mu < 1; 'improved', a mu
+    that beats the entry accuracy and stays below 1; 'improved_or_solved', one that beats it, as the authors'
+    code admits it (their eq. 6 test is commented out)."""
+    if rule == "paper":
+        return improved_mask(accuracy, c1)
+    if rule == "improved":
+        return beats_mask(accuracy, entered_with) & (accuracy < 1 - EPS)
+    if rule == "improved_or_solved":
+        return beats_mask(accuracy, entered_with)
+    raise ValueError(f"Unknown difficult_admission {rule!r}.")
 
 
 def x3_room(batch_groups: int, num_x1: int, num_x2: int) -> int:

@@ -1,6 +1,7 @@
 """What B_bad and B_high hold, as JSON lines a user can read: one line per stored prompt or group.
 
-Each line gives the buffer, the prompt as text (an image or any other non-text value as a placeholder; the row itself
+Each line gives the buffer ("difficult", "high_quality", or with `shared_buffer` "shared", then with the entry's
+latest accuracy), the prompt as text (an image or any other non-text value as a placeholder; the row itself
 is named by `key`, the prompt key of eq. 4, the same the buffers deduplicate by), its accuracy, the rollout step it
 entered at and its age in rollout steps, and how often it was used since: re-evaluated (B_bad) or replayed into X3
 (B_high). The trainer writes `bapo_buffers.jsonl` into every checkpoint, and with `log_buffer_snapshots` appends
@@ -16,7 +17,7 @@ from typing import Any
 
 from transformers import TrainerCallback
 
-from trl_bapo.buffers import DifficultBuffer, HighQualityBuffer
+from trl_bapo.buffers import BufferedGroup, PaperBuffers, SharedBuffer
 
 SNAPSHOT_FILE = "bapo_buffers.jsonl"
 PLACEHOLDER = "<image>"
@@ -34,31 +35,28 @@ def plain_prompt(prompt: Any) -> Any:
     return PLACEHOLDER
 
 
-def buffer_lines(difficult: DifficultBuffer, high_quality: HighQualityBuffer, rollout_step: int) -> list[dict]:
-    """One line per prompt of B_bad (oldest first), then one per group of B_high (oldest first)."""
-    lines = [
-        {
-            "buffer": "difficult",
-            "key": entry.key,
-            "prompt": plain_prompt(entry.example["prompt"]),
-            "accuracy": entry.accuracy,
-            "entered": entry.entered,
-            "age": rollout_step - entry.entered,
-            "reevaluated": entry.reevaluated,
-        }
-        for entry in difficult.entries()
-    ]
-    return lines + [
-        {
-            "buffer": "high_quality",
+def buffer_lines(buffers: PaperBuffers | SharedBuffer, rollout_step: int) -> list[dict]:
+    """One line per prompt of B_bad (oldest first), then one per group of B_high (oldest first); with the shared
+    buffer, one line per entry (oldest first), with its latest accuracy."""
+
+    def line(buffer: str, group: BufferedGroup, use: str) -> dict:
+        return {
+            "buffer": buffer,
             "key": group.key,
             "prompt": plain_prompt(group.prompt),
             "accuracy": group.accuracy,
             "entered": group.step,
             "age": rollout_step - group.step,
-            "replayed": group.replayed,
+            use: getattr(group, use),
         }
-        for group in high_quality.groups()
+
+    if isinstance(buffers, SharedBuffer):
+        return [
+            {**line("shared", group, "reevaluated"), "replayed": group.replayed, "latest": buffers.latest(group)}
+            for group in buffers.entries()
+        ]
+    return [line("difficult", group, "reevaluated") for group in buffers.difficult_entries()] + [
+        line("high_quality", group, "replayed") for group in buffers.high_quality_entries()
     ]
 
 
@@ -91,5 +89,5 @@ class BufferSnapshots(TrainerCallback):
         training_log = logs and "train_runtime" not in logs and not any(key.startswith("eval_") for key in logs)
         if trainer.is_world_process_zero() and training_log:
             os.makedirs(args.output_dir, exist_ok=True)
-            lines = buffer_lines(trainer._difficult, trainer._high_quality, trainer._rollout_step)
+            lines = buffer_lines(trainer._buffers, trainer._rollout_step)
             write_lines(self.path(args), lines, "a", step=state.global_step)

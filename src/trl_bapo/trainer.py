@@ -43,9 +43,10 @@ from trl_bapo.batch import (
     num_rows,
     select_rows,
     split_micro_batches,
+    split_mini_batches,
 )
-from trl_bapo.behavior import attach_behavior_logps, finish_behavior_logps
-from trl_bapo.buffers import BAPOStatus, DifficultBuffer, HighQualityBuffer, ReplayGroup, prompt_key
+from trl_bapo.behavior import attach_anchor_logps, attach_behavior_logps, finish_behavior_logps
+from trl_bapo.buffers import BAPOStatus, BufferedGroup, PaperBuffers, SharedBuffer, prompt_key
 from trl_bapo.checkpoint import bapo_state, load_bapo_state, state_file, write_state
 from trl_bapo.clipping import adaptive_clipping
 from trl_bapo.config import BAPOConfig
@@ -58,14 +59,13 @@ from trl_bapo.rollout import RolloutSnapshot
 from trl_bapo.scoring import check_correctness_reward, prompt_accuracies, reference_kl_off, score, score_prompts
 from trl_bapo.selection import (
     adaptive_threshold,
-    beats_mask,
     difficult_mask,
     group_accuracy,
     group_has_variance,
     group_rows,
     high_quality_mask,
-    improved_mask,
     online_filter_mask,
+    reevaluation_admitted,
     x3_room,
 )
 from trl_bapo.snapshots import SNAPSHOT_FILE, BufferSnapshots, buffer_lines, write_lines
@@ -135,16 +135,22 @@ class BAPOTrainer(GRPOTrainer):
 
         self._batch_groups = args.generation_batch_size // self.num_generations  # B, prompts per rollout batch
         self._rollout_step = 0  # t in Algorithm 1
-        self._snapshot = RolloutSnapshot(args.rollout_delay)
-        self._difficult = DifficultBuffer(args.difficult_buffer_size or self._batch_groups)
-        self._high_quality = HighQualityBuffer(args.high_quality_buffer_steps)
+        self._snapshot = RolloutSnapshot(args.rollout_delay, args.rollout_refresh_phase)
+        capacity = args.difficult_buffer_size or self._batch_groups
+        self._buffers = (
+            SharedBuffer(args.difficult_threshold, capacity, args.high_quality_buffer_size)
+            if args.shared_buffer
+            else PaperBuffers(
+                args.difficult_threshold, capacity, args.high_quality_buffer_steps, args.high_quality_buffer_size
+            )
+        )
         # Own generator: BAPO's random choices must not shift the global RNG that generation draws from.
         self._generator = torch.Generator().manual_seed(args.seed)
         self._reward_sum = 0.0
         self._reward_count = 0
         self._rollouts = 0
         self._prompt_order: list[int] = []  # dynamic sampling's own pass over the train dataset
-        self._skip_update = False
+        self._skipped_updates: list[bool] = []  # per optimizer step of the current rollout step
         self._frozen_step = FrozenStep()
         self.add_callback(self._frozen_step)
         self._last_rewards_per_func: torch.Tensor | None = None
@@ -160,8 +166,7 @@ class BAPOTrainer(GRPOTrainer):
     def bapo_status(self) -> BAPOStatus:
         """A read-only copy of BAPO's buffers, thresholds and counters as they stand after the last rollout step."""
         return BAPOStatus.of(
-            self._difficult,
-            self._high_quality,
+            self._buffers,
             rollout_step=self._rollout_step,
             rollout_policy_step=self._snapshot.step,
             c1=self.args.difficult_threshold,
@@ -180,12 +185,15 @@ class BAPOTrainer(GRPOTrainer):
         Decisions are taken on the rollout gathered from every process, so they are the same everywhere.
         """
         self._rollout_step += 1
-        t = self._rollout_step
+        t, after_update = self._rollout_step, self.args.difficult_entry_after_update
         fresh = self._fresh_rollout(inputs, t)
+        if not after_update:
+            self._store(fresh, t, difficult=True, high_quality=False)  # line 8
         x1 = select_rows(fresh.rows, group_rows(fresh.x1.nonzero().flatten(), self.num_generations))
         num_x1 = int(fresh.x1.sum())
         x2 = self._difficult_replay(t, room=x3_room(self._batch_groups, num_x1, 0))
         x3 = self._high_quality_replay(t, fresh, room=x3_room(self._batch_groups, num_x1, x2.groups))
+        self._store(fresh, t, difficult=after_update, high_quality=True)  # line 9, and line 8 after the update
         parts = [x1, *x2.parts, *x3.parts]
         sources = [1] + [2] * len(x2.parts) + [3] * len(x3.parts)
         for part, source in zip(parts, sources):  # which of X1, X2, X3 each row is, for the metrics by source
@@ -197,8 +205,8 @@ class BAPOTrainer(GRPOTrainer):
             x2=x2.groups,
             x3=x3.groups,
             batch_fill=(num_x1 + x2.groups + x3.groups) / self._batch_groups,
-            difficult_buffer=len(self._difficult),
-            high_quality_buffer=len(self._high_quality),
+            difficult_buffer=len(self._buffers.difficult_entries()),
+            high_quality_buffer=len(self._buffers.high_quality_entries()),
             c2=fresh.c2,
             c3=fresh.c3,
             r_tot=self._r_tot,
@@ -211,8 +219,8 @@ class BAPOTrainer(GRPOTrainer):
         return batch, masked_row(batch if num_rows(batch) else fresh.rows)
 
     def _fresh_rollout(self, inputs: list[dict[str, Any]], t: int) -> FreshRollout:
-        """Lines 3-9 and 11: refresh alpha when t mod v = 0, generate and score X_on with alpha, store its
-        difficult prompts in B_bad, and decide which groups the online filter keeps (X1) and which B_high keeps."""
+        """Lines 3-7 and 11: refresh alpha when t mod v = 0, generate and score X_on with alpha, and decide which
+        groups the online filter keeps (X1) and whose rows the buffers keep for replay."""
         args, group_size = self.args, self.num_generations
         policy = self.accelerator.unwrap_model(self.model)
         refreshed = self._snapshot.maybe_refresh(policy, t)
@@ -230,52 +238,66 @@ class BAPOTrainer(GRPOTrainer):
             x1 = online_filter_mask(
                 accuracy,
                 group_has_variance(torch.cat([scored.advantages for scored in rounds]), group_size),
-                "range" if args.mini_test else args.online_filter,
+                args.online_filter,
                 group_size,
                 self._generator,
                 args.online_filter_gaussian_mean,
                 args.online_filter_gaussian_std,
                 args.online_filter_uniform_keep,
             )
+            if args.online_filter_fallback and not x1.any():
+                x1 = torch.ones_like(x1)
             if args.dynamic_sampling:
                 x1 &= x1.cumsum(0) <= self._batch_groups  # DAPO trains on exactly B groups when it has them
-            high = high_quality_mask(accuracy, c2, c3) & args.use_high_quality_replay
+            kept = self._buffers.keeps_rows(accuracy, c2, c3, args.use_difficult_replay, args.use_high_quality_replay)
             # Behavior log-probs are taken now, while alpha is in the model: for X1 when it is off-policy or
             # the KL needs them, and for every group kept for later replay.
-            rows = self._gather_rounds(rounds, high | (x1 & (lag > 0 or self._behavior_kl)))
+            self._measure_rounds(rounds, kept | (x1 & (lag > 0 or self._behavior_kl)), attach_behavior_logps)
+        if args.x3_anchor == "stored":  # pi_start of this step, stored with the groups X3 may replay
+            self._measure_rounds(rounds, kept, attach_anchor_logps)
+        gathered = [gather_batch(scored.rows, self.accelerator, self._tokenizer.pad_token_id) for scored in rounds]
+        rows = gathered[0] if len(gathered) == 1 else concat_batches(gathered, self._tokenizer.pad_token_id)
         examples = [example for scored in rounds for example in scored.examples]
         self._rollouts += len(examples)
-        if args.use_difficult_replay:  # line 8
-            bad = difficult_mask(accuracy, args.difficult_threshold).nonzero().flatten().tolist()
-            self._difficult.add([examples[g * group_size] for g in bad], [float(accuracy[g]) for g in bad], t)
-        return FreshRollout(rows, examples, accuracy, x1, high, c2, c3, lag)
+        return FreshRollout(rows, examples, accuracy, x1, kept, c2, c3, lag)
+
+    def _store(self, fresh: FreshRollout, t: int, difficult: bool, high_quality: bool) -> None:
+        """Lines 8 and 9: difficult prompts (mu <= c1) into B_bad, groups with c2 <= mu <= c3 into B_high, as the
+        buffers' layout keeps them; the rows of the groups they may replay go along, on the CPU."""
+        args, group_size = self.args, self.num_generations
+        difficult &= args.use_difficult_replay
+        high_quality &= args.use_high_quality_replay
+        candidates = (difficult_mask(fresh.accuracy, args.difficult_threshold) & difficult) | (
+            high_quality_mask(fresh.accuracy, fresh.c2, fresh.c3) & high_quality
+        )
+        groups = []
+        for g in candidates.nonzero().flatten().tolist():
+            example = fresh.examples[g * group_size]
+            rows = select_rows(fresh.rows, group_rows(torch.tensor([g]), group_size)) if fresh.kept[g] else None
+            groups.append(
+                BufferedGroup(
+                    key=prompt_key(example),
+                    example=example,
+                    accuracy=float(fresh.accuracy[g]),
+                    step=t,
+                    policy_step=t - fresh.lag,
+                    rows=None if rows is None else send_to_device(rows, "cpu"),
+                )
+            )
+        self._buffers.add(groups, fresh.c2, fresh.c3, difficult, high_quality)
 
     def _high_quality_replay(self, t: int, fresh: FreshRollout, room: int) -> Replay:
-        """Line 16, then line 9: X3 drawn from B_high's groups of earlier steps with c2 <= mu <= c3, at most
-        `room` of them; then this step's high-quality groups join B_high, for the steps to come."""
-        group_size, device = self.num_generations, fresh.rows["completion_ids"].device
-        self._high_quality.expire(t)
-        replayed = self._high_quality.sample(t, fresh.c2, fresh.c3, room, self._generator)
-        self._high_quality.add(
-            [
-                ReplayGroup(
-                    step=t,
-                    accuracy=float(fresh.accuracy[g]),
-                    rows=send_to_device(select_rows(fresh.rows, group_rows(torch.tensor([g]), group_size)), "cpu"),
-                    prompt=fresh.examples[g * group_size]["prompt"],
-                    policy_step=t - fresh.lag,
-                    key=prompt_key(fresh.examples[g * group_size]),
-                )
-                for g in fresh.high.nonzero().flatten().tolist()
-            ]
-        )
+        """Line 16: X3, at most `room` groups drawn from B_high's groups of earlier steps with c2 <= mu <= c3."""
+        device = fresh.rows["completion_ids"].device
+        replayed = self._buffers.draw_replay(t, fresh.c2, fresh.c3, room, self._generator)
         lags = [t - group.policy_step for group in replayed]
         return Replay([send_to_device(group.rows, device) for group in replayed], len(replayed), lags=lags)
 
     def _sync_engine(self, policy: torch.nn.Module, t: int, refreshed: bool) -> None:
         """vLLM generates with alpha: it gets the weights on refresh steps (line 5 of Algorithm 1), and alpha again
-        wherever it lost it, at the first step of a (re)started engine and after an evaluation. TRL would sync
-        whenever the optimizer has stepped; BAPO tells it the engine is up to date."""
+        wherever it lost it, at the first step of a (re)started engine, after a re-evaluation off the refresh
+        schedule and after an evaluation. TRL would sync whenever the optimizer has stepped; BAPO tells it the engine
+        is up to date."""
         if refreshed or not self._engine_holds_alpha:
             with self._snapshot.applied(policy, t):
                 send_weights(self.vllm_generation)
@@ -295,17 +317,16 @@ class BAPOTrainer(GRPOTrainer):
         self._log_step(sampling_rounds=len(rounds))
         return rounds
 
-    def _gather_rounds(self, rounds: list[ScoredRollout], needs_logps: torch.Tensor) -> dict[str, Any]:
-        """Measures behavior log-probs of this process's rows that need them, then gathers every round."""
-        gathered, first_group = [], 0
+    def _measure_rounds(self, rounds: list[ScoredRollout], groups: torch.Tensor, attach) -> None:
+        """Runs `attach` (a log-prob measurement of `trl_bapo.behavior`) on this process's rows of the given groups
+        (numbered over every process's rounds) with the weights now in the model."""
+        first_group = 0
         for scored in rounds:
             batch, num_groups = scored.rows, len(scored.advantages) // self.num_generations
-            groups = needs_logps[first_group : first_group + num_groups].nonzero().flatten()
-            needed = group_rows(groups, self.num_generations)
-            attach_behavior_logps(self, batch, local_rows(self.accelerator, needed, num_rows(batch)))
-            gathered.append(gather_batch(batch, self.accelerator, self._tokenizer.pad_token_id))
+            chosen = groups[first_group : first_group + num_groups].nonzero().flatten()
+            needed = group_rows(chosen, self.num_generations)
+            attach(self, batch, local_rows(self.accelerator, needed, num_rows(batch)))
             first_group += num_groups
-        return gathered[0] if len(gathered) == 1 else concat_batches(gathered, self._tokenizer.pad_token_id)
 
     def _next_prompts(self) -> list[dict[str, Any]]:
         """B more prompts, each repeated G times as TRL's sampler does, from a shuffled pass over the data."""
@@ -325,27 +346,30 @@ class BAPOTrainer(GRPOTrainer):
         Prompts that are no longer difficult leave B_bad (unless `keep_reevaluated_prompts`), so the buffer keeps
         only what is still unsolved.
         """
-        args, group_size, c1 = self.args, self.num_generations, self.args.difficult_threshold
-        if not (args.use_difficult_replay and t % args.reevaluation_interval == 0 and len(self._difficult)):
+        args, group_size = self.args, self.num_generations
+        if not (args.use_difficult_replay and t % args.reevaluation_interval == 0):
             return Replay([], 0)
-        if args.reevaluation_order == "random":
-            examples = self._difficult.sample(args.max_reevaluation_prompts, self._generator)
-        else:
-            examples = self._difficult.oldest(args.max_reevaluation_prompts)
-        scored, first = score_prompts(self, examples)
+        groups = self._buffers.draw_reevaluation(
+            args.max_reevaluation_prompts, args.reevaluation_order, self._generator
+        )
+        if not groups:
+            return Replay([], 0)
+        if self.use_vllm and self._snapshot.lag(t) > 0:  # the engine holds alpha; re-evaluation needs the policy
+            send_weights(self.vllm_generation)
+            self._engine_holds_alpha = False
+        scored, first = score_prompts(self, [group.example for group in groups])
         attach_behavior_logps(self, scored.rows, torch.tensor([], dtype=torch.long))
+        if args.x3_anchor == "stored":
+            attach_anchor_logps(self, scored.rows, torch.tensor([], dtype=torch.long))
         batch = gather_batch(scored.rows, self.accelerator, self._tokenizer.pad_token_id)
         self._rollouts += len(scored.correct)
-        self._difficult.count_reevaluated(examples)
-        accuracy = group_accuracy(scored.correct, group_size)[first]
-        if args.difficult_admission == "improved":
-            admitted = beats_mask(accuracy, torch.tensor([self._difficult.accuracy(ex) for ex in examples]))
-        else:
-            admitted = improved_mask(accuracy, c1)
-        if not args.keep_reevaluated_prompts:
-            self._difficult.remove([ex for ex, hard in zip(examples, difficult_mask(accuracy, c1)) if not hard])
+        outcomes = scored.correct.view(-1, group_size)[first]
+        accuracy = group_accuracy(outcomes.reshape(-1), group_size)
+        entered_with = torch.tensor([group.accuracy for group in groups])
+        admitted = reevaluation_admitted(accuracy, entered_with, args.difficult_threshold, args.difficult_admission)
+        self._buffers.after_reevaluation(groups, outcomes.tolist(), args.keep_reevaluated_prompts)
         keep = first[admitted][: room if args.cap_difficult_replay else None]
-        return Replay([select_rows(batch, group_rows(keep, group_size))], len(keep), reevaluated=len(examples))
+        return Replay([select_rows(batch, group_rows(keep, group_size))], len(keep), reevaluated=len(groups))
 
     # ---- TRL overrides -------------------------------------------------------------------------------------
 
@@ -356,18 +380,8 @@ class BAPOTrainer(GRPOTrainer):
         if self._step % generate_every == 0 or self._buffered_inputs is None:
             started, self._scoring_seconds = time.perf_counter(), 0.0
             batch, filler = self._assemble_batch(generation_batch)
-            self._skip_update = num_rows(batch) == 0
-            # Every process holds the whole batch and takes its own share of micro-batches, so all of them run
-            # the same number of forward/backward passes whatever the batch size.
+            chunks = self._cut(select_rows(batch, shared_permutation(self.accelerator, num_rows(batch))), filler)
             steps, rank = self.args.steps_per_generation, self.accelerator.process_index
-            chunks = split_micro_batches(
-                select_rows(batch, shared_permutation(self.accelerator, num_rows(batch))),
-                steps * self.accelerator.num_processes,
-                LOSSES[self.loss_type].normalisation,
-                filler,
-                self._tokenizer.pad_token_id,
-                equal_sizes=self.accelerator.num_processes > 1,
-            )
             self._weight_stats = []
             self._buffered_inputs = [
                 unsplit_pixel_values_by_grid(finish_behavior_logps(self, chunk))
@@ -377,9 +391,41 @@ class BAPOTrainer(GRPOTrainer):
                 self._log_step(**gathered_weight_metrics(self.accelerator, self._weight_stats))
             # BAPO's own work on this rollout step: assembly and the behavior log-prob forwards it adds.
             self._log_step(assembly_seconds=time.perf_counter() - started - self._scoring_seconds)
-        if self._skip_update:
+        if self._skipped_updates[self._step % self.args.steps_per_generation // self.args.gradient_accumulation_steps]:
             self._frozen_step.hold(self.optimizer)
         return self._buffered_inputs[self._step % self.args.steps_per_generation]
+
+    def _cut(self, batch: dict[str, Any], filler: dict[str, Any]) -> list[dict[str, Any]]:
+        """The assembled batch as every process's micro-batches (process p's micro-step i is chunk p * steps + i), as
+        `batch_aggregation` says, and which optimizer steps of this rollout step are skipped. Every process holds the
+        whole batch and takes its own share, so all of them run the same number of forward/backward passes whatever
+        the batch size."""
+        args, processes = self.args, self.accelerator.num_processes
+        normalisation = LOSSES[self.loss_type].normalisation
+        updates = args.steps_per_generation // args.gradient_accumulation_steps
+        if args.batch_aggregation == "mini_batch":
+            chunks, self._skipped_updates = split_mini_batches(
+                batch,
+                args.steps_per_generation,
+                args.gradient_accumulation_steps,
+                processes,
+                args.per_device_train_batch_size,
+                normalisation,
+                filler,
+                self._tokenizer.pad_token_id,
+            )
+        else:
+            chunks = split_micro_batches(
+                batch,
+                args.steps_per_generation * processes,
+                normalisation,
+                filler,
+                self._tokenizer.pad_token_id,
+                equal_sizes=processes > 1,
+            )
+            self._skipped_updates = [num_rows(batch) == 0] * updates
+        self._log_step(optimizer_steps=updates - sum(self._skipped_updates))
+        return chunks
 
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
         rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
@@ -391,7 +437,7 @@ class BAPOTrainer(GRPOTrainer):
         os.makedirs(output_dir, exist_ok=True)
         write_state(state_file(output_dir, self.accelerator.process_index), bapo_state(self))
         if self.is_world_process_zero():  # what the buffers hold, for people (the state file is for resuming)
-            lines = buffer_lines(self._difficult, self._high_quality, self._rollout_step)
+            lines = buffer_lines(self._buffers, self._rollout_step)
             write_lines(os.path.join(output_dir, SNAPSHOT_FILE), lines)
 
     def _load_optimizer_and_scheduler(self, checkpoint):

@@ -113,6 +113,26 @@ def test_engine_gets_weights_on_refresh_steps_and_rolls_out_alpha(model_path, tm
     assert all(engine.holds(call, history.after[call["step"]]) for call in reevaluations)
 
 
+def test_reevaluation_off_the_refresh_schedule_sends_the_policy_then_alpha_again(model_path, tmp_path):
+    """The authors' phase: v = 3 refreshing at (t - 1) mod v == 0 (t = 1, 4), re-evaluation every m = 2 steps. At
+    t = 2 and 6 the engine holds a stale alpha: re-evaluation sends it the current weights, and the next rollout
+    gets alpha back (t = 3); at t = 4 alpha is the current policy and nothing extra is sent."""
+    trainer, engine, history = train(
+        model_path, tmp_path, max_steps=6, rollout_delay=3, rollout_refresh_phase=1, reevaluation_interval=2
+    )
+    assert engine.syncs == [0, 1, 2, 3, 5]
+    assert [log["bapo/policy_lag"] for log in bapo_logs(trainer)] == [0, 1, 2, 0, 1, 2]
+    alpha_from = {1: 1, 2: 1, 3: 1, 4: 4, 5: 4, 6: 4}
+    for call in fresh_calls(engine):
+        t = call["step"] + 1
+        assert engine.holds(call, history.after[alpha_from[t] - 1]), f"step {t}: the engine did not hold alpha"
+    fresh = {id(call) for call in fresh_calls(engine)}
+    reevaluations = [call for call in engine.calls if id(call) not in fresh]
+    assert [call["step"] for call in reevaluations] == [1, 3, 5]
+    assert all(engine.holds(call, history.after[call["step"]]) for call in reevaluations)
+    assert not engine.holds(reevaluations[0], history.after[0]), "the policy did not move; the test is vacuous"
+
+
 @pytest.mark.parametrize("correction", [True, False])
 def test_importance_sampling_correction_and_unscored_tokens(model_path, tmp_path, correction):
     """With TRL's vLLM correction on, the behavior log-probs are the trainer's measure of alpha and TRL weighs the

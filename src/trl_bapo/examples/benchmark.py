@@ -90,20 +90,30 @@ PAPER_TRAINING = dict(
     gradient_accumulation_steps=2,
     steps_per_generation=8,
 )
-# The authors' run script scaled to this batch: v = m = 2, a random PAPER_PROMPTS of a B_bad 4 times that size,
-# their X2 rules, X3 band [1/8, 3/8], the decoupled correction, clip [0.8, 1.28] with dual clip 10, no KL.
+# The authors' code as recipes/bapo_authors.yaml runs it (docs/authors-parity.md), at this regime's batch, which is
+# theirs: 32 prompts per rollout, a random 32 of a shared store of 128 re-evaluated, at most 8 high-quality groups
+# once it is full, v = m = 2 refreshed at (t - 1) mod v, their X1 fallback, X2 and X3 rules, X3 band [1/8, 3/8], the
+# decoupled correction with X3 anchored where it was made, clip [0.8, 1.28] with dual clip 10, their mini-batch
+# aggregation, no KL.
 AUTHORS = dict(
     rollout_delay=2,
+    rollout_refresh_phase=1,
     reevaluation_interval=2,
     max_reevaluation_prompts=PAPER_PROMPTS,
     difficult_buffer_size=4 * PAPER_PROMPTS,
     reevaluation_order="random",
-    difficult_admission="improved",
+    difficult_admission="improved_or_solved",
     keep_reevaluated_prompts=True,
     cap_difficult_replay=True,
+    difficult_entry_after_update=True,
+    shared_buffer=True,
+    high_quality_buffer_size=8,
+    online_filter_fallback=True,
     high_quality_lower_range=[1 / 8, 1 / 8],
     high_quality_upper_range=[3 / 8, 3 / 8],
     off_policy_correction="decoupled",
+    x3_anchor="stored",
+    batch_aggregation="mini_batch",
     epsilon_high=0.28,
     delta=10.0,
     beta=0.0,
