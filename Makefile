@@ -6,12 +6,19 @@ STAMP := $(VENV)/.installed
 VLLM_VENV ?= .venv-vllm
 VLLM_PY := $(VLLM_VENV)/bin/python
 VLLM_STAMP := $(VLLM_VENV)/.installed
+# verl, the library the authors' BAPO forks, pins transformers below 5.11: the parity tests' reference
+# (tests/verl_reference.py) runs in an environment of its own, which never sees trl-bapo.
+VERL_VENV ?= .venv-verl
+VERL_PY := $(VERL_VENV)/bin/python
+VERL_STAMP := $(VERL_VENV)/.installed
 
-.PHONY: install install-vllm lint test demo bench sweep clean
+.PHONY: install install-vllm install-verl lint test demo bench sweep clean
 
 install: $(STAMP)
 
 install-vllm: $(VLLM_STAMP)
+
+install-verl: $(VERL_STAMP)
 
 # torch is installed first and alone: pinned to 2.13.0 it resolves to the CPU wheel on these machines,
 # while an unpinned resolve through another package would pull a multi-GB CUDA build.
@@ -33,12 +40,19 @@ $(VLLM_STAMP): pyproject.toml
 	$(VLLM_PY) -m pip uninstall --quiet --yes torchvision torchaudio torchcodec
 	touch $(VLLM_STAMP)
 
+$(VERL_STAMP): Makefile
+	python3 -m venv $(VERL_VENV)
+	$(VERL_PY) -m pip install --quiet --upgrade pip
+	$(VERL_PY) -m pip install --quiet torch==2.13.0
+	$(VERL_PY) -m pip install --quiet verl==0.9.1
+	touch $(VERL_STAMP)
+
 # As TRL's `make quality`: ruff's checks and its formatting, 119 columns (pyproject.toml).
 lint: install
 	$(PY) -m ruff check src tests
 	$(PY) -m ruff format --check src tests
 
-test: lint install-vllm
+test: lint install-vllm install-verl
 	$(PY) -m pytest -q tests --ignore=tests/real_vllm
 	$(VLLM_PY) -m pytest -q tests/real_vllm
 
@@ -53,4 +67,4 @@ sweep: install
 	$(PY) -m trl_bapo.examples.benchmark --sweep
 
 clean:
-	rm -rf $(VENV) $(VLLM_VENV) demo_outputs .pytest_cache
+	rm -rf $(VENV) $(VLLM_VENV) $(VERL_VENV) demo_outputs .pytest_cache
