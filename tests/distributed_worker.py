@@ -128,7 +128,12 @@ def bapo_state(trainer) -> dict:
     return {
         "difficult": list(trainer.bapo_status.difficult_prompts),
         "high_quality": [[g.prompt, g.step, g.accuracy] for g in trainer.bapo_status.high_quality_groups],
-        "counters": [trainer._rollout_step, trainer._rollouts, trainer._reward_sum, trainer._reward_count],
+        "counters": [
+            trainer._bapo.rollout_step,
+            trainer._bapo.rollouts,
+            trainer._bapo.reward_sum,
+            trainer._bapo.reward_count,
+        ],
         "logs": [
             {k: v for k, v in e.items() if k.startswith("bapo/") and k != "bapo/assembly_seconds"}
             for e in trainer.state.log_history
@@ -164,7 +169,7 @@ def train(output_dir: Path, model_path: str, **overrides) -> dict:
         "generations": generations,
         "trained": prints.trained,
         "sharded_fraction": sharded_fraction(trainer),
-        "snapshot_elements": trainer._snapshot.num_elements(),
+        "snapshot_elements": trainer._bapo.snapshot.num_elements(),
     }
 
 
@@ -223,7 +228,7 @@ def observe(output_dir: Path, model_path: str) -> dict:
     trainer = CPUFSDPTrainer(model_path, step_reward, args, train_dataset=prompts, eval_dataset=held_out)
     trainer.train()
     tracking = next(c for c in trainer.callback_handler.callbacks if isinstance(c, PromptTracking))
-    lines = buffer_lines(trainer._buffers, trainer._rollout_step)
+    lines = buffer_lines(trainer._bapo)
     return {**bapo_state(trainer), "tracking": tracking.records, "buffers": lines}
 
 

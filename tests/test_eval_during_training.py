@@ -68,8 +68,8 @@ def test_evaluation_runs_in_every_kl_mode_and_keeps_alpha(mode, tiny_model_path,
     assert all(("eval_kl" in entry) == (mode == "ref") for entry in evaluations)
     assert [log["bapo/policy_lag"] for log in bapo_logs(trainer)] == [0, 1, 0, 1]
     # Evaluations after steps 1-4 left alpha at the refresh of t = 3, the weights after two optimizer steps.
-    assert trainer._snapshot.step == 3
+    assert trainer._bapo.snapshot.step == 3
     after = trained.after
-    for name, weight in trainer._snapshot.weights.items():
+    for name, weight in trainer._bapo.snapshot.weights.items():
         assert torch.equal(weight, after[2][name]), name
     assert not all(torch.equal(after[2][n], after[4][n]) for n in after[2]), "training did not move away from alpha"

@@ -28,10 +28,10 @@ def test_lora_trains_adapters_and_snapshots_only_them(tiny_model_path, tmp_path)
     assert any(not torch.equal(before[n], p) for n, p in adapter.items()), "adapters did not train"
     frozen_after = dict(trainer.model.named_parameters())
     assert all(torch.equal(frozen_before[n], frozen_after[n]) for n in frozen_before), "base weights moved"
-    snapshot = trainer._snapshot.weights
+    snapshot = trainer._bapo.snapshot.weights
     assert set(snapshot) == set(adapter)
-    assert trainer._snapshot.num_elements() == sum(p.numel() for p in adapter.values())
-    assert trainer._snapshot.num_elements() < 0.1 * sum(p.numel() for p in trainer.model.parameters())
+    assert trainer._bapo.snapshot.num_elements() == sum(p.numel() for p in adapter.values())
+    assert trainer._bapo.snapshot.num_elements() < 0.1 * sum(p.numel() for p in trainer.model.parameters())
     assert [log["bapo/policy_lag"] for log in bapo_logs(trainer)] == [0, 1, 0, 1]
 
     trainer.save_model(str(tmp_path / "adapter"))

@@ -122,7 +122,7 @@ def test_prompts_that_share_their_text_stay_two_in_b_bad(tiny_vlm_path, tmp_path
     )
     trainer.train()
 
-    held = [group.example for group in trainer._buffers.difficult_entries()]
+    held = [group.example for group in trainer._bapo.buffers.difficult_entries()]
     assert [_text(example["prompt"]) for example in held] == ["7x=", "7x="]
     assert {example["image"].getpixel((0, 0)) for example in held} == {red, blue}
     assert set(reevaluated) == {red, blue} and bapo_logs(trainer)[1]["bapo/reevaluated"] == 2

@@ -106,7 +106,7 @@ def test_smollm2_trains_lora_adapters_that_load_back(smollm2_path, tmp_path):
     check_rollouts(trainer, recorder)
     assert adapter and all("lora_" in name for name in adapter)
     assert any(not torch.equal(before[name], p) for name, p in adapter.items()), "the adapter did not train"
-    assert set(trainer._snapshot.weights) == set(adapter)
+    assert set(trainer._bapo.snapshot.weights) == set(adapter)
 
     trainer.save_model(str(tmp_path / "adapter"))
     reloaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(smollm2_path), str(tmp_path / "adapter"))

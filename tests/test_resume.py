@@ -1,6 +1,8 @@
 """Checkpoint and resume: BAPO's buffers, counters and rollout snapshot travel with every checkpoint."""
 
 import os
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -9,7 +11,7 @@ from conftest import ScriptedReward, StopAt, bapo_logs, make_config, parameters,
 from PIL import Image
 
 from trl_bapo import BAPOTrainer
-from trl_bapo.checkpoint import read_state, state_file, write_state
+from trl_bapo.checkpoint import load_state, read_state, state_file, write_state
 
 PLAN = {f"{t}{name}=": ks for t in range(8) for name, ks in zip("abcd", [[2], [0, 2], [0, 0], [1]])}
 SETTINGS = dict(max_steps=6, rollout_delay=4, reevaluation_interval=2, learning_rate=1e-2, beta=0.01)
@@ -27,8 +29,13 @@ def _state(trainer):
         "weights": parameters(trainer.model),
         "difficult": list(trainer.bapo_status.difficult_prompts),
         "high_quality": [(g.prompt, g.step, g.accuracy) for g in trainer.bapo_status.high_quality_groups],
-        "snapshot": {name: w.clone() for name, w in trainer._snapshot.weights.items()},
-        "counters": (trainer._rollout_step, trainer._rollouts, trainer._reward_sum, trainer._reward_count),
+        "snapshot": {name: w.clone() for name, w in trainer._bapo.snapshot.weights.items()},
+        "counters": (
+            trainer._bapo.rollout_step,
+            trainer._bapo.rollouts,
+            trainer._bapo.reward_sum,
+            trainer._bapo.reward_count,
+        ),
     }
 
 
@@ -79,7 +86,7 @@ def test_resume_without_bapo_state_fails_clearly_unless_asked(tiny_model_path, t
     empty = _trainer(tmp_path / "split", reward, resume_without_bapo_state=True)
     empty.train(resume_from_checkpoint=str(checkpoint))
     assert empty.state.global_step == 6
-    assert empty._rollout_step == 3  # counted from the resume: the buffers started empty
+    assert empty._bapo.rollout_step == 3  # counted from the resume: the buffers started empty
 
 
 def test_resume_from_a_model_only_checkpoint_says_so(tiny_model_path, tmp_path):
@@ -114,7 +121,7 @@ def test_changed_buffer_settings_apply_on_resume_with_a_note(tiny_model_path, tm
     notes = [r.getMessage() for r in caplog.records if "the configured value applies" in r.getMessage()]
     assert any(n.startswith("difficult_buffer_size was 4") and "is 1 now" in n for n in notes), notes
     assert any(n.startswith("rollout_delay was 4") and "is 2 now" in n for n in notes), notes
-    assert len(resumed.bapo_status.difficult_prompts) == 1 and resumed._snapshot.delay == 2
+    assert len(resumed.bapo_status.difficult_prompts) == 1 and resumed._bapo.snapshot.delay == 2
     # t = 4 is a refresh step under the new delay of 2.
     assert bapo_logs(resumed)[-1]["bapo/policy_lag"] == 0
 
@@ -135,3 +142,50 @@ def test_state_file_keeps_images_and_arrays_of_dataset_rows(tmp_path):
     assert loaded.mode == "F" and list(loaded.getdata()) == [0.25] * 4
     with pytest.raises(TypeError, match=r"state\['difficult'\]\['examples'\]\[0\]\['when'\] of type object"):
         write_state(str(tmp_path / "bad.pt"), {"difficult": {"examples": [{"when": object()}]}})
+
+
+# Written by trl-bapo 0.2.0 (before Algorithm 1's state became one object) after 3 steps of this plan, with
+# rollout_delay=1 (so no rollout snapshot, and a file of 20 KB): the buffers as 0.2.0 saved them.
+STATE_0_2_0 = Path(__file__).parent / "data" / "bapo_state_0.2.0.pt"
+PLAN_0_2_0 = {f"{t}{n}=": ks for t in range(4) for n, ks in zip("abcd", [[2], [1], [0, 2], [0]])}
+
+
+def test_a_state_file_of_trl_bapo_0_2_0_loads_and_trains_on(tiny_model_path, tmp_path):
+    checkpoint = tmp_path / "checkpoint-3"
+    checkpoint.mkdir()
+    shutil.copy(STATE_0_2_0, state_file(str(checkpoint), 0))
+    args = make_config(
+        tmp_path / "run",
+        max_steps=1,
+        rollout_delay=1,
+        reevaluation_interval=2,
+        high_quality_lower_range=[0.25, 0.25],
+        high_quality_upper_range=[0.5, 0.5],
+    )
+    trainer = BAPOTrainer(
+        model=tiny_model_path,
+        reward_funcs=ScriptedReward(PLAN_0_2_0),
+        args=args,
+        train_dataset=prompt_dataset(list(PLAN_0_2_0)),
+    )
+    assert set(read_state(state_file(str(checkpoint), 0))) == set(trainer._bapo.state_dict()) | {
+        "version",
+        "processes",
+        "sharded",
+        "settings",
+    }, "this version writes the keys 0.2.0 wrote"
+    load_state(str(checkpoint), trainer._bapo, trainer.accelerator, trainer.model, sharded=False, allow_missing=False)
+    status = trainer.bapo_status
+    assert (status.rollout_step, status.rollouts, status.r_tot) == (3, 64, 0.1875)
+    assert status.difficult_prompts == ("0d=", "1d=", "2c=", "2d=")
+    assert [(g.step, g.accuracy, g.prompt) for g in status.high_quality_groups] == [
+        (1, 0.5, "0a="),
+        (1, 0.25, "0b="),
+        (2, 0.5, "1a="),
+        (2, 0.25, "1b="),
+        (3, 0.5, "2a="),
+        (3, 0.25, "2b="),
+    ]
+    trainer.train()  # the loaded state goes on: step t = 4 re-evaluates B_bad and replays B_high's groups
+    log = bapo_logs(trainer)[-1]
+    assert trainer.bapo_status.rollout_step == 4 and log["bapo/reevaluated"] == 4 and log["bapo/x3"] > 0

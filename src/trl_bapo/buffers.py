@@ -217,6 +217,8 @@ class PaperBuffers:
         """X3 (eq. 7 and line 16): `count` random groups of earlier steps in B_high's window with c2 <= mu <= c3."""
         self.high_quality.expire(step)
         candidates = [group for group in self.high_quality.entries() if group.step < step]
+        if not candidates or count <= 0:  # no draw from the generator, so runs repeat those of trl-bapo 0.2.0
+            return []
         eligible = [
             group for group, band in zip(candidates, in_band([g.accuracy for g in candidates], c2, c3)) if band
         ]

@@ -22,7 +22,9 @@ import torch
 from accelerate.utils import gather_object
 from transformers.utils import logging
 
+from trl_bapo.buffers import SharedBuffer
 from trl_bapo.engines import local_shard, trainable_parameters
+from trl_bapo.state import BAPOState
 
 STATE_VERSION = 2
 TAG = "__bapo_type__"
@@ -107,44 +109,48 @@ def decode(value: Any) -> Any:
     return value
 
 
-def bapo_state(trainer) -> dict[str, Any]:
-    """What `trainer` keeps of Algorithm 1 between steps, for this process's state file."""
-    return {
-        "version": STATE_VERSION,
-        "processes": trainer.accelerator.num_processes,
-        "sharded": trainer._dist.is_fsdp or trainer._dist.is_zero3,
-        "settings": _settings(trainer),
-        "rollout_step": trainer._rollout_step,
-        "snapshot": trainer._snapshot.state_dict(),
-        **trainer._buffers.state_dict(),
-        "generator": trainer._generator.get_state(),
-        "reward_sum": trainer._reward_sum,
-        "reward_count": trainer._reward_count,
-        "rollouts": trainer._rollouts,
-        "prompt_order": trainer._prompt_order,
-    }
+def save_state(output_dir: str, state: BAPOState, accelerator, sharded: bool) -> None:
+    """Writes this process's state file into `output_dir`: the state, and what it was saved under (the number of
+    processes, whether the rollout snapshot holds shards, the configured sizes)."""
+    write_state(
+        state_file(output_dir, accelerator.process_index),
+        {
+            "version": STATE_VERSION,
+            "processes": accelerator.num_processes,
+            "sharded": sharded,
+            "settings": state.settings(),
+            **state.state_dict(),
+        },
+    )
 
 
-def _settings(trainer) -> dict[str, int]:
-    return {"rollout_delay": trainer._snapshot.delay, **trainer._buffers.settings()}
-
-
-def load_bapo_state(trainer, checkpoint: str) -> None:
-    """Resumes `trainer` from `checkpoint`'s state files, on every process together; fails on every process with the
-    same error when any of them cannot (unless `resume_without_bapo_state`, which starts with empty buffers)."""
-    rank = trainer.accelerator.process_index
-    state, error = None, None
+def load_state(
+    checkpoint: str, state: BAPOState, accelerator, policy: torch.nn.Module, sharded: bool, allow_missing: bool
+) -> None:
+    """Resumes `state` from `checkpoint`'s state files, on every process together; fails on every process with the
+    same error when any of them cannot (unless `allow_missing`, `resume_without_bapo_state`, which starts with
+    empty buffers)."""
+    rank = accelerator.process_index
+    saved, error = None, None
     try:
-        state = _checked_state(trainer, _own_state(checkpoint, rank))
+        saved = _checked_state(_own_state(checkpoint, rank), state, accelerator, policy, sharded)
     except UNREADABLE as caught:
         error = f"process {rank} could not read {state_file(checkpoint, rank)} ({unreadable_reason(caught)})"
     except (KeyError, ValueError) as caught:
         error = f"process {rank} could not use {state_file(checkpoint, rank)} ({type(caught).__name__}: {caught})"
-    errors = [e for e in (gather_object([error]) if trainer.accelerator.num_processes > 1 else [error]) if e]
+    errors = [e for e in (gather_object([error]) if accelerator.num_processes > 1 else [error]) if e]
     if not errors:
-        _apply_state(trainer, state)
+        for name, current in state.settings().items():
+            if saved["settings"].get(name) != current:
+                logger.warning(
+                    "%s was %s in the checkpoint and is %s now; the configured value applies.",
+                    name,
+                    saved["settings"].get(name),
+                    current,
+                )
+        state.load_state_dict(saved)
         return
-    if not trainer.args.resume_without_bapo_state:
+    if not allow_missing:
         raise ValueError(
             f"Cannot resume BAPO from {checkpoint}: {'; '.join(errors)}. Resuming without that state would "
             "silently empty the buffers and reset the thresholds and the rollout policy. "
@@ -166,44 +172,28 @@ def _own_state(checkpoint: str, rank: int) -> dict[str, Any]:
     return state
 
 
-def _checked_state(trainer, state: dict[str, Any]) -> dict[str, Any]:
-    """`state`, with its snapshot dropped where it cannot be placed: shards of another number of processes."""
-    if state["version"] != STATE_VERSION:
-        raise ValueError(f"state version {state['version']}, this trl-bapo reads version {STATE_VERSION}")
-    shared = trainer.args.shared_buffer
-    if ("shared" in state) != shared:
+def _checked_state(
+    saved: dict[str, Any], state: BAPOState, accelerator, policy: torch.nn.Module, sharded: bool
+) -> dict[str, Any]:
+    """`saved`, with its snapshot dropped where it cannot be placed: shards of another number of processes."""
+    if saved["version"] != STATE_VERSION:
+        raise ValueError(f"state version {saved['version']}, this trl-bapo reads version {STATE_VERSION}")
+    shared = isinstance(state.buffers, SharedBuffer)
+    if ("shared" in saved) != shared:
         raise ValueError(
             f"its buffers were written with shared_buffer={not shared}, and this run has shared_buffer={shared}"
         )
-    processes = trainer.accelerator.num_processes
-    if state["sharded"] and state["processes"] != processes:
+    processes = accelerator.num_processes
+    if saved["sharded"] and saved["processes"] != processes:
         logger.warning(
             "The checkpoint's rollout snapshot holds the shards of %d processes, not %d; the rollout policy "
             "restarts from the current weights on the first step.",
-            state["processes"],
+            saved["processes"],
             processes,
         )
-        state["snapshot"] = {"step": None, "weights": {}}
-    policy = trainer.accelerator.unwrap_model(trainer.model)
+        saved["snapshot"] = {"step": None, "weights": {}}
     shards = {name: local_shard(param) for name, param in trainable_parameters(policy).items()}
-    for name, tensor in state["snapshot"]["weights"].items():
+    for name, tensor in saved["snapshot"]["weights"].items():
         if name not in shards or shards[name].shape != tensor.shape:
             raise ValueError(f"its rollout snapshot does not fit this model: parameter {name!r} differs")
-    return state
-
-
-def _apply_state(trainer, state: dict[str, Any]) -> None:
-    for name, current in _settings(trainer).items():
-        if state["settings"].get(name) != current:
-            logger.warning(
-                "%s was %s in the checkpoint and is %s now; the configured value applies.",
-                name,
-                state["settings"][name],
-                current,
-            )
-    trainer._snapshot.load_state_dict(state["snapshot"])
-    trainer._buffers.load_state_dict(state)
-    trainer._generator.set_state(state["generator"])
-    trainer._rollout_step, trainer._rollouts = state["rollout_step"], state["rollouts"]
-    trainer._reward_sum, trainer._reward_count = state["reward_sum"], state["reward_count"]
-    trainer._prompt_order = state["prompt_order"]
+    return saved

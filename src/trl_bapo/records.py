@@ -11,12 +11,13 @@ import torch
 @dataclass
 class ScoredRollout:
     """One call of TRL's generation and scoring: this process's rows, and for every process's completions the
-    advantages TRL gave them, whether each is correct, and the dataset rows they answer."""
+    advantages TRL gave them, whether each is correct, and the dataset rows they answer; and the seconds it took."""
 
     rows: dict[str, Any]
     advantages: torch.Tensor
     correct: torch.Tensor
     examples: list[dict[str, Any]]
+    seconds: float = 0.0
 
 
 @dataclass

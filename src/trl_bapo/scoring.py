@@ -49,41 +49,51 @@ def check_correctness_reward(correctness_reward: str | None, reward_funcs) -> No
         )
 
 
+class Correctness:
+    """Which completions are correct, from TRL's gathered rewards per function: the reward `correctness_reward`
+    names reaching `correctness_threshold`, or without one the weighted sum of rewards, read as an accuracy (a
+    warning, once, when rewards leave [0, 1]). NaN: no reward function scored the completion."""
+
+    def __init__(self, reward_name: str | None, threshold: float, trainer):
+        self.column = None if reward_name is None else trainer.reward_func_names.index(reward_name)
+        self.threshold, self.weights, self.warned = threshold, trainer.reward_weights, False
+
+    def __call__(self, per_func: torch.Tensor) -> torch.Tensor:
+        if self.column is not None:
+            return correct_completions(per_func[:, self.column].cpu(), self.threshold)
+        correct = (per_func * self.weights.to(per_func.device).unsqueeze(0)).nansum(dim=1).cpu()
+        correct[torch.isnan(per_func).all(dim=1).cpu()] = math.nan
+        self._warn_if_not_accuracy(correct)
+        return correct
+
+    def _warn_if_not_accuracy(self, rewards: torch.Tensor) -> None:
+        finite = rewards[~torch.isnan(rewards)]
+        if self.warned or not ((finite < 0) | (finite > 1)).any():
+            return
+        self.warned = True
+        logger.warning(
+            "Rewards range over [%.3g, %.3g], but BAPO reads their mean per group as accuracy: the thresholds c1, c2, "
+            "c3 and the range filter assume rewards in [0, 1]. Set correctness_reward (and correctness_threshold) "
+            "to the reward that says whether a completion is right.",
+            float(finite.min()),
+            float(finite.max()),
+        )
+
+
 def score(trainer, inputs: list[dict[str, Any]]) -> ScoredRollout:
-    """TRL's generation and scoring of this process's rows, with every process's advantages and correctness."""
+    """TRL's generation and scoring of this process's rows, with every process's advantages and correctness, and
+    the seconds TRL took."""
     started = time.perf_counter()
     with reference_kl_off(trainer):
         batch = trainer._generate_and_score_completions(inputs)
-    trainer._scoring_seconds += time.perf_counter() - started
+    seconds = time.perf_counter() - started
     # Image fields become one entry per row (TRL's own split), so rows can be selected, stored and replayed.
     batch = split_pixel_values_by_grid(batch)
     accelerator = trainer.accelerator
     advantages = batch["advantages"] if accelerator.num_processes == 1 else accelerator.gather(batch["advantages"])
-    per_func = trainer._last_rewards_per_func
-    if trainer._correctness_column is not None:
-        correct = correct_completions(
-            per_func[:, trainer._correctness_column].cpu(), trainer.args.correctness_threshold
-        )
-    else:
-        correct = (per_func * trainer.reward_weights.to(per_func.device).unsqueeze(0)).nansum(dim=1).cpu()
-        correct[torch.isnan(per_func).all(dim=1).cpu()] = math.nan
-        _warn_if_not_accuracy(trainer, correct)
+    correct = trainer._correctness(trainer._last_rewards_per_func)
     examples = inputs if accelerator.num_processes == 1 else gather_object(inputs)
-    return ScoredRollout(batch, advantages.cpu(), correct, examples)
-
-
-def _warn_if_not_accuracy(trainer, rewards: torch.Tensor) -> None:
-    finite = rewards[~torch.isnan(rewards)]
-    if trainer._warned_reward_range or not ((finite < 0) | (finite > 1)).any():
-        return
-    trainer._warned_reward_range = True
-    logger.warning(
-        "Rewards range over [%.3g, %.3g], but BAPO reads their mean per group as accuracy: the thresholds c1, c2, "
-        "c3 and the range filter assume rewards in [0, 1]. Set correctness_reward (and correctness_threshold) to "
-        "the reward that says whether a completion is right.",
-        float(finite.min()),
-        float(finite.max()),
-    )
+    return ScoredRollout(batch, advantages.cpu(), correct, examples, seconds)
 
 
 @contextmanager
@@ -123,12 +133,12 @@ def score_prompts(trainer, examples: list[dict[str, Any]]) -> tuple[ScoredRollou
     return scored, torch.tensor([order.index(i) for i in range(len(examples))])
 
 
-def prompt_accuracies(trainer, examples: list[dict[str, Any]]) -> list[float]:
+def sampled_accuracies(trainer, examples: list[dict[str, Any]], batch: int) -> list[float]:
     """Each prompt's accuracy over G samples of the current policy, the same on every process: prompt tracking's
-    measurement. It samples as training does (TRL's generation in training mode, B prompts at a time), and leaves
-    no trace in training's metrics or token count."""
+    measurement. It samples as training does (TRL's generation in training mode, `batch` prompts at a time), and
+    leaves no trace in training's metrics or token count."""
     model, tokens = trainer.model, trainer.state.num_input_tokens_seen
-    was_training, batch = model.training, trainer._batch_groups
+    was_training = model.training
     model.train()
     try:
         accuracies = []

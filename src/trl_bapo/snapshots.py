@@ -17,7 +17,8 @@ from typing import Any
 
 from transformers import TrainerCallback
 
-from trl_bapo.buffers import BufferedGroup, PaperBuffers, SharedBuffer
+from trl_bapo.buffers import BufferedGroup, SharedBuffer
+from trl_bapo.state import BAPOState
 
 SNAPSHOT_FILE = "bapo_buffers.jsonl"
 PLACEHOLDER = "<image>"
@@ -35,9 +36,10 @@ def plain_prompt(prompt: Any) -> Any:
     return PLACEHOLDER
 
 
-def buffer_lines(buffers: PaperBuffers | SharedBuffer, rollout_step: int) -> list[dict]:
+def buffer_lines(state: BAPOState) -> list[dict]:
     """One line per prompt of B_bad (oldest first), then one per group of B_high (oldest first); with the shared
     buffer, one line per entry (oldest first), with its latest accuracy."""
+    buffers, rollout_step = state.buffers, state.rollout_step
 
     def line(buffer: str, group: BufferedGroup, use: str) -> dict:
         return {
@@ -67,27 +69,25 @@ def write_lines(path: str, lines: Iterable[dict], mode: str = "w", **tags: Any) 
 
 
 class BufferSnapshots(TrainerCallback):
-    """Appends the buffers' lines to `output_dir/bapo_buffers.jsonl` at every logging step (process 0 writes; the
-    buffers are the same on every process)."""
+    """Appends the buffers' lines to `output_dir/bapo_buffers.jsonl` at every logging step (the main process writes;
+    the buffers are the same on every process)."""
 
-    def __init__(self, trainer):
-        self.trainer = trainer
+    def __init__(self, state: BAPOState, accelerator):
+        self.state, self.accelerator = state, accelerator
 
     def path(self, args) -> str:
         return os.path.join(args.output_dir, SNAPSHOT_FILE)
 
     def on_train_begin(self, args, state, control, **kwargs):
         # Resumed: the lines written after the checkpoint was saved belong to steps that will run again.
-        if self.trainer.is_world_process_zero() and os.path.exists(self.path(args)):
+        if self.accelerator.is_main_process and os.path.exists(self.path(args)):
             with open(self.path(args)) as file:
                 kept = [line for line in file if json.loads(line)["step"] <= state.global_step]
             with open(self.path(args), "w") as file:
                 file.writelines(kept)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        trainer = self.trainer
         training_log = logs and "train_runtime" not in logs and not any(key.startswith("eval_") for key in logs)
-        if trainer.is_world_process_zero() and training_log:
+        if self.accelerator.is_main_process and training_log:
             os.makedirs(args.output_dir, exist_ok=True)
-            lines = buffer_lines(trainer._buffers, trainer._rollout_step)
-            write_lines(self.path(args), lines, "a", step=state.global_step)
+            write_lines(self.path(args), buffer_lines(self.state), "a", step=state.global_step)

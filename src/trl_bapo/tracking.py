@@ -92,7 +92,8 @@ def write_records(path: str, records: Sequence[dict[str, Any]], mode: str = "w")
 
 class PromptTracking(TrainerCallback):
     """Measures the evaluation prompts before training and after every evaluation. `measure(prompts)` returns each
-    prompt's accuracy under the current weights, the same on every process (`BAPOTrainer._prompt_accuracies`)."""
+    prompt's accuracy under the current weights, the same on every process (`trl_bapo.scoring.sampled_accuracies`,
+    through the trainer, which first sends a vLLM engine the current weights)."""
 
     def __init__(self, trainer, measure):
         if isinstance(trainer.eval_dataset, dict):  # without one, transformers has refused eval_strategy already

@@ -46,8 +46,8 @@ from trl_bapo.batch import (
     split_mini_batches,
 )
 from trl_bapo.behavior import attach_anchor_logps, attach_behavior_logps, finish_behavior_logps
-from trl_bapo.buffers import BAPOStatus, BufferedGroup, PaperBuffers, SharedBuffer, prompt_key
-from trl_bapo.checkpoint import bapo_state, load_bapo_state, state_file, write_state
+from trl_bapo.buffers import BAPOStatus, BufferedGroup, prompt_key
+from trl_bapo.checkpoint import load_state, save_state
 from trl_bapo.clipping import adaptive_clipping
 from trl_bapo.config import BAPOConfig
 from trl_bapo.correction import IMPORTANCE_WEIGHT, SOURCE, gathered_weight_metrics, weighted_advantages
@@ -55,10 +55,15 @@ from trl_bapo.distributed import local_rows, local_share, shared_permutation
 from trl_bapo.frozen_step import FrozenStep
 from trl_bapo.losses import LOSSES, own_loss
 from trl_bapo.records import FreshRollout, Replay, ScoredRollout
-from trl_bapo.rollout import RolloutSnapshot
-from trl_bapo.scoring import check_correctness_reward, prompt_accuracies, reference_kl_off, score, score_prompts
+from trl_bapo.scoring import (
+    Correctness,
+    check_correctness_reward,
+    reference_kl_off,
+    sampled_accuracies,
+    score,
+    score_prompts,
+)
 from trl_bapo.selection import (
-    adaptive_threshold,
     difficult_mask,
     group_accuracy,
     group_has_variance,
@@ -70,6 +75,7 @@ from trl_bapo.selection import (
 )
 from trl_bapo.snapshots import SNAPSHOT_FILE, BufferSnapshots, buffer_lines, write_lines
 from trl_bapo.staleness import clip_fractions, lag_metrics
+from trl_bapo.state import BAPOState
 from trl_bapo.tracking import PromptTracking
 from trl_bapo.vllm_sync import send_weights
 
@@ -121,60 +127,35 @@ class BAPOTrainer(GRPOTrainer):
                 "The delayed rollout policy swaps each process's parameter shards, which FSDP1's flattened "
                 "parameters do not expose. Use FSDP2 (fsdp_version: 2 in the accelerate config) or rollout_delay=1."
             )
-        # Under FSDP and ZeRO-3 every forward is a collective that all processes must enter together.
-        self._collective_forwards = self.accelerator.num_processes > 1 and (self._dist.is_fsdp or self._dist.is_zero3)
-        self._correctness_column = None
-        if args.correctness_reward is not None:
-            self._correctness_column = self.reward_func_names.index(args.correctness_reward)
-        self._warned_reward_range = False
+        # Under FSDP and ZeRO-3 each process holds shards of the parameters, and every forward is a collective that
+        # all processes must enter together.
+        self._sharded = self._dist.is_fsdp or self._dist.is_zero3
+        self._collective_forwards = self.accelerator.num_processes > 1 and self._sharded
+        self._correctness = Correctness(args.correctness_reward, args.correctness_threshold, self)
         if args.dynamic_sampling and not hasattr(self.train_dataset, "__getitem__"):
             raise ValueError(
                 "dynamic_sampling draws extra prompts by index and needs a map-style train dataset; pass a "
                 "datasets.Dataset rather than an IterableDataset, or set dynamic_sampling=False."
             )
 
-        self._batch_groups = args.generation_batch_size // self.num_generations  # B, prompts per rollout batch
-        self._rollout_step = 0  # t in Algorithm 1
-        self._snapshot = RolloutSnapshot(args.rollout_delay, args.rollout_refresh_phase)
-        capacity = args.difficult_buffer_size or self._batch_groups
-        self._buffers = (
-            SharedBuffer(args.difficult_threshold, capacity, args.high_quality_buffer_size)
-            if args.shared_buffer
-            else PaperBuffers(
-                args.difficult_threshold, capacity, args.high_quality_buffer_steps, args.high_quality_buffer_size
-            )
-        )
-        # Own generator: BAPO's random choices must not shift the global RNG that generation draws from.
-        self._generator = torch.Generator().manual_seed(args.seed)
-        self._reward_sum = 0.0
-        self._reward_count = 0
-        self._rollouts = 0
-        self._prompt_order: list[int] = []  # dynamic sampling's own pass over the train dataset
+        self._bapo = BAPOState.from_config(args, args.generation_batch_size // self.num_generations)
+        # Per rollout step, not Algorithm 1's lasting state:
         self._skipped_updates: list[bool] = []  # per optimizer step of the current rollout step
+        self._scoring_seconds = 0.0  # spent in TRL's generation and scoring during this rollout step
         self._frozen_step = FrozenStep()
         self.add_callback(self._frozen_step)
         self._last_rewards_per_func: torch.Tensor | None = None
-        self._scoring_seconds = 0.0  # time spent in TRL's generation and scoring during this rollout step
         self._weight_stats: list[torch.Tensor] = []  # the decoupled correction's, per micro-batch of this step
         self._engine_holds_alpha = False  # a (re)started vLLM engine holds the base model
         if args.track_prompts:
             self.add_callback(PromptTracking(self, self._tracked_accuracies))
         if args.log_buffer_snapshots:
-            self.add_callback(BufferSnapshots(self))
+            self.add_callback(BufferSnapshots(self._bapo, self.accelerator))
 
     @property
     def bapo_status(self) -> BAPOStatus:
         """A read-only copy of BAPO's buffers, thresholds and counters as they stand after the last rollout step."""
-        return BAPOStatus.of(
-            self._buffers,
-            rollout_step=self._rollout_step,
-            rollout_policy_step=self._snapshot.step,
-            c1=self.args.difficult_threshold,
-            c2=adaptive_threshold(self._r_tot, self.args.high_quality_lower_range),
-            c3=adaptive_threshold(self._r_tot, self.args.high_quality_upper_range),
-            r_tot=self._r_tot,
-            rollouts=self._rollouts,
-        )
+        return self._bapo.status()
 
     # ---- Algorithm 1, one rollout step ---------------------------------------------------------------------
 
@@ -184,15 +165,15 @@ class BAPOTrainer(GRPOTrainer):
 
         Decisions are taken on the rollout gathered from every process, so they are the same everywhere.
         """
-        self._rollout_step += 1
-        t, after_update = self._rollout_step, self.args.difficult_entry_after_update
+        self._bapo.rollout_step += 1
+        t, after_update = self._bapo.rollout_step, self.args.difficult_entry_after_update
         fresh = self._fresh_rollout(inputs, t)
         if not after_update:
             self._store(fresh, t, difficult=True, high_quality=False)  # line 8
         x1 = select_rows(fresh.rows, group_rows(fresh.x1.nonzero().flatten(), self.num_generations))
         num_x1 = int(fresh.x1.sum())
-        x2 = self._difficult_replay(t, room=x3_room(self._batch_groups, num_x1, 0))
-        x3 = self._high_quality_replay(t, fresh, room=x3_room(self._batch_groups, num_x1, x2.groups))
+        x2 = self._difficult_replay(t, room=x3_room(self._bapo.batch_groups, num_x1, 0))
+        x3 = self._high_quality_replay(t, fresh, room=x3_room(self._bapo.batch_groups, num_x1, x2.groups))
         self._store(fresh, t, difficult=after_update, high_quality=True)  # line 9, and line 8 after the update
         parts = [x1, *x2.parts, *x3.parts]
         sources = [1] + [2] * len(x2.parts) + [3] * len(x3.parts)
@@ -204,13 +185,13 @@ class BAPOTrainer(GRPOTrainer):
             x1=num_x1,
             x2=x2.groups,
             x3=x3.groups,
-            batch_fill=(num_x1 + x2.groups + x3.groups) / self._batch_groups,
-            difficult_buffer=len(self._buffers.difficult_entries()),
-            high_quality_buffer=len(self._buffers.high_quality_entries()),
+            batch_fill=(num_x1 + x2.groups + x3.groups) / self._bapo.batch_groups,
+            difficult_buffer=len(self._bapo.buffers.difficult_entries()),
+            high_quality_buffer=len(self._bapo.buffers.high_quality_entries()),
             c2=fresh.c2,
             c3=fresh.c3,
-            r_tot=self._r_tot,
-            rollouts=self._rollouts,
+            r_tot=self._bapo.r_tot,
+            rollouts=self._bapo.rollouts,
             reevaluated=x2.reevaluated,
             policy_lag=fresh.lag,
             skipped=float(num_rows(batch) == 0),
@@ -223,24 +204,22 @@ class BAPOTrainer(GRPOTrainer):
         groups the online filter keeps (X1) and whose rows the buffers keep for replay."""
         args, group_size = self.args, self.num_generations
         policy = self.accelerator.unwrap_model(self.model)
-        refreshed = self._snapshot.maybe_refresh(policy, t)
+        refreshed = self._bapo.snapshot.maybe_refresh(policy, t)
         if self.use_vllm:
             self._sync_engine(policy, t, refreshed)
-        lag = self._snapshot.lag(t)
-        with self._snapshot.applied(policy, t):
+        lag = self._bapo.snapshot.lag(t)
+        with self._bapo.snapshot.applied(policy, t):
             rounds = self._sample_fresh(inputs)
             correct = torch.cat([scored.correct for scored in rounds])
             accuracy = group_accuracy(correct, group_size)
-            self._reward_sum += float(torch.nansum(correct))
-            self._reward_count += int((~torch.isnan(correct)).sum())
-            c2 = adaptive_threshold(self._r_tot, args.high_quality_lower_range)
-            c3 = adaptive_threshold(self._r_tot, args.high_quality_upper_range)
+            self._bapo.record_rewards(correct)
+            _, c2, c3 = self._bapo.thresholds()
             x1 = online_filter_mask(
                 accuracy,
                 group_has_variance(torch.cat([scored.advantages for scored in rounds]), group_size),
                 args.online_filter,
                 group_size,
-                self._generator,
+                self._bapo.generator,
                 args.online_filter_gaussian_mean,
                 args.online_filter_gaussian_std,
                 args.online_filter_uniform_keep,
@@ -248,8 +227,10 @@ class BAPOTrainer(GRPOTrainer):
             if args.online_filter_fallback and not x1.any():
                 x1 = torch.ones_like(x1)
             if args.dynamic_sampling:
-                x1 &= x1.cumsum(0) <= self._batch_groups  # DAPO trains on exactly B groups when it has them
-            kept = self._buffers.keeps_rows(accuracy, c2, c3, args.use_difficult_replay, args.use_high_quality_replay)
+                x1 &= x1.cumsum(0) <= self._bapo.batch_groups  # DAPO trains on exactly B groups when it has them
+            kept = self._bapo.buffers.keeps_rows(
+                accuracy, c2, c3, args.use_difficult_replay, args.use_high_quality_replay
+            )
             # Behavior log-probs are taken now, while alpha is in the model: for X1 when it is off-policy or
             # the KL needs them, and for every group kept for later replay.
             self._measure_rounds(rounds, kept | (x1 & (lag > 0 or self._behavior_kl)), attach_behavior_logps)
@@ -258,7 +239,7 @@ class BAPOTrainer(GRPOTrainer):
         gathered = [gather_batch(scored.rows, self.accelerator, self._tokenizer.pad_token_id) for scored in rounds]
         rows = gathered[0] if len(gathered) == 1 else concat_batches(gathered, self._tokenizer.pad_token_id)
         examples = [example for scored in rounds for example in scored.examples]
-        self._rollouts += len(examples)
+        self._bapo.rollouts += len(examples)
         return FreshRollout(rows, examples, accuracy, x1, kept, c2, c3, lag)
 
     def _store(self, fresh: FreshRollout, t: int, difficult: bool, high_quality: bool) -> None:
@@ -284,12 +265,12 @@ class BAPOTrainer(GRPOTrainer):
                     rows=None if rows is None else send_to_device(rows, "cpu"),
                 )
             )
-        self._buffers.add(groups, fresh.c2, fresh.c3, difficult, high_quality)
+        self._bapo.buffers.add(groups, fresh.c2, fresh.c3, difficult, high_quality)
 
     def _high_quality_replay(self, t: int, fresh: FreshRollout, room: int) -> Replay:
         """Line 16: X3, at most `room` groups drawn from B_high's groups of earlier steps with c2 <= mu <= c3."""
         device = fresh.rows["completion_ids"].device
-        replayed = self._buffers.draw_replay(t, fresh.c2, fresh.c3, room, self._generator)
+        replayed = self._bapo.buffers.draw_replay(t, fresh.c2, fresh.c3, room, self._bapo.generator)
         lags = [t - group.policy_step for group in replayed]
         return Replay([send_to_device(group.rows, device) for group in replayed], len(replayed), lags=lags)
 
@@ -299,7 +280,7 @@ class BAPOTrainer(GRPOTrainer):
         schedule and after an evaluation. TRL would sync whenever the optimizer has stepped; BAPO tells it the engine
         is up to date."""
         if refreshed or not self._engine_holds_alpha:
-            with self._snapshot.applied(policy, t):
+            with self._bapo.snapshot.applied(policy, t):
                 send_weights(self.vllm_generation)
             self._engine_holds_alpha = True
         self._last_loaded_step = self.state.global_step
@@ -308,13 +289,16 @@ class BAPOTrainer(GRPOTrainer):
         """X_on: one rollout batch, or with `dynamic_sampling` as many as DAPO draws (at most
         `dynamic_sampling_max_rounds`) until B groups have non-zero reward variance."""
         rounds = [score(self, inputs)]
-        if not self.args.dynamic_sampling:
-            return rounds
-        while len(rounds) < self.args.dynamic_sampling_max_rounds and (
-            sum(int(group_has_variance(s.advantages, self.num_generations).sum()) for s in rounds) < self._batch_groups
+        while (
+            self.args.dynamic_sampling
+            and len(rounds) < self.args.dynamic_sampling_max_rounds
+            and sum(int(group_has_variance(s.advantages, self.num_generations).sum()) for s in rounds)
+            < self._bapo.batch_groups
         ):
             rounds.append(score(self, local_share(self.accelerator, self._next_prompts())))
-        self._log_step(sampling_rounds=len(rounds))
+        if self.args.dynamic_sampling:
+            self._log_step(sampling_rounds=len(rounds))
+        self._scoring_seconds += sum(scored.seconds for scored in rounds)
         return rounds
 
     def _measure_rounds(self, rounds: list[ScoredRollout], groups: torch.Tensor, attach) -> None:
@@ -331,10 +315,12 @@ class BAPOTrainer(GRPOTrainer):
     def _next_prompts(self) -> list[dict[str, Any]]:
         """B more prompts, each repeated G times as TRL's sampler does, from a shuffled pass over the data."""
         rows = []
-        for _ in range(self._batch_groups):
-            if not self._prompt_order:
-                self._prompt_order = torch.randperm(len(self.train_dataset), generator=self._generator).tolist()
-            example = self.train_dataset[self._prompt_order.pop()]
+        for _ in range(self._bapo.batch_groups):
+            if not self._bapo.prompt_order:
+                self._bapo.prompt_order = torch.randperm(
+                    len(self.train_dataset), generator=self._bapo.generator
+                ).tolist()
+            example = self.train_dataset[self._bapo.prompt_order.pop()]
             rows += [dict(example) for _ in range(self.num_generations)]
         return rows
 
@@ -349,25 +335,26 @@ class BAPOTrainer(GRPOTrainer):
         args, group_size = self.args, self.num_generations
         if not (args.use_difficult_replay and t % args.reevaluation_interval == 0):
             return Replay([], 0)
-        groups = self._buffers.draw_reevaluation(
-            args.max_reevaluation_prompts, args.reevaluation_order, self._generator
+        groups = self._bapo.buffers.draw_reevaluation(
+            args.max_reevaluation_prompts, args.reevaluation_order, self._bapo.generator
         )
         if not groups:
             return Replay([], 0)
-        if self.use_vllm and self._snapshot.lag(t) > 0:  # the engine holds alpha; re-evaluation needs the policy
+        if self.use_vllm and self._bapo.snapshot.lag(t) > 0:  # the engine holds alpha; re-evaluation needs the policy
             send_weights(self.vllm_generation)
             self._engine_holds_alpha = False
         scored, first = score_prompts(self, [group.example for group in groups])
+        self._scoring_seconds += scored.seconds
         attach_behavior_logps(self, scored.rows, torch.tensor([], dtype=torch.long))
         if args.x3_anchor == "stored":
             attach_anchor_logps(self, scored.rows, torch.tensor([], dtype=torch.long))
         batch = gather_batch(scored.rows, self.accelerator, self._tokenizer.pad_token_id)
-        self._rollouts += len(scored.correct)
+        self._bapo.rollouts += len(scored.correct)
         outcomes = scored.correct.view(-1, group_size)[first]
         accuracy = group_accuracy(outcomes.reshape(-1), group_size)
         entered_with = torch.tensor([group.accuracy for group in groups])
         admitted = reevaluation_admitted(accuracy, entered_with, args.difficult_threshold, args.difficult_admission)
-        self._buffers.after_reevaluation(groups, outcomes.tolist(), args.keep_reevaluated_prompts)
+        self._bapo.buffers.after_reevaluation(groups, outcomes.tolist(), args.keep_reevaluated_prompts)
         keep = first[admitted][: room if args.cap_difficult_replay else None]
         return Replay([select_rows(batch, group_rows(keep, group_size))], len(keep), reevaluated=len(groups))
 
@@ -435,15 +422,16 @@ class BAPOTrainer(GRPOTrainer):
     def _save_optimizer_and_scheduler(self, output_dir):
         super()._save_optimizer_and_scheduler(output_dir)
         os.makedirs(output_dir, exist_ok=True)
-        write_state(state_file(output_dir, self.accelerator.process_index), bapo_state(self))
+        save_state(output_dir, self._bapo, self.accelerator, self._sharded)
         if self.is_world_process_zero():  # what the buffers hold, for people (the state file is for resuming)
-            lines = buffer_lines(self._buffers, self._rollout_step)
-            write_lines(os.path.join(output_dir, SNAPSHOT_FILE), lines)
+            write_lines(os.path.join(output_dir, SNAPSHOT_FILE), buffer_lines(self._bapo))
 
     def _load_optimizer_and_scheduler(self, checkpoint):
         super()._load_optimizer_and_scheduler(checkpoint)
         if checkpoint is not None:
-            load_bapo_state(self, checkpoint)
+            policy = self.accelerator.unwrap_model(self.model)
+            allow_missing = self.args.resume_without_bapo_state
+            load_state(checkpoint, self._bapo, self.accelerator, policy, self._sharded, allow_missing)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if not model.training:
@@ -476,7 +464,7 @@ class BAPOTrainer(GRPOTrainer):
 
     def _tracked_accuracies(self, examples: list[dict[str, Any]]) -> list[float]:
         self._send_current_weights()
-        return prompt_accuracies(self, examples)
+        return sampled_accuracies(self, examples, self._bapo.batch_groups)
 
     def _send_current_weights(self) -> None:
         """Evaluation and prompt tracking generate with the current weights, sent through BAPO's sync (TRL's would
@@ -487,11 +475,6 @@ class BAPOTrainer(GRPOTrainer):
             self._engine_holds_alpha = False
 
     # ---- helpers --------------------------------------------------------------------------------------------
-
-    @property
-    def _r_tot(self) -> float:
-        """Global average training reward over every fresh completion so far (eq. 8)."""
-        return self._reward_sum / self._reward_count if self._reward_count else 0.0
 
     def _log_step(self, **values: float) -> None:
         for name, value in values.items():

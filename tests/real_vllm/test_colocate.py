@@ -208,7 +208,7 @@ def test_lora_engine_holds_the_delayed_adapter_merged(model_path, tmp_path):
         assert engine.holds(call, history.after[refreshed_at(t, 3) - 1]), f"step {t}: not alpha's merged adapter"
         if t != refreshed_at(t, 3):
             assert not engine.holds(call, history.after[t - 1])
-    assert trainer._snapshot.weights and all("lora_" in name for name in trainer._snapshot.weights)
+    assert trainer._bapo.snapshot.weights and all("lora_" in name for name in trainer._bapo.snapshot.weights)
 
 
 def test_resume_sends_alpha_on_the_first_step(model_path, tmp_path):

@@ -1,0 +1,122 @@
+"""`BAPOState`: what Algorithm 1 carries from one rollout step to the next, in one object.
+
+The trainer holds one; the modules that read or change Algorithm 1's state (checkpoints, buffer snapshots) take it,
+not the trainer. Its fields are the state's one list: `state_dict` and `load_state_dict` walk them, writing the keys
+checkpoints have always had, so checkpoints written before this object existed still load.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+import torch
+
+from trl_bapo.buffers import BAPOStatus, PaperBuffers, SharedBuffer
+from trl_bapo.rollout import RolloutSnapshot
+from trl_bapo.selection import adaptive_threshold
+
+# Fields that come from the config, not from training: not saved, rebuilt by `from_config`.
+SETTING = {"saved": False}
+
+
+@dataclass
+class BAPOState:
+    """Algorithm 1's lasting state: the rollout step t, alpha (the rollout snapshot), B_bad and B_high, the sums
+    behind r_tot (eq. 8), BAPO's own random generator, the completions generated so far, and dynamic sampling's
+    pass over the train dataset."""
+
+    batch_groups: int = field(metadata=SETTING)  # B, prompts per rollout batch
+    c1: float = field(metadata=SETTING)
+    c2_range: tuple[float, float] = field(metadata=SETTING)
+    c3_range: tuple[float, float] = field(metadata=SETTING)
+    snapshot: RolloutSnapshot
+    buffers: PaperBuffers | SharedBuffer
+    # Own generator: BAPO's random choices must not shift the global RNG that generation draws from.
+    generator: torch.Generator
+    rollout_step: int = 0  # t
+    reward_sum: float = 0.0  # over every fresh completion so far
+    reward_count: int = 0
+    rollouts: int = 0  # completions generated so far, re-evaluation included
+    prompt_order: list[int] = field(default_factory=list)  # dynamic sampling's pass over the train dataset
+
+    @classmethod
+    def from_config(cls, args, batch_groups: int) -> BAPOState:
+        """A fresh state for `args` (a `BAPOConfig`) and B prompts per rollout batch."""
+        capacity = args.difficult_buffer_size or batch_groups
+        c1 = args.difficult_threshold
+        buffers = (
+            SharedBuffer(c1, capacity, args.high_quality_buffer_size)
+            if args.shared_buffer
+            else PaperBuffers(c1, capacity, args.high_quality_buffer_steps, args.high_quality_buffer_size)
+        )
+        return cls(
+            batch_groups=batch_groups,
+            c1=c1,
+            c2_range=tuple(args.high_quality_lower_range),
+            c3_range=tuple(args.high_quality_upper_range),
+            snapshot=RolloutSnapshot(args.rollout_delay, args.rollout_refresh_phase),
+            buffers=buffers,
+            generator=torch.Generator().manual_seed(args.seed),
+        )
+
+    @property
+    def r_tot(self) -> float:
+        """Global average training reward over every fresh completion so far (eq. 8)."""
+        return self.reward_sum / self.reward_count if self.reward_count else 0.0
+
+    def thresholds(self) -> tuple[float, float, float]:
+        """c1, and c2, c3 of eq. 8 at the current r_tot."""
+        return self.c1, adaptive_threshold(self.r_tot, self.c2_range), adaptive_threshold(self.r_tot, self.c3_range)
+
+    def record_rewards(self, correct: torch.Tensor) -> None:
+        """Adds a fresh rollout's correctness (NaN: unscorable, left out) to r_tot's sums."""
+        self.reward_sum += float(torch.nansum(correct))
+        self.reward_count += int((~torch.isnan(correct)).sum())
+
+    def status(self) -> BAPOStatus:
+        _, c2, c3 = self.thresholds()
+        return BAPOStatus.of(
+            self.buffers,
+            rollout_step=self.rollout_step,
+            rollout_policy_step=self.snapshot.step,
+            c1=self.c1,
+            c2=c2,
+            c3=c3,
+            r_tot=self.r_tot,
+            rollouts=self.rollouts,
+        )
+
+    def settings(self) -> dict[str, int | None]:
+        """The configured sizes a checkpoint records, to note on resume where they changed."""
+        return {"rollout_delay": self.snapshot.delay, **self.buffers.settings()}
+
+    def state_dict(self) -> dict[str, Any]:
+        """The saved fields, under the keys checkpoints use: the buffers' own ('difficult' and 'high_quality', or
+        'shared'), the snapshot's and the generator's state, and every counter by name."""
+        state = {}
+        for f in fields(self):
+            if f.metadata.get("saved", True):
+                value = getattr(self, f.name)
+                if isinstance(value, (PaperBuffers, SharedBuffer)):
+                    state.update(value.state_dict())
+                elif isinstance(value, RolloutSnapshot):
+                    state[f.name] = value.state_dict()
+                elif isinstance(value, torch.Generator):
+                    state[f.name] = value.get_state()
+                else:
+                    state[f.name] = value
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for f in fields(self):
+            if f.metadata.get("saved", True):
+                value = getattr(self, f.name)
+                if isinstance(value, (PaperBuffers, SharedBuffer)):
+                    value.load_state_dict(state)
+                elif isinstance(value, RolloutSnapshot):
+                    value.load_state_dict(state[f.name])
+                elif isinstance(value, torch.Generator):
+                    value.set_state(state[f.name])
+                else:
+                    setattr(self, f.name, state[f.name])
