@@ -1,7 +1,9 @@
 """The layout's rules: the library never imports its showcase, and every private part of TRL it touches exists."""
 
 import ast
+import importlib
 import inspect
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -76,5 +78,82 @@ def test_every_private_part_of_trl_that_bapo_touches_exists(tiny_model_path, tmp
     missing += [
         f"VLLMGeneration.{name}" for name in trl_private.VLLM_GENERATION_METHODS if not hasattr(VLLMGeneration, name)
     ]
+    missing += [
+        f"GRPOTrainer.{name}" for name in trl_private.TRAINER_CLASS_ATTRIBUTES if not hasattr(GRPOTrainer, name)
+    ]
+    missing += [
+        f"{module}.{name}"
+        for module, names in trl_private.FUNCTIONS.items()
+        for name in names
+        if not hasattr(importlib.import_module(module), name)
+    ]
     assert not missing, f"trl {trl.__version__} lacks what trl_bapo.trl_private names: {missing}"
     assert trl.__version__ == trl_private.TRL_VERSION
+
+
+def private(name: str) -> bool:
+    return name.startswith("_") and not name.startswith("__")
+
+
+def private_names(tree: ast.AST) -> tuple[set[str], set[str], set[str], set[str]]:
+    """In a module: the private attribute names it reads or writes; the private names it defines itself (functions,
+    class attributes, `obj._x = ...`); those of them a class body defines (methods and class attributes: possible
+    overrides); and the private names it imports from trl or transformers."""
+    used, defined, in_classes, imported = set(), set(), set(), set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and private(node.attr):
+            used.add(node.attr)
+            if isinstance(node.ctx, ast.Store):
+                defined.add(node.attr)
+        elif isinstance(node, ast.FunctionDef) and private(node.name):
+            defined.add(node.name)
+        elif isinstance(node, ast.ClassDef):
+            for item in node.body:
+                if isinstance(item, ast.FunctionDef):
+                    in_classes.add(item.name)
+                targets = item.targets if isinstance(item, ast.Assign) else [getattr(item, "target", None)]
+                in_classes |= {t.id for t in targets if isinstance(t, ast.Name)}
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] in ("trl", "transformers"):
+            imported |= {alias.name for alias in node.names if private(alias.name)}
+    in_classes = {name for name in in_classes if private(name)}
+    return used, defined | in_classes, in_classes, imported
+
+
+def trl_owns(name: str) -> bool:
+    """Whether `name` is an attribute of TRL's trainer (or of transformers' Trainer, or of TRL's vLLM generation):
+    on the class, or set on the instance by their code."""
+    import transformers.trainer
+    import trl.trainer.base_trainer
+    import trl.trainer.grpo_trainer
+
+    modules = (
+        trl.trainer.grpo_trainer,
+        trl.trainer.base_trainer,
+        transformers.trainer,
+        inspect.getmodule(VLLMGeneration),
+    )
+    pattern = re.compile(rf"self\.{name}\b")
+    return hasattr(GRPOTrainer, name) or any(pattern.search(inspect.getsource(module)) for module in modules)
+
+
+def test_trl_private_lists_every_private_name_the_code_uses():
+    """Every private name of TRL (or transformers) the library reads, writes, overrides or imports is listed in
+    `trl_private`, found by reading the code: every private attribute name it uses, and every private name its
+    classes define, that TRL's trainer also has; and every private name it imports from trl."""
+    used, in_classes, imported = set(), set(), set()
+    for path in sorted(PACKAGE.rglob("*.py")):
+        module_used, _, module_in_classes, module_imported = private_names(ast.parse(path.read_text()))
+        used, in_classes, imported = used | module_used, in_classes | module_in_classes, imported | module_imported
+    found = {name for name in used | in_classes if trl_owns(name)} | imported
+    listed = {
+        *trl_private.TRAINER_METHODS,
+        *trl_private.TRAINER_ATTRIBUTES,
+        *trl_private.VLLM_TRAINER_ATTRIBUTES,
+        *trl_private.VLLM_GENERATION_METHODS,
+        *trl_private.TRAINER_CLASS_ATTRIBUTES,
+        *(name for names in trl_private.FUNCTIONS.values() for name in names),
+    }
+    assert found - listed == set(), (
+        f"private names of TRL used but not listed in trl_bapo.trl_private: {found - listed}"
+    )
+    assert listed - found == set(), f"listed in trl_bapo.trl_private but no longer used: {listed - found}"

@@ -14,6 +14,8 @@ from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
 from trl_bapo import BAPOConfig, BAPOTrainer
 from trl_bapo.builtin.tiny import build_tokenizer
 from trl_bapo.clipping import adaptive_clip_bounds
+from trl_bapo.losses import LOSSES as LOSS_TABLE
+from trl_bapo.losses import Loss
 
 PLAN = {f"{t}{name}=": ks for t in range(8) for name, ks in zip("abcd", [[2], [3], [0, 2], [1]])}
 START, STEP, MAXIMUM, TARGET = (0.6, 1.2), 0.05, (0.8, 2.0), 1.0
@@ -257,3 +259,26 @@ def test_off_policy_loss_trains_with_the_paper_defaults(loss_type, tiny_model_pa
 def test_loss_options_fail_clearly(overrides, message, tmp_path):
     with pytest.raises(ValueError, match=message):
         BAPOConfig(output_dir=str(tmp_path), use_cpu=True, **overrides)
+
+
+def test_a_loss_added_to_the_table_later_is_checked_and_trained(tiny_model_path, tmp_path, monkeypatch):
+    """`trl_bapo.losses.LOSSES` is read when a config is built and when the trainer computes a loss, not copied at
+    import: an entry added afterwards gets the checks of its kind and trains through `train()`."""
+    shapes = []
+
+    def plain_reinforce(logps, old_logps, advantages, args):
+        shapes.append(tuple(logps.shape))
+        return -advantages * logps
+
+    monkeypatch.setitem(LOSS_TABLE, "plain_reinforce", Loss("token", per_token=plain_reinforce))
+    with pytest.raises(ValueError, match="delta"):  # a token-level REINFORCE loss has no clipped ratio to bound
+        make_config(tmp_path, loss_type="plain_reinforce", delta=2.0)
+    with pytest.raises(ValueError, match="adaptive_clipping"):
+        make_config(tmp_path, loss_type="plain_reinforce", adaptive_clipping=True)
+    args = make_config(tmp_path, loss_type="plain_reinforce", max_steps=2, rollout_delay=2)
+    trainer = BAPOTrainer(
+        model=tiny_model_path, reward_funcs=ScriptedReward(PLAN), args=args, train_dataset=prompt_dataset(list(PLAN))
+    )
+    trainer.train()
+    assert len(shapes) == 2 * args.gradient_accumulation_steps
+    assert not math.isnan(trainer.state.log_history[-1]["train_loss"])

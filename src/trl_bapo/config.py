@@ -22,9 +22,6 @@ DIFFICULT_ADMISSIONS = ("paper", "improved", "improved_or_solved")
 OFF_POLICY_CORRECTIONS = ("behavior", "decoupled")
 X3_ANCHORS = ("start", "stored")
 BATCH_AGGREGATIONS = ("spread", "mini_batch")
-# TRL's loss types with a clipped surrogate on a token-level ratio, the ones adaptive clipping can set bounds for.
-CLIPPED_LOSSES = [name for name, loss in LOSSES.items() if loss.clipped]
-OWN_LOSSES = [name for name, loss in LOSSES.items() if loss.per_token is not None]
 KL_REFERENCES = ("behavior", "ref")
 # Accepted spellings that mean one of KL_REFERENCES.
 KL_REFERENCE_ALIASES = {"behaviour": "behavior"}
@@ -121,7 +118,9 @@ class BAPOConfig(GRPOConfig):
     )
     max_reevaluation_prompts: int = field(
         default=128,
-        metadata={"help": "Most prompts of B_bad re-evaluated at once (oldest first); paper: 128."},
+        metadata={
+            "help": "Most prompts of B_bad re-evaluated at once, chosen as `reevaluation_order` says; paper: 128."
+        },
     )
     reevaluation_order: str = field(
         default="oldest",
@@ -134,13 +133,17 @@ class BAPOConfig(GRPOConfig):
     difficult_buffer_size: int | None = field(
         default=None,
         metadata={
-            "help": "|B_bad|, the FIFO capacity of the difficult-prompt buffer. None means the number of prompts "
+            "help": "|B_bad|, the FIFO capacity of the difficult-prompt buffer (with `shared_buffer`, the capacity "
+            "of the store B_bad and B_high share, the authors' max_total_uids). None means the number of prompts "
             "per rollout batch, as in the paper."
         },
     )
     high_quality_buffer_steps: int = field(
         default=3,
-        metadata={"help": "B_high keeps the groups of only this many most recent rollout steps (paper: 3)."},
+        metadata={
+            "help": "B_high keeps the groups of only this many most recent rollout steps (paper: 3). Not with "
+            "`shared_buffer`, where nothing leaves by age."
+        },
     )
     online_filter: str = field(
         default="range",
@@ -338,8 +341,9 @@ class BAPOConfig(GRPOConfig):
     loss_type: str = field(
         default="dapo",
         metadata={
-            "help": "Every loss type of GRPOConfig ('grpo', 'dr_grpo', 'dapo', 'bnpo', 'cispo', 'sapo', 'luspo', "
-            "'vespo'), plus the off-policy group-relative REINFORCE losses of arXiv 2509.24203, written for stale "
+            "help": "A key of `trl_bapo.losses.LOSSES`, read when the config is built: every loss type of GRPOConfig "
+            "('grpo', 'dr_grpo', 'dapo', 'bnpo', 'cispo', 'sapo', 'luspo', 'vespo'), plus the off-policy "
+            "group-relative REINFORCE losses of arXiv 2509.24203, written for stale "
             "data: 'rec' (the variant in `rec_variant`), 'asymre' and 'opmd'. These three average their per-token "
             "loss over the micro-batch's tokens and use the advantages as TRL computes them (the paper's are "
             "not scaled by the group's standard deviation: scale_rewards='none')."
@@ -385,8 +389,9 @@ class BAPOConfig(GRPOConfig):
             "ratio bounds [low, high] of the clipped surrogate so that positive-advantage tokens' clipped "
             "contribution reaches `adaptive_clip_target` times the negative tokens', raising low first, then high; "
             "the sums are taken over all processes. Negative advantages get the dual clip "
-            "`adaptive_clip_dual` (through TRL's `delta`). For loss types with a clipped token-level ratio: "
-            f"{', '.join(CLIPPED_LOSSES)}; usable with BAPO's batches or without them."
+            "`adaptive_clip_dual` (through TRL's `delta`). For loss types with a clipped token-level ratio (those "
+            "`trl_bapo.losses.LOSSES` marks clipped: grpo, dr_grpo, bnpo, dapo); usable with BAPO's batches or "
+            "without them."
         },
     )
     adaptive_clip_start: list[float] = field(
@@ -640,7 +645,8 @@ class BAPOConfig(GRPOConfig):
                 f"({', '.join(n for n, loss in LOSSES.items() if loss.normalisation in ('token', 'global'))}) or "
                 "batch_aggregation='spread'."
             )
-        if self.loss_type in OWN_LOSSES:
+        # The table is read here, not at import, so a loss added to it later is checked as its entry says.
+        if LOSSES[self.loss_type].per_token is not None:
             if self.rec_variant not in REC_VARIANTS:
                 raise ValueError(f"rec_variant must be one of {list(REC_VARIANTS)}, got {self.rec_variant!r}.")
             for name in ("rec_ring_epsilon_low", "rec_ring_epsilon_high", "asymre_tau", "opmd_tau"):
@@ -664,11 +670,12 @@ class BAPOConfig(GRPOConfig):
                 )
         if not self.adaptive_clipping:
             return
-        if self.loss_type not in CLIPPED_LOSSES or level != "token":
+        clipped = [name for name, loss in LOSSES.items() if loss.clipped]
+        if not LOSSES[self.loss_type].clipped or level != "token":
             raise ValueError(
                 "adaptive_clipping sets the bounds of a clipped token-level ratio, which "
                 f"loss_type={self.loss_type!r} with importance_sampling_level={level!r} does not have; use "
-                f"loss_type in {CLIPPED_LOSSES} with importance_sampling_level='token', or adaptive_clipping=False."
+                f"loss_type in {clipped} with importance_sampling_level='token', or adaptive_clipping=False."
             )
         if self.delta is not None:
             raise ValueError(

@@ -29,8 +29,20 @@ TRAINER_ATTRIBUTES = {
 # Set by GRPOTrainer only with `use_vllm`: the global step the engine was last sent weights at.
 VLLM_TRAINER_ATTRIBUTES = {"_last_loaded_step": "BAPO decides when the engine gets weights (alpha)"}
 
+# Class attributes of TRL's BaseTrainer that BAPOTrainer sets: what the model card writes.
+TRAINER_CLASS_ATTRIBUTES = {
+    "_tag_names": "the model card's tags (trainer.py)",
+    "_name": "the trainer's name in the model card (trainer.py)",
+    "_paper": "the paper the model card cites (trainer.py)",
+}
+
 # Attributes of the trainer's `_dist` (trl.distributed).
 DIST_ATTRIBUTES = ("fsdp_version", "is_fsdp", "is_zero3")
+
+# Private functions of TRL's modules, by module.
+FUNCTIONS = {
+    "trl.cli.commands.training": {"_subtract_subsequence": "splits the CLI's arguments as `trl grpo` does (cli.py)"},
+}
 
 # Methods of trl.generation.vllm_generation.VLLMGeneration.
 VLLM_GENERATION_METHODS = {"_iter_named_params": "TRL's walk over the weights, gathered and merged (vllm_sync.py)"}
