@@ -408,15 +408,22 @@ def summarize(
     ]
     curves = {m: median_curve(records, m) for m in methods}
     plot_curves(curves, output / "heldout.png")
-    bapo_runs = [r for r in records if r["method"] == "bapo"]
-    if bapo_runs:
-        prompts = regime.prompts_per_rollout
-        # One entry per rollout step (the first of its updates), so the plot counts groups per rollout batch.
-        composition = bapo_runs[0]["composition"][:: regime.updates_per_rollout]
-        plot_composition(composition, prompts, output / "composition.png")
+    # The composition and bins of BAPO's first run, or of the first BAPO variant's when BAPO itself did not run.
+    drawn = next((m for m in ["bapo", *methods] if m.startswith("bapo") and m in methods), None)
+    figures = []
+    if drawn:
+        first = _first(records, drawn)
+        # `composition` holds one entry per rollout step: BAPO logs its metrics once per rollout step.
+        plot_composition(first["composition"], regime.prompts_per_rollout, output / "composition.png")
         plot_accuracy_bins(
-            accuracy_bins(base["tracked"], GROUP_SIZE), bapo_runs[0]["tracked_bins"], output / "accuracy_bins.png"
+            accuracy_bins(base["tracked"], GROUP_SIZE), first["tracked_bins"], output / "accuracy_bins.png"
         )
+        figures = [
+            "![composition](composition.png) ![bins](accuracy_bins.png)",
+            "",
+            f"Composition and accuracy bins: the {drawn} run of seed {first['seed']}.",
+            "",
+        ]
     base_accuracy = records[0]["base_eval_accuracy"]
     if regime.name == "paper" and "grpo" in median:
         comparison = paper_sections(records, median, curves, base_accuracy, gate)
@@ -454,10 +461,7 @@ def summarize(
             "",
             "![held-out accuracy](heldout.png)",
             "",
-            "![composition](composition.png) ![bins](accuracy_bins.png)",
-            "",
-            "Composition and accuracy bins: the BAPO run of the first seed.",
-            "",
+            *figures,
         ]
     )
 
@@ -519,17 +523,20 @@ def paper_sections(records: list[dict], median: dict, curves: dict, base: float,
         f"What this resolution cost: {len(seeds)} seeds x {len(compared) + 1} methods, plus the X3 supply settings "
         f"on the first seed, {len(records)} runs, {hours:.1f} hours of training on this machine (one core per run, "
         f"held-out evaluations included), each evaluated on 200 held-out prompts x 8 samples.",
-        "",
-        "## The supply of X3 (first seed)",
-        "",
-        "| setting | batch fill (median) | X3 groups per rollout (mean) |",
-        "|---|---|---|",
-        *[
-            f"| {m} | {_first(records, m)['batch_fill_median']:.2f} "
-            f"| {_first(records, m).get('bapo_means', {}).get('bapo/x3', math.nan):.1f} |"
-            for m in supply
-        ],
     ]
+    if supply:
+        lines += [
+            "",
+            "## The supply of X3 (first seed)",
+            "",
+            "| setting | batch fill (median) | X3 groups per rollout (mean) |",
+            "|---|---|---|",
+            *[
+                f"| {m} | {_first(records, m)['batch_fill_median']:.2f} "
+                f"| {_first(records, m).get('bapo_means', {}).get('bapo/x3', math.nan):.1f} |"
+                for m in supply
+            ],
+        ]
     variants = [m for m in ("bapo", "bapo_decoupled", "bapo_authors") if m in differences]
     if not variants or "dapo" not in median:
         return lines

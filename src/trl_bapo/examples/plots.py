@@ -57,7 +57,7 @@ def plot_curves(curves: dict[str, Sequence[Sequence[float]]], path: Path) -> Pat
 
 
 def plot_composition(logs: Sequence[dict], batch_groups: int, path: Path) -> Path:
-    """X1/X2/X3 groups per step, stacked, against the configured batch (fig. 8)."""
+    """X1/X2/X3 groups per rollout step (one log entry each), stacked, against the configured batch (fig. 8)."""
     steps = range(1, len(logs) + 1)
     figure, axis = plt.subplots(figsize=(7, 3.5))
     bottom = [0.0] * len(logs)
@@ -66,7 +66,7 @@ def plot_composition(logs: Sequence[dict], batch_groups: int, path: Path) -> Pat
         axis.bar(steps, values, bottom=bottom, color=COLOURS[part], label=label, width=0.9)
         bottom = [b + v for b, v in zip(bottom, values)]
     axis.axhline(batch_groups, color="black", linestyle="--", linewidth=1, label=f"configured batch ({batch_groups})")
-    axis.set(xlabel="optimizer step", ylabel="groups in the training batch", title="Batch composition")
+    axis.set(xlabel="rollout step", ylabel="groups in the training batch", title="Batch composition")
     axis.legend(loc="upper left", fontsize=8, ncols=2)
     return _save(figure, path)
 
