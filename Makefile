@@ -12,7 +12,7 @@ VERL_VENV ?= .venv-verl
 VERL_PY := $(VERL_VENV)/bin/python
 VERL_STAMP := $(VERL_VENV)/.installed
 
-.PHONY: install install-vllm install-verl lint test demo bench sweep clean
+.PHONY: install install-vllm install-verl lint docs test demo bench sweep clean
 
 install: $(STAMP)
 
@@ -49,10 +49,14 @@ $(VERL_STAMP): Makefile
 
 # As TRL's `make quality`: ruff's checks and its formatting, 119 columns (pyproject.toml).
 lint: install
-	$(PY) -m ruff check src tests
-	$(PY) -m ruff format --check src tests
+	$(PY) -m ruff check src tests docs
+	$(PY) -m ruff format --check src tests docs
 
-test: lint install-vllm install-verl
+# The documentation (docs/, mkdocs.yml) into build/site; strict, so a broken link or anchor fails the build.
+docs: install
+	$(PY) -m mkdocs build --strict --quiet
+
+test: lint docs install-vllm install-verl
 	$(PY) -m pytest -q tests --ignore=tests/real_vllm
 	$(VLLM_PY) -m pytest -q tests/real_vllm
 

@@ -215,7 +215,7 @@ def test_demo_recipe_trains_through_the_cli(tiny_model_path, tmp_path):
 
 
 def test_demo_recipe_evaluates_during_training(tmp_path):
-    """The command from the README's evaluation example: the embedded model, evaluated on the held-out split."""
+    """The command of docs/scaling.md's evaluation example: the embedded model, evaluated on the held-out split."""
     trainer = main(
         [
             "--config",

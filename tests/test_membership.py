@@ -83,7 +83,7 @@ def test_batch_membership_follows_algorithm_1(tiny_model_path, tmp_path):
     assert [set(call["scored"]) for call in reevaluations] == [{"e=", "i="}, {"m=", "p="}]
 
 
-# The authors' X2 rules (README, "The authors' code"): c1 = 1/4; a re-evaluated prompt joins X2 when its accuracy beats
+# The authors' X2 rules (docs/authors-parity.md): c1 = 1/4; a re-evaluated prompt joins X2 when its accuracy beats
 # the one it entered B_bad with and stays below 1; re-evaluated prompts stay in B_bad; X2 is capped to the room X1
 # leaves. Per prompt: correct completions at each scoring.
 AUTHORS_PLAN = {
