@@ -14,6 +14,7 @@ Scenarios:
 - `decoupled`: `train` with the decoupled correction, whose importance weights every process must log alike.
 - `loss_metrics`: BAPO's own loss (OPMD), whose entropy and KL metrics must be means over every process's tokens.
 - `fsdp1`: the trainer built under FSDP1, which must refuse the delayed rollout policy.
+- `authors`: `train` with the authors' code's rules (`AUTHORS`), two optimizer steps a rollout step.
 - `observe`: `train` evaluated and tracked every 2 steps, with buffer snapshots at every logging step and a
   checkpoint at the end: what each process measured and holds, to compare with the files process 0 wrote.
 
@@ -61,6 +62,31 @@ SETTINGS = dict(
     high_quality_buffer_steps=1,
     high_quality_lower_range=[0.5, 0.5],
     high_quality_upper_range=[0.75, 0.75],
+)
+
+
+# recipes/bapo_authors.yaml's rules at this size: a shared store of 4 entries with 1 high-quality one, two optimizer
+# steps a rollout step of 12 rows each (2 rows x 3 micro-batches x 2 processes), taken only as far as there are rows.
+AUTHORS = dict(
+    per_device_train_batch_size=2,
+    steps_per_generation=6,
+    max_steps=2 * len(STEPS),
+    beta=0.0,
+    rollout_delay=2,
+    rollout_refresh_phase=1,
+    shared_buffer=True,
+    difficult_entry_after_update=True,
+    difficult_buffer_size=4,
+    high_quality_buffer_size=1,
+    high_quality_lower_range=[0.25, 0.25],
+    high_quality_upper_range=[0.75, 0.75],
+    difficult_admission="improved_or_solved",
+    keep_reevaluated_prompts=True,
+    cap_difficult_replay=True,
+    online_filter_fallback=True,
+    off_policy_correction="decoupled",
+    x3_anchor="stored",
+    batch_aggregation="mini_batch",
 )
 
 
@@ -326,6 +352,7 @@ if __name__ == "__main__":
         "loss_metrics": loss_metrics,
         "fsdp1": fsdp1,
         "observe": observe,
+        "authors": lambda out, path: train(out, path, **AUTHORS),
     }
     result = scenarios[scenario](Path(output), model)
     (Path(output) / f"{scenario}-{PartialState().process_index}.json").write_text(json.dumps(result))

@@ -145,6 +145,29 @@ def test_decoupled_correction_agrees_across_processes(engine, tiny_model_path, t
 
 
 @pytest.mark.parametrize("engine", ["ddp", "fsdp2"])
+def test_the_authors_rules_train_in_lockstep(engine, tiny_model_path, tmp_path):
+    """recipes/bapo_authors.yaml's rules on two processes: the shared store, the stored X3 anchor and the mini-batch
+    aggregation decide alike on both, and a rollout step takes an optimizer step per 12 rows it has, the other step
+    leaving the weights where they are."""
+    ranks = run_worker(engine, "authors", tmp_path, tiny_model_path)
+    for key in ("difficult", "high_quality", "counters", "logs", "trained"):
+        assert ranks[0][key] == ranks[1][key], key
+    logs, trained = ranks[0]["logs"], ranks[0]["trained"]
+    assert len(logs) == STEPS and len(trained) == 2 * STEPS + 1
+    taken = []
+    for t, log in enumerate(logs):
+        rows = 4 * (log["bapo/x1"] + log["bapo/x2"] + log["bapo/x3"])
+        assert log["bapo/optimizer_steps"] == -(-rows // 12), f"step {t + 1}: {rows} rows"
+        before, first, second = trained[2 * t : 2 * t + 3]
+        assert (first != before) == (log["bapo/optimizer_steps"] >= 1) and (second != first) == (rows > 12)
+        taken.append(log["bapo/optimizer_steps"])
+    assert {1, 2} <= set(taken), f"no underfilled or no full rollout step: {taken}"
+    assert sum(log["bapo/reevaluated"] for log in logs) and sum(log["bapo/x3"] for log in logs)
+    # Steps 4 and 6 have no mixed group: X1 falls back to the whole batch, which leaves X2 and X3 no room.
+    assert [log["bapo/x1"] for log in logs][3::2] == [6, 6] and not any(log["bapo/x2"] for log in logs)
+
+
+@pytest.mark.parametrize("engine", ["ddp", "fsdp2"])
 def test_tracking_snapshots_and_metrics_by_source_on_two_processes(engine, tiny_model_path, tmp_path):
     """Every process measures the tracked prompts alike (a collective generation under FSDP2), holds the same
     buffers and logs the same lag and clip fractions; process 0 alone writes the files, with those numbers."""

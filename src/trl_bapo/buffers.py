@@ -297,11 +297,10 @@ class SharedBuffer:
         for group, band in zip(groups, in_band(accuracy, c2, c3)):
             if (difficult and group.accuracy <= self.c1 + EPS) or (high_quality and band):
                 self._entries.append(group)
-                self._evict(group.step, c2, c3)
+                self._evict(c2, c3)
 
-    def _evict(self, step: int, c2: float, c3: float) -> None:
-        excess = len(self._entries) - self.capacity
-        if excess <= 0:
+    def _evict(self, c2: float, c3: float) -> None:
+        if len(self._entries) <= self.capacity:
             return
         latest = [self.latest(group) for group in self._entries]
         band = in_band(latest, c2, c3)
