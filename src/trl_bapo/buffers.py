@@ -21,7 +21,7 @@ from typing import Any, NamedTuple
 import torch
 from datasets.fingerprint import Hasher
 
-from trl_bapo.selection import EPS, high_quality_mask
+from trl_bapo.selection import difficult_mask, high_quality_mask
 
 # The authors' store keeps the last 32 re-evaluation outcomes of an entry (their `max_scores_per_uid`): an entry's
 # latest accuracy is their mean, up to four re-evaluations of 8 completions pooled.
@@ -64,7 +64,13 @@ def draw(groups: list[BufferedGroup], count: int, generator: torch.Generator) ->
 
 
 def in_band(accuracy: list[float], c2: float, c3: float) -> list[bool]:
+    """Selection's c2 <= mu <= c3 (lines 9 and 16), on a list."""
     return high_quality_mask(torch.tensor(accuracy, dtype=torch.float64), c2, c3).tolist() if accuracy else []
+
+
+def is_difficult(accuracy: list[float], c1: float) -> list[bool]:
+    """Selection's mu <= c1 (line 8), on a list; an unscorable (NaN) accuracy is not difficult."""
+    return difficult_mask(torch.tensor(accuracy, dtype=torch.float64), c1).tolist() if accuracy else []
 
 
 class DifficultBuffer:
@@ -197,7 +203,7 @@ class PaperBuffers:
         `high_quality`)."""
         accuracy = [group.accuracy for group in groups]
         if difficult:
-            self.difficult.add([group for group, mu in zip(groups, accuracy) if mu <= self.c1 + EPS])
+            self.difficult.add([group for group, hard in zip(groups, is_difficult(accuracy, self.c1)) if hard])
         if high_quality:
             self.high_quality.add([group for group, band in zip(groups, in_band(accuracy, c2, c3)) if band])
 
@@ -206,12 +212,15 @@ class PaperBuffers:
         entries = self.difficult.entries()
         return draw(entries, count, generator) if order == "random" else entries[:count]
 
-    def after_reevaluation(self, groups: list[BufferedGroup], scores: list[list[float]], keep: bool) -> None:
-        """Counts the re-evaluation; unless `keep`, prompts re-evaluated above c1 leave B_bad."""
+    def after_reevaluation(
+        self, groups: list[BufferedGroup], accuracy: list[float], outcomes: list[list[float]], keep: bool
+    ) -> None:
+        """Counts the re-evaluation; unless `keep`, prompts re-evaluated above c1 (their new `accuracy`) leave
+        B_bad."""
         for group in groups:
             group.reevaluated += 1
         if not keep:
-            self.difficult.remove([group for group, s in zip(groups, scores) if not mean(s) <= self.c1 + EPS])
+            self.difficult.remove([group for group, hard in zip(groups, is_difficult(accuracy, self.c1)) if not hard])
 
     def draw_replay(self, step: int, c2: float, c3: float, count: int, generator) -> list[BufferedGroup]:
         """X3 (eq. 7 and line 16): `count` random groups of earlier steps in B_high's window with c2 <= mu <= c3."""
@@ -247,12 +256,6 @@ class PaperBuffers:
         self.high_quality.load_state_dict(state["high_quality"])
 
 
-def mean(values: list[float]) -> float:
-    """The mean of scorable outcomes (NaN: unscorable, left out); NaN when none is scorable."""
-    scorable = [value for value in values if value == value]
-    return sum(scorable) / len(scorable) if scorable else float("nan")
-
-
 class SharedBuffer:
     """The authors' layout (github waunx/BAPO_ICLR, verl/trainer/ppo/ray_trainer.py, `OffPolicyManager` and
     `OffPolicyGroupBuffer`): one store of at most `capacity` entries (their `max_total_uids`), each a stored rollout
@@ -281,21 +284,22 @@ class SharedBuffer:
         self, accuracy: torch.Tensor, c2: float, c3: float, difficult: bool, high_quality: bool
     ) -> torch.Tensor:
         """Groups whose rows `add` would keep: every entry's, since any of them may enter the band and be replayed."""
-        return ((accuracy <= self.c1 + EPS) & difficult) | (high_quality_mask(accuracy, c2, c3) & high_quality)
+        return (difficult_mask(accuracy, self.c1) & difficult) | (high_quality_mask(accuracy, c2, c3) & high_quality)
 
     def entries(self) -> list[BufferedGroup]:
         return list(self._entries)
 
     def latest(self, group: BufferedGroup) -> float:
-        return mean(group.scores) if group.scores else group.accuracy
+        """The mean of its re-evaluations' scorable outcomes, else the accuracy it entered with."""
+        return float(torch.tensor(group.scores, dtype=torch.float64).nanmean()) if group.scores else group.accuracy
 
     def add(self, groups: list[BufferedGroup], c2: float, c3: float, difficult: bool, high_quality: bool) -> None:
         """Stores, in rollout order, the groups at mu <= c1 (when `difficult`) and in [c2, c3] (when
         `high_quality`), each followed by the eviction check, as the authors' `collect_data` adds them."""
         self._band = (c2, c3)
         accuracy = [group.accuracy for group in groups]
-        for group, band in zip(groups, in_band(accuracy, c2, c3)):
-            if (difficult and group.accuracy <= self.c1 + EPS) or (high_quality and band):
+        for group, hard, band in zip(groups, is_difficult(accuracy, self.c1), in_band(accuracy, c2, c3)):
+            if (difficult and hard) or (high_quality and band):
                 self._entries.append(group)
                 self._evict(c2, c3)
 
@@ -303,10 +307,10 @@ class SharedBuffer:
         if len(self._entries) <= self.capacity:
             return
         latest = [self.latest(group) for group in self._entries]
-        band = in_band(latest, c2, c3)
+        band, hard = in_band(latest, c2, c3), is_difficult(latest, self.c1)
         high = [g for g, b in zip(self._entries, band) if b]
-        difficult = [g for g, b, mu in zip(self._entries, band, latest) if not b and mu <= self.c1 + EPS]
-        other = [g for g, b, mu in zip(self._entries, band, latest) if not b and not mu <= self.c1 + EPS]
+        difficult = [g for g, b, h in zip(self._entries, band, hard) if not b and h]
+        other = [g for g, b, h in zip(self._entries, band, hard) if not b and not h]
         leaving: list[BufferedGroup] = []
         if len(high) > self.high_quality_size:
             # The authors evict the stale ones first (stored more than `max_high_quality_staleness_steps` ago), then
@@ -328,14 +332,16 @@ class SharedBuffer:
         candidates = self.difficult_entries()
         return draw(candidates, count, generator) if order == "random" else candidates[:count]
 
-    def after_reevaluation(self, groups: list[BufferedGroup], scores: list[list[float]], keep: bool) -> None:
+    def after_reevaluation(
+        self, groups: list[BufferedGroup], accuracy: list[float], outcomes: list[list[float]], keep: bool
+    ) -> None:
         """Each re-evaluated entry keeps the outcomes (its last `SCORES_KEPT`); unless `keep`, entries re-evaluated
-        above c1 leave."""
-        for group, outcome in zip(groups, scores):
+        above c1 (their new `accuracy`) leave."""
+        for group, outcome in zip(groups, outcomes):
             group.reevaluated += 1
             group.scores = (group.scores + outcome)[-SCORES_KEPT:]
         if not keep:
-            solved = [group for group, s in zip(groups, scores) if not mean(s) <= self.c1 + EPS]
+            solved = [group for group, hard in zip(groups, is_difficult(accuracy, self.c1)) if not hard]
             self._entries = [group for group in self._entries if not any(group is g for g in solved)]
 
     def draw_replay(self, step: int, c2: float, c3: float, count: int, generator) -> list[BufferedGroup]:
@@ -348,7 +354,8 @@ class SharedBuffer:
 
     def difficult_entries(self) -> list[BufferedGroup]:
         """B_bad as re-evaluation sees it: entries that entered at mu <= c1."""
-        return [group for group in self._entries if group.accuracy <= self.c1 + EPS]
+        hard = is_difficult([group.accuracy for group in self._entries], self.c1)
+        return [group for group, h in zip(self._entries, hard) if h]
 
     def high_quality_entries(self) -> list[BufferedGroup]:
         """B_high as X3 sees it: entries whose latest accuracy is in the band of the last rollout step."""

@@ -354,7 +354,9 @@ class BAPOTrainer(GRPOTrainer):
         accuracy = group_accuracy(outcomes.reshape(-1), group_size)
         entered_with = torch.tensor([group.accuracy for group in groups])
         admitted = reevaluation_admitted(accuracy, entered_with, args.difficult_threshold, args.difficult_admission)
-        self._bapo.buffers.after_reevaluation(groups, outcomes.tolist(), args.keep_reevaluated_prompts)
+        self._bapo.buffers.after_reevaluation(
+            groups, accuracy.tolist(), outcomes.tolist(), args.keep_reevaluated_prompts
+        )
         keep = first[admitted][: room if args.cap_difficult_replay else None]
         return Replay([select_rows(batch, group_rows(keep, group_size))], len(keep), reevaluated=len(groups))
 
