@@ -46,18 +46,24 @@ def test_correctness_reward_decides_accuracy_beside_a_format_reward(tiny_model_p
             [ScriptedReward(PLAN), format_reward],
             correctness_reward="scripted_reward",
         )
-    # Which groups are difficult, replayed or filtered, and r_tot, depend on correctness alone.
-    assert ruled == alone and any(step["bapo/x2"] for step in alone) and any(step["bapo/x3"] for step in alone)
-    assert not [r for r in caplog.records if "Rewards range over" in r.getMessage()]
+    # Which prompts are difficult, which come back in X2, B_high's band and r_tot depend on correctness alone; X1
+    # keeps every group the summed rewards give a signal (the format reward splits some all-correct groups).
+    buffers = ("bapo/x2", "bapo/difficult_buffer", "bapo/r_tot")
+    assert [{k: s[k] for k in buffers} for s in ruled] == [{k: s[k] for k in buffers} for s in alone]
+    assert any(step["bapo/x2"] for step in alone) and any(step["bapo/x3"] for step in alone)
+    assert all(r["bapo/x1"] >= a["bapo/x1"] for r, a in zip(ruled, alone))
+    assert trainer.bapo_status.correctness == "reward `scripted_reward` >= 1 (correctness_reward)"
+    assert not [r for r in caplog.records if "BAPO's correctness" in r.getMessage()]
     # The format reward still shapes the advantages the loss sees.
     assert trainer.state.log_history[0]["rewards/format_reward/mean"] > 0
 
     caplog.clear()
     with caplog.at_level(logging.WARNING):
-        summed, _ = train(tiny_model_path, tmp_path / "summed", [ScriptedReward(PLAN), format_reward])
-    warnings = [r.getMessage() for r in caplog.records if "Rewards range over" in r.getMessage()]
-    assert len(warnings) == 1 and "correctness_reward" in warnings[0]
-    assert summed != alone  # without the rule, the format reward moves accuracies: the warning was due
+        found, trainer = train(tiny_model_path, tmp_path / "found", [ScriptedReward(PLAN), format_reward])
+    # Unstated, the 0/1 reward is found and is the signal: the same buffers, said once.
+    assert [{k: s[k] for k in buffers} for s in found] == [{k: s[k] for k in buffers} for s in alone]
+    said = [r.getMessage() for r in caplog.records if "BAPO's correctness" in r.getMessage()]
+    assert len(said) == 1 and "scripted_reward" in said[0] and "correctness_reward" in said[0]
 
 
 def test_correctness_reward_must_name_a_reward_function_before_anything_loads(tmp_path):

@@ -395,6 +395,7 @@ class BAPOStatus:
     c3: float
     r_tot: float
     rollouts: int  # completions generated so far, re-evaluation included
+    correctness: str = ""  # which reward defines a correct completion, in words (`trl_bapo.scoring.Correctness`)
 
     @classmethod
     def of(cls, buffers: PaperBuffers | SharedBuffer, **values: Any) -> BAPOStatus:

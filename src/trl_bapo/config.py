@@ -148,9 +148,10 @@ class BAPOConfig(GRPOConfig):
     online_filter: str = field(
         default="range",
         metadata={
-            "help": "Filter that turns fresh groups into X1 (appendix A.3): 'range' keeps accuracy in "
-            "[1/G, (G-1)/G] with non-zero reward variance, 'gaussian' keeps a group with probability "
-            "exp(-(acc - mean)^2 / (2 std^2)), 'uniform' keeps a random share, 'none' keeps every group.",
+            "help": "Filter that turns fresh groups into X1 (appendix A.3): 'range' keeps the groups with non-zero "
+            "reward variance on any reward scale (with 0/1 rewards, accuracy in [1/G, (G-1)/G]), 'gaussian' keeps a "
+            "group with probability exp(-(acc - mean)^2 / (2 std^2)) (by its variance when there is no correctness "
+            "signal), 'uniform' keeps a random share, 'none' keeps every group.",
             "choices": list(ONLINE_FILTERS),
         },
     )
@@ -273,12 +274,12 @@ class BAPOConfig(GRPOConfig):
     correctness_reward: str | None = field(
         default=None,
         metadata={
-            "help": "What counts as a correct completion, when rewards are not 0/1 (say a format reward beside an "
-            "accuracy reward): the name of the reward function (as in TRL's `rewards/<name>/mean` log) whose value "
-            "decides it. Group accuracy mu(x) (Algorithm 1), the thresholds c1, c2, c3, r_tot of eq. 8 and the range "
-            "filter then read the share of correct completions; advantages still come from all rewards. None: mu(x) "
-            "is the mean of the weighted sum of rewards, as in the paper's 0/1 rewards (a warning is logged when "
-            "rewards leave [0, 1])."
+            "help": "What counts as a correct completion: the name of the reward function (as in TRL's "
+            "`rewards/<name>/mean` log) whose value decides it. Group accuracy mu(x) (Algorithm 1), the thresholds "
+            "c1, c2, c3 and r_tot of eq. 8 then read the share of correct completions; advantages still come from all "
+            "rewards. None: found at the first step, a reward function whose values are all 0/1 (the largest weight "
+            "among several), else the weighted sum of rewards when it lies in [0, 1], else none, and B_bad and "
+            "B_high (X2, X3) stay off with one warning (docs/method.md, 'Which completions are correct')."
         },
     )
     correctness_threshold: float = field(

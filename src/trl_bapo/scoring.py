@@ -1,7 +1,8 @@
 """TRL's generation and scoring as BAPO reads it: which completions are correct, and which groups carry a signal.
 
-Whether a group has a learning signal is TRL's call (its advantages, under any reward aggregation); whether a
-completion is correct is BAPO's: its weighted reward, or the reward `correctness_reward` names.
+Whether a group has a learning signal is TRL's call (its advantages, under any reward aggregation and on any reward
+scale); whether a completion is correct is BAPO's (`Correctness`): the reward `correctness_reward` names, a reward
+that is 0/1, or a weighted sum in [0, 1].
 """
 
 from __future__ import annotations
@@ -49,35 +50,120 @@ def check_correctness_reward(correctness_reward: str | None, reward_funcs) -> No
         )
 
 
+STATED, FOUND, WEIGHTED_SUM, NONE = "stated", "found", "weighted_sum", "none"
+
+
 class Correctness:
-    """Which completions are correct, from TRL's gathered rewards per function: the reward `correctness_reward`
-    names reaching `correctness_threshold`, or without one the weighted sum of rewards, read as an accuracy (a
-    warning, once, when rewards leave [0, 1]). NaN: no reward function scored the completion."""
+    """Which completions are correct (1 or 0; NaN where no reward function scored one), from TRL's gathered rewards
+    per function. X1 needs no correctness (it keeps groups with a learning signal, on any reward scale); B_bad, B_high,
+    X2 and X3 do, and which reward gives it is decided at the first scoring and kept for the run:
+
+    1. stated: `correctness_reward` names the reward; a completion is correct when it reaches
+       `correctness_threshold`;
+    2. found: a reward function whose values are all 0 or 1 (TRL's `accuracy_reward`, a math-verify reward) is the
+       signal, even beside other rewards; among several, the one with the largest weight, the first on a tie;
+    3. the weighted sum of the rewards, when it lies in [0, 1] (a graded accuracy);
+    4. none: no reward is on the scale c1, c2, c3 are made for, so the difficulty buffers stay empty and BAPO trains
+       on the online filter alone (one warning says how to turn them on).
+
+    Once decided, a reward that leaves its scale (a 0/1 reward that returns 0.5, a sum that leaves [0, 1]) stops
+    the run with an error that says how to state the signal: the thresholds must not silently change meaning."""
 
     def __init__(self, reward_name: str | None, threshold: float, trainer):
-        self.column = None if reward_name is None else trainer.reward_func_names.index(reward_name)
-        self.threshold, self.weights, self.warned = threshold, trainer.reward_weights, False
+        self.names, self.weights = list(trainer.reward_func_names), trainer.reward_weights.detach().cpu()
+        self.threshold, self.is_main = threshold, trainer.accelerator.is_main_process
+        self.column = None if reward_name is None else self.names.index(reward_name)
+        self.source = STATED if reward_name is not None else None
+        if self.source == STATED and self.is_main:
+            logger.info("BAPO's correctness: %s.", self.description)
+
+    @property
+    def defined(self) -> bool:
+        """Whether the difficulty buffers have a correctness to run on (False only once decided as none)."""
+        return self.source != NONE
+
+    @property
+    def description(self) -> str:
+        """Which reward defines correctness, in words (`bapo_status.correctness`)."""
+        if self.source == STATED:
+            return f"reward `{self.names[self.column]}` >= {self.threshold:g} (correctness_reward)"
+        if self.source == FOUND:
+            return f"reward `{self.names[self.column]}` (its values are 0/1)"
+        if self.source == WEIGHTED_SUM:
+            return "the weighted sum of rewards, in [0, 1], read as an accuracy"
+        if self.source == NONE:
+            return "none (no 0/1 reward and the weighted sum leaves [0, 1]): difficulty buffers off"
+        return "decided at the first scoring"
 
     def __call__(self, per_func: torch.Tensor) -> torch.Tensor:
-        if self.column is not None:
-            return correct_completions(per_func[:, self.column].cpu(), self.threshold)
-        correct = (per_func * self.weights.to(per_func.device).unsqueeze(0)).nansum(dim=1).cpu()
-        correct[torch.isnan(per_func).all(dim=1).cpu()] = math.nan
-        self._warn_if_not_accuracy(correct)
-        return correct
+        per_func = per_func.detach().float().cpu()
+        if self.source is None:
+            self._decide(per_func)
+        if self.source == STATED:
+            return correct_completions(per_func[:, self.column], self.threshold)
+        if self.source == FOUND:
+            values = per_func[:, self.column]
+            self._check_scale(values, is_zero_one(values), "0 or 1")
+            return values
+        if self.source == WEIGHTED_SUM:
+            total = self._weighted_sum(per_func)
+            self._check_scale(total, is_unit_interval(total), "in [0, 1]")
+            return total
+        return torch.full((len(per_func),), math.nan)
 
-    def _warn_if_not_accuracy(self, rewards: torch.Tensor) -> None:
-        finite = rewards[~torch.isnan(rewards)]
-        if self.warned or not ((finite < 0) | (finite > 1)).any():
+    def _weighted_sum(self, per_func: torch.Tensor) -> torch.Tensor:
+        total = (per_func * self.weights.unsqueeze(0)).nansum(dim=1)
+        total[torch.isnan(per_func).all(dim=1)] = math.nan
+        return total
+
+    def _decide(self, per_func: torch.Tensor) -> None:
+        zero_one = [c for c in range(per_func.shape[1]) if is_zero_one(per_func[:, c])]
+        if zero_one:
+            self.column = max(zero_one, key=lambda c: (float(self.weights[c]), -c))
+            self.source = FOUND
+        elif is_unit_interval(self._weighted_sum(per_func)):
+            self.source = WEIGHTED_SUM
+        else:
+            self.source = NONE
+        if not self.is_main:
             return
-        self.warned = True
-        logger.warning(
-            "Rewards range over [%.3g, %.3g], but BAPO reads their mean per group as accuracy: the thresholds c1, c2, "
-            "c3 and the range filter assume rewards in [0, 1]. Set correctness_reward (and correctness_threshold) "
-            "to the reward that says whether a completion is right.",
-            float(finite.min()),
-            float(finite.max()),
+        if self.source == NONE:
+            logger.warning(
+                "BAPO found no correctness signal: no reward function returns only 0/1 and the weighted sum of "
+                "rewards leaves [0, 1] (here [%.3g, %.3g]). B_bad and B_high (X2, X3) stay off and BAPO trains on "
+                "the online filter alone (groups with a learning signal). To turn them on, set correctness_reward "
+                "to the reward function that says whether a completion is right, and correctness_threshold to the "
+                "value that counts as right.",
+                float(self._weighted_sum(per_func).nan_to_num(nan=0).min()),
+                float(self._weighted_sum(per_func).nan_to_num(nan=0).max()),
+            )
+        elif len(self.names) > 1 or self.source == WEIGHTED_SUM:
+            logger.warning("BAPO's correctness: %s. Set correctness_reward to choose another.", self.description)
+        else:
+            logger.info("BAPO's correctness: %s.", self.description)
+
+    def _check_scale(self, values: torch.Tensor, on_scale: bool, scale: str) -> None:
+        if on_scale:
+            return
+        finite = values[~torch.isnan(values)]
+        raise ValueError(
+            f"BAPO's correctness is {self.description}, decided at the first scoring, but it now returns values "
+            f"outside {scale} (from {float(finite.min()):.3g} to {float(finite.max()):.3g}). The thresholds c1, c2, "
+            "c3 would silently change meaning. State the correctness signal: set correctness_reward to the reward "
+            "function that says whether a completion is right and correctness_threshold to the value that counts as "
+            "right (for example 1.0, or 0.5 for partial credit)."
         )
+
+
+def is_zero_one(values: torch.Tensor) -> bool:
+    """Every scored value (NaN: not scored) is 0 or 1, and at least one was scored."""
+    scored = values[~torch.isnan(values)]
+    return len(scored) > 0 and bool(((scored == 0) | (scored == 1)).all())
+
+
+def is_unit_interval(values: torch.Tensor) -> bool:
+    scored = values[~torch.isnan(values)]
+    return len(scored) > 0 and bool(((scored >= 0) & (scored <= 1)).all())
 
 
 def score(trainer, inputs: list[dict[str, Any]]) -> ScoredRollout:

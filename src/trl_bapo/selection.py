@@ -43,7 +43,6 @@ def online_filter_mask(
     accuracy: torch.Tensor,
     has_variance: torch.Tensor,
     mode: str,
-    num_generations: int,
     generator: torch.Generator,
     gaussian_mean: float = 0.5,
     gaussian_std: float = 0.2,
@@ -51,19 +50,20 @@ def online_filter_mask(
 ) -> torch.Tensor:
     """X1: which fresh groups to train on (section 3.2 and appendix A.3).
 
-    'range' keeps 1/G <= mu <= (G-1)/G; it also asks for non-zero variance, which is the same for 0/1 rewards
-    and drops the zero-advantage groups graded rewards can produce. 'gaussian' keeps a group with probability
-    exp(-(mu - mean)^2 / (2 std^2)); 'uniform' keeps each group with probability `uniform_keep`.
+    'range' keeps the groups with non-zero reward variance, on any reward scale: with 0/1 rewards exactly the
+    paper's 1/G <= mu <= (G-1)/G, and with graded rewards (a length reward, a reward model, a format bonus beside
+    an accuracy) every group whose advantages are not all zero, as GRPO learns from them. 'gaussian' keeps a group
+    with probability exp(-(mu - mean)^2 / (2 std^2)) of its accuracy, and a group without one (no correctness signal)
+    by its variance; 'uniform' keeps each group with probability `uniform_keep`.
     """
     if mode == "none":
         return torch.ones_like(has_variance)
     if mode == "range":
-        g = num_generations
-        return has_variance & (accuracy >= 1 / g - EPS) & (accuracy <= (g - 1) / g + EPS)
+        return has_variance.clone()
     draws = torch.rand(accuracy.shape, generator=generator)
     if mode == "gaussian":
         keep_probability = torch.exp(-((accuracy - gaussian_mean) ** 2) / (2 * gaussian_std**2))
-        return draws < torch.nan_to_num(keep_probability, nan=0.0)
+        return torch.where(torch.isnan(accuracy), has_variance, draws < keep_probability)
     if mode == "uniform":
         return draws < uniform_keep
     raise ValueError(f"Unknown online filter {mode!r}.")

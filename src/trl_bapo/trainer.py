@@ -20,6 +20,7 @@ Under FSDP2 and DeepSpeed the rollout snapshot holds each process's own shards (
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import textwrap
 import time
@@ -154,8 +155,9 @@ class BAPOTrainer(GRPOTrainer):
 
     @property
     def bapo_status(self) -> BAPOStatus:
-        """A read-only copy of BAPO's buffers, thresholds and counters as they stand after the last rollout step."""
-        return self._bapo.status()
+        """A read-only copy of BAPO's buffers, thresholds and counters as they stand after the last rollout step, and
+        which reward defines a correct completion."""
+        return dataclasses.replace(self._bapo.status(), correctness=self._correctness.description)
 
     # ---- Algorithm 1, one rollout step ---------------------------------------------------------------------
 
@@ -218,7 +220,6 @@ class BAPOTrainer(GRPOTrainer):
                 accuracy,
                 group_has_variance(torch.cat([scored.advantages for scored in rounds]), group_size),
                 args.online_filter,
-                group_size,
                 self._bapo.generator,
                 args.online_filter_gaussian_mean,
                 args.online_filter_gaussian_std,

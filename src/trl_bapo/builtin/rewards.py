@@ -23,6 +23,7 @@ from trl_bapo.builtin.tasks import (
     WORD_PROBLEMS,
     arithmetic_reward,
     countdown_reward,
+    ends_with_number_reward,
     word_problem_reward,
 )
 
@@ -70,6 +71,7 @@ REWARDS: dict[str, Callable[[], RewardFunc]] = {
     ARITHMETIC: lambda: _on_answer(arithmetic_reward),
     COUNTDOWN: lambda: _on_answer(countdown_reward),
     WORD_PROBLEMS: lambda: word_problem_reward,
+    "ends-with-number": lambda: ends_with_number_reward,
 }
 
 

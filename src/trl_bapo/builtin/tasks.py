@@ -270,6 +270,12 @@ def word_problem_reward(completions: list, answer: list[str], **kwargs) -> list[
     return [float(verify_word_problem(text, right)) for text, right in zip(texts, answer)]
 
 
+def ends_with_number_reward(completions: list, **kwargs) -> list[float]:
+    """A format reward, 0/1: 1.0 when the reply ends on a number (the form the word problems' verifier reads)."""
+    texts = [completion[-1]["content"] if isinstance(completion, list) else completion for completion in completions]
+    return [float(re.search(r"\d[.!]?\s*$", text) is not None) for text in texts]
+
+
 def countdown_reward(completions: list[str], numbers: list[list[int]], target: list[int], **kwargs) -> list[float]:
     """1.0 for a valid expression reaching the target, else 0.0; TRL passes `numbers` and `target` columns."""
     return [

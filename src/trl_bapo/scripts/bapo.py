@@ -46,8 +46,8 @@ class BAPOScriptArguments(GRPOScriptArguments):
         metadata={
             "help": "Reward functions, summed by the trainer: TRL's ('accuracy_reward', 'reasoning_accuracy_reward', "
             "'think_format_reward', 'get_soft_overlong_punishment'), the synthetic tasks' verifiers ('carry', "
-            "'arithmetic', 'countdown', 'word-problems'), or a dotted import path such as 'my_rewards.f' (the "
-            "current directory is importable)."
+            "'arithmetic', 'countdown', 'word-problems'), the format reward 'ends-with-number', or a dotted import "
+            "path such as 'my_rewards.f' (the current directory is importable)."
         },
     )
 
