@@ -12,7 +12,7 @@ VERL_VENV ?= .venv-verl
 VERL_PY := $(VERL_VENV)/bin/python
 VERL_STAMP := $(VERL_VENV)/.installed
 
-.PHONY: install install-vllm install-verl lint docs test demo bench sweep clean
+.PHONY: install install-vllm install-verl lint docs test demo bench sweep weights clean
 
 install: $(STAMP)
 
@@ -69,6 +69,11 @@ bench: install
 # The learning-rate sweep `make bench` reads its rates from (bench/sweep.json); about 30 minutes on 2 cores.
 sweep: install
 	$(PY) -m trl_bapo.examples.benchmark --sweep
+
+# The embedded default's warm-started models, built once and shipped in the package
+# (src/trl_bapo/builtin/weights, with their hashes and base accuracies in manifest.json); about 20 minutes on 2 cores.
+weights: install
+	$(PY) -m trl_bapo.examples.weights
 
 clean:
 	rm -rf $(VENV) $(VLLM_VENV) $(VERL_VENV) demo_outputs .pytest_cache

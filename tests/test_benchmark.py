@@ -3,7 +3,7 @@
 import dataclasses
 import json
 
-from trl_bapo.builtin.embedded import PROMPTS_PER_STEP
+from trl_bapo.builtin.embedded import PROMPTS_PER_STEP, shipped_manifest
 from trl_bapo.examples import benchmark
 
 RECORD_KEYS = {
@@ -49,6 +49,13 @@ def test_bench_harness_runs_grpo_and_bapo(tmp_path, monkeypatch):
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved == result and len(result["records"]) == 2
     assert {"grpo_gain", "grpo_seed_stdev", "passed"} <= set(result["gate"])
+    # What the runs started from and how this machine computed, recorded with the results.
+    shipped = shipped_manifest()[result["model"]["model"]]
+    assert result["model"]["weights_sha256"] == shipped["sha256"]
+    assert {"cpu_capability", "torch_threads", "cpu_flags"} <= set(result["model"])
+    assert all(
+        record["kernel_path"]["cpu_capability"] == result["model"]["cpu_capability"] for record in saved["records"]
+    )
     for record in result["records"]:
         assert RECORD_KEYS <= set(record)
         assert record["steps"] == 2 and record["learning_rate"] == benchmark.TRAINING["learning_rate"]

@@ -30,6 +30,7 @@ import subprocess
 import time
 from pathlib import Path
 
+import scipy.stats
 import torch
 from transformers import AutoTokenizer, PrinterCallback, TrainerCallback
 from trl import GRPOConfig, GRPOTrainer
@@ -41,6 +42,8 @@ from trl_bapo.builtin.embedded import (
     WARM_START_STEPS,
     embedded_datasets,
     embedded_model,
+    kernel_path,
+    weights_sha256,
 )
 from trl_bapo.builtin.rewards import load_reward
 from trl_bapo.builtin.tasks import ARITHMETIC, CARRY
@@ -293,12 +296,20 @@ def run_method(
         "reward_curve": [entry["reward"] for entry in logs],
         "heldout_curve": [[0, 0, base["heldout"]], *progress.curve],
         "tracked_bins": accuracy_bins(after["tracked"], GROUP_SIZE),
+        "kernel_path": kernel_path(),
     }
     if method.startswith("bapo"):
         keys = [key for key in logs[0] if key.startswith("bapo/") and key != "bapo/assembly_seconds"] if logs else []
         record["composition"] = [{key: entry[key] for key in ("bapo/x1", "bapo/x2", "bapo/x3")} for entry in logs]
         record["bapo_means"] = {key: statistics.fmean(entry[key] for entry in logs if key in entry) for key in keys}
     return record
+
+
+def model_record(regime: Regime) -> dict:
+    """What the regime's runs started from, and how this machine computed: the warm-started model's name and weight
+    hash, ATen's CPU capability, the kernel settings in force, the thread count and the CPU's vector flags."""
+    path = embedded_model(regime.task, warm_start_steps=regime.warm_start_steps)
+    return {"model": path.name, "weights_sha256": weights_sha256(path), **kernel_path()}
 
 
 def peak_memory() -> dict[str, float]:
@@ -441,6 +452,7 @@ def summarize(
             f"{regime.prompts_per_rollout} prompts per rollout batch. Medians over seeds, (min-max).",
             f"Machine: {platform.machine()}, {torch.get_num_threads()} torch threads, {platform.platform()}; "
             f"commit {_commit()}; whole run {seconds / 60:.1f} min. Written findings: [FINDINGS.md](FINDINGS.md).",
+            f"Model: {_kernel_line(records[0])}.",
             "",
             "## Sanity gate (decided before BAPO is compared)",
             "",
@@ -466,10 +478,6 @@ def summarize(
     )
 
 
-# Student's t at 0.95 (a two-sided 90% interval) by degrees of freedom; beyond the table, the normal's 1.645.
-T_95 = {1: 6.314, 2: 2.920, 3: 2.353, 4: 2.132, 5: 2.015, 6: 1.943, 7: 1.895, 8: 1.860, 9: 1.833, 10: 1.812}
-
-
 def paired_difference(records: list[dict], method: str, reference: str = "grpo") -> dict:
     """`method`'s final held-out accuracy minus `reference`'s, seed by seed (the same warm start and evaluation
     sampling, so this is the difference of their gains): the mean and its 90% interval."""
@@ -480,7 +488,8 @@ def paired_difference(records: list[dict], method: str, reference: str = "grpo")
     mean = statistics.fmean(differences)
     if len(differences) < 2:
         return {"mean": mean, "low": -math.inf, "high": math.inf, "seeds": len(differences)}
-    half = T_95.get(len(differences) - 1, 1.645) * statistics.stdev(differences) / math.sqrt(len(differences))
+    # Student's t at 0.95: a two-sided 90% interval.
+    half = scipy.stats.t.ppf(0.95, len(differences) - 1) * statistics.stdev(differences) / math.sqrt(len(differences))
     return {"mean": mean, "low": mean - half, "high": mean + half, "seeds": len(differences), "half_width": half}
 
 
@@ -571,6 +580,17 @@ def paper_sections(records: list[dict], median: dict, curves: dict, base: float,
         "",
         *[f"- {text} -> {'met' if met else 'MISSED'}" for text, met in checks],
     ]
+
+
+def _kernel_line(record: dict) -> str:
+    path = record.get("kernel_path", {})
+    settings = ", ".join(f"{k}={path[k]}" for k in ("ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS") if k in path)
+    return (
+        f"warm start `{record['task']}` {record['warm_start_steps']} steps, base held-out mean@8 "
+        f"{record['base_eval_accuracy']:.3f}; trained on kernel path {path.get('cpu_capability', '?')} "
+        f"({settings or 'default settings'}), {path.get('torch_threads', '?')} threads per run, CPU flags "
+        f"{', '.join(path.get('cpu_flags', [])) or '?'}"
+    )
 
 
 def _first(records: list[dict], method: str) -> dict:
@@ -793,7 +813,12 @@ def run_regime(regime: Regime, options, output: Path) -> dict:
             records.append(run_in_fresh_process(method, seed, steps, regime, output / "runs", rates[method], base))
             _print(records[-1])
     gate = sanity_gate(records) if any(r["method"] == "grpo" for r in records) else {}
-    result = {"gate": gate, "base": {"heldout": base["heldout"], "greedy": base["greedy"]}, "records": records}
+    result = {
+        "gate": gate,
+        "base": {"heldout": base["heldout"], "greedy": base["greedy"]},
+        "model": model_record(regime),
+        "records": records,
+    }
     (output / "results.json").write_text(json.dumps(result, indent=1))
     report = summarize(records, gate, base, output, time.perf_counter() - started, rates, regime)
     (output / "RESULTS.md").write_text(report)
@@ -813,7 +838,12 @@ def merge_results(regime: Regime, runs: list[Path], output: Path) -> dict:
     rates = {r["method"]: r["learning_rate"] for r in records}
     gate = sanity_gate(records)
     output.mkdir(parents=True, exist_ok=True)
-    result = {"gate": gate, "base": {"heldout": base["heldout"], "greedy": base["greedy"]}, "records": records}
+    result = {
+        "gate": gate,
+        "base": {"heldout": base["heldout"], "greedy": base["greedy"]},
+        "model": model_record(regime),
+        "records": records,
+    }
     (output / "results.json").write_text(json.dumps(result, indent=1))
     seconds = sum(r["wall_seconds"] for r in records)
     (output / "RESULTS.md").write_text(summarize(records, gate, base, output, seconds, rates, regime))

@@ -18,7 +18,15 @@ from pathlib import Path
 from transformers import AutoTokenizer, PrinterCallback
 
 from trl_bapo import BAPOConfig, BAPOTrainer
-from trl_bapo.builtin.embedded import GROUP_SIZE, PROMPTS_PER_STEP, TRAINING, embedded_datasets, embedded_model
+from trl_bapo.builtin.embedded import (
+    GROUP_SIZE,
+    PROMPTS_PER_STEP,
+    TRAINING,
+    embedded_datasets,
+    embedded_model,
+    kernel_path,
+    weights_sha256,
+)
 from trl_bapo.builtin.rewards import load_reward
 from trl_bapo.builtin.tasks import CARRY, TASKS
 from trl_bapo.builtin.tiny import load_tiny_model
@@ -56,8 +64,14 @@ def main(argv: list[str] | None = None) -> dict:
     output.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
 
-    print(f"[1/4] embedded model: tiny Qwen2 warm-started on {options.task} (built once, then cached)", flush=True)
     model_path = embedded_model(options.task)
+    machine = kernel_path()
+    print(
+        f"[1/4] embedded model: tiny Qwen2 warm-started on {options.task} ({model_path.name}, weights "
+        f"{weights_sha256(model_path)[:12]}); training on kernel path {machine['cpu_capability']}, "
+        f"{machine['torch_threads']} torch threads",
+        flush=True,
+    )
     train, heldout = embedded_datasets(options.task)
     reward = load_reward(options.task)
     heldout_rows = list(heldout)
@@ -99,6 +113,9 @@ def main(argv: list[str] | None = None) -> dict:
         "solved_before": last["solved_at_baseline"],
         "mean_batch_fill": sum(log["bapo/batch_fill"] for log in logs) / len(logs),
         "seconds": time.perf_counter() - started,
+        "model": model_path.name,
+        "weights_sha256": weights_sha256(model_path),
+        "kernel_path": machine,
     }
     plots = [
         plot_reward({"BAPO": [log["reward"] for log in logs]}, output / "reward.png"),
