@@ -54,7 +54,7 @@ class BufferedGroup:
 
     @property
     def prompt(self) -> Any:
-        return self.example["prompt"]
+        return self.example.get("prompt")  # an environment_factory makes the prompt column optional
 
 
 def draw(groups: list[BufferedGroup], count: int, generator: torch.Generator) -> list[BufferedGroup]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import glob
 import io
+import json
 import os
 import pickle
 import sys
@@ -28,6 +29,7 @@ from trl_bapo.state import BAPOState
 
 STATE_VERSION = 2
 TAG = "__bapo_type__"
+COMPLETE_FILE = "bapo_complete.json"
 # What `torch.load(weights_only=True)` can fail with on a missing, truncated, foreign or tampered file.
 UNREADABLE = (OSError, EOFError, RuntimeError, pickle.UnpicklingError)
 _PLAIN = (str, int, float, bool, bytes, type(None), torch.Tensor)
@@ -53,7 +55,59 @@ def resume_advice(checkpoint: str) -> str:
 
 
 def write_state(path: str, state: dict[str, Any]) -> None:
-    torch.save(encode(state), path)
+    """Writes beside `path` and renames, so a save that fails (a full disk) or is killed never leaves a half file
+    under the name resume reads."""
+    staging = f"{path}.tmp"
+    try:
+        torch.save(encode(state), staging)
+        os.replace(staging, path)
+    except (OSError, RuntimeError) as error:
+        if os.path.exists(staging):
+            os.remove(staging)
+        raise RuntimeError(
+            f"Could not write BAPO's state to {path} ({type(error).__name__}: {str(error).splitlines()[0]}). The "
+            f"checkpoint {os.path.dirname(path)} stays incomplete (it gets no {COMPLETE_FILE}), so resuming with "
+            "resume_from_checkpoint=True skips it for the newest complete one. Free space on that disk or choose "
+            "another output_dir."
+        ) from error
+
+
+def mark_complete(checkpoint: str, global_step: int, processes: int) -> None:
+    """The checkpoint's last file, written once every process's files and the trainer's are on disk: only a
+    checkpoint that has it is resumed from with resume_from_checkpoint=True."""
+    staging = os.path.join(checkpoint, f"{COMPLETE_FILE}.tmp")
+    with open(staging, "w") as file:
+        json.dump({"global_step": global_step, "processes": processes}, file)
+    os.replace(staging, os.path.join(checkpoint, COMPLETE_FILE))
+
+
+def checkpoint_step(checkpoint: str) -> int | None:
+    """The optimizer step a checkpoint was written at: its trainer state's, else its folder name's."""
+    trainer_state = os.path.join(checkpoint, "trainer_state.json")
+    if os.path.exists(trainer_state):
+        with open(trainer_state) as file:
+            return json.load(file)["global_step"]
+    suffix = os.path.basename(os.path.normpath(checkpoint)).rsplit("-", 1)[-1]
+    return int(suffix) if suffix.isdigit() else None
+
+
+def newest_complete_checkpoint(output_dir: str) -> str:
+    """What resume_from_checkpoint=True resumes from: the newest checkpoint-N in `output_dir` whose save finished
+    (it has COMPLETE_FILE). Newer ones that lack it are skipped, each named in a warning with the reason."""
+    found = [path for path in glob.glob(os.path.join(output_dir, "checkpoint-*")) if os.path.isdir(path)]
+    found.sort(key=lambda path: checkpoint_step(path) or -1, reverse=True)
+    skipped = []
+    for path in found:
+        if os.path.exists(os.path.join(path, COMPLETE_FILE)):
+            for reason in skipped:
+                logger.warning("Resuming from %s, not from %s", path, reason)
+            return path
+        skipped.append(f"{path}: it has no {COMPLETE_FILE}, so its save did not finish (stopped or failed mid-save)")
+    raise ValueError(
+        f"resume_from_checkpoint=True found no complete checkpoint in {output_dir}"
+        + (f" ({'; '.join(skipped)})" if skipped else "")
+        + ". Pass resume_from_checkpoint=<path> to resume from a given one, or train without resuming."
+    )
 
 
 def read_state(path: str) -> dict[str, Any]:
@@ -109,13 +163,14 @@ def decode(value: Any) -> Any:
     return value
 
 
-def save_state(output_dir: str, state: BAPOState, accelerator, sharded: bool) -> None:
-    """Writes this process's state file into `output_dir`: the state, and what it was saved under (the number of
-    processes, whether the rollout snapshot holds shards, the configured sizes)."""
+def save_state(output_dir: str, state: BAPOState, accelerator, sharded: bool, global_step: int) -> None:
+    """Writes this process's state file into `output_dir`: the state, and what it was saved under (the optimizer
+    step, the number of processes, whether the rollout snapshot holds shards, the configured sizes and thresholds)."""
     write_state(
         state_file(output_dir, accelerator.process_index),
         {
             "version": STATE_VERSION,
+            "global_step": global_step,
             "processes": accelerator.num_processes,
             "sharded": sharded,
             "settings": state.settings(),
@@ -134,6 +189,12 @@ def load_state(
     saved, error = None, None
     try:
         saved = _checked_state(_own_state(checkpoint, rank), state, accelerator, policy, sharded)
+        step = checkpoint_step(checkpoint)
+        if saved.get("global_step", step) != step:
+            raise ValueError(
+                f"it was saved at optimizer step {saved['global_step']}, and the checkpoint is at step {step}: it "
+                "belongs to another checkpoint"
+            )
     except UNREADABLE as caught:
         error = f"process {rank} could not read {state_file(checkpoint, rank)} ({unreadable_reason(caught)})"
     except (KeyError, ValueError) as caught:

@@ -12,6 +12,8 @@ started.
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import os
 import sys
 
@@ -28,12 +30,29 @@ def launch_arguments(argv: list[str]) -> tuple[list[str], list[str]]:
     """Splits `argv` into `accelerate launch`'s arguments and the training script's, as `trl grpo` does (trl
     1.16.0, `trl.cli.commands.training`): what the script's parser leaves over, on the command line or in the
     YAML, is accelerate's."""
-    *_, config_remaining, cli_remaining = bapo.make_parser().parse_args_and_config(
+    parser = bapo.make_parser()
+    *_, config_remaining, cli_remaining = parser.parse_args_and_config(
         argv, return_remaining_strings=True, separate_remaining_strings=True
     )
+    check_unknown_keys(parser, argv, config_remaining, cli_remaining)
     return resolve_accelerate_config_argument(config_remaining + cli_remaining), _subtract_subsequence(
         argv, cli_remaining
     )
+
+
+def check_unknown_keys(parser, argv: list[str], config_remaining: list[str], cli_remaining: list[str]) -> None:
+    """A key that neither the script nor `accelerate launch` knows is a typo: one line naming it, where it was
+    written and the closest field, rather than accelerate's whole usage ending in "unrecognized arguments"."""
+    actions = launch_command_parser()._actions  # argparse lists its options nowhere public
+    known = {option.lstrip("-") for action in actions for option in action.option_strings} | {"accelerate_config"}
+    fields = sorted({field.name for kind in parser.dataclass_types for field in dataclasses.fields(kind)})
+    config = argv[argv.index("--config") + 1] if "--config" in argv[:-1] else None
+    for where, remaining in ((config, config_remaining), ("the command line", cli_remaining)):
+        for key in (item[2:].split("=", 1)[0] for item in remaining if item.startswith("--")):
+            if key not in known and key.replace("-", "_") not in known:
+                closest = difflib.get_close_matches(key, fields, n=1)
+                hint = f"; did you mean '{closest[0]}'?" if closest else "; see `trl-bapo --help`."
+                raise SystemExit(f"trl-bapo: unknown key '{key}' in {where}{hint}")
 
 
 def main(argv: list[str] | None = None) -> int:

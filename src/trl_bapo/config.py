@@ -30,6 +30,7 @@ KL_REFERENCE_ALIASES = {"behaviour": "behavior"}
 DEFAULT_THRESHOLDS = (1 / 8, [1 / 8, 4 / 8], [2 / 8, 5 / 8])
 MINI_TEST_THRESHOLDS = (0.0, [0.5, 0.5], [0.5, 0.5])
 THRESHOLD_FIELDS = ("difficult_threshold", "high_quality_lower_range", "high_quality_upper_range")
+NON_FINITE_REWARDS = ("error", "none")
 
 logger = logging.get_logger(__name__)
 
@@ -68,6 +69,7 @@ HEADINGS = {
         "high_quality_upper_range",
         "correctness_reward",
         "correctness_threshold",
+        "non_finite_rewards",
     ),
     "Losses for stale data": (
         "off_policy_correction",
@@ -285,6 +287,16 @@ class BAPOConfig(GRPOConfig):
     correctness_threshold: float = field(
         default=1.0,
         metadata={"help": "With `correctness_reward`: a completion is correct when that reward is >= this value."},
+    )
+    non_finite_rewards: str = field(
+        default="error",
+        metadata={
+            "help": "What a reward function's inf or -inf does: 'error' stops the run at once, naming the reward "
+            "function and the values; 'none' reads it as a missing reward (None, as TRL reads None and NaN: the "
+            "completion is scored by the other reward functions, or left out of the group's accuracy), counted in "
+            "`bapo/non_finite_rewards`.",
+            "choices": ["error", "none"],
+        },
     )
 
     # Losses for stale data
@@ -507,6 +519,7 @@ class BAPOConfig(GRPOConfig):
                 f"{phase!r}: alpha is refreshed when (t - phase) mod v == 0. The authors' code uses 1."
             )
         self._validate_authors_rules()
+        self._warn_ignored_options()
         for name, choices in (
             ("online_filter", ONLINE_FILTERS),
             ("reevaluation_order", REEVALUATION_ORDERS),
@@ -514,6 +527,7 @@ class BAPOConfig(GRPOConfig):
             ("off_policy_correction", OFF_POLICY_CORRECTIONS),
             ("x3_anchor", X3_ANCHORS),
             ("batch_aggregation", BATCH_AGGREGATIONS),
+            ("non_finite_rewards", NON_FINITE_REWARDS),
         ):
             if getattr(self, name) not in choices:
                 raise ValueError(f"{name} must be one of {choices}, got {getattr(self, name)!r}.")
@@ -554,6 +568,11 @@ class BAPOConfig(GRPOConfig):
                     "'none' and multi_objective_aggregation='sum_then_normalize', or switch BAPO's batch assembly off "
                     "(online_filter='none', rollout_delay=1 and both replays off)."
                 )
+        if not 0 <= self.online_filter_gaussian_mean <= 1:
+            raise ValueError(
+                f"online_filter_gaussian_mean must lie in [0, 1], the range of a group's accuracy, got "
+                f"{self.online_filter_gaussian_mean!r}; the paper centres it at 0.5."
+            )
         if not self.online_filter_gaussian_std > 0:
             raise ValueError(
                 f"online_filter_gaussian_std must be > 0, got {self.online_filter_gaussian_std!r}; the paper uses 0.2."
@@ -599,11 +618,47 @@ class BAPOConfig(GRPOConfig):
                 raise ValueError(f"{name} must lie in [0, 1], got [{low}, {high}].")
             if low > high:
                 raise ValueError(f"{name} is reversed: [{low}, {high}]; write it as [{high}, {low}].")
+        if self.difficult_threshold > c2[0]:
+            raise ValueError(
+                f"difficult_threshold (c1) = {self.difficult_threshold} lies above the lower edge of the c2 range "
+                f"(high_quality_lower_range[0] = {c2[0]}): a group between them would count as difficult (B_bad) "
+                f"and as high quality (B_high) at once. Set difficult_threshold <= {c2[0]} (the paper: both 1/8), or "
+                "raise high_quality_lower_range."
+            )
         if c2[0] > c3[0] or c2[1] > c3[1]:
             raise ValueError(
                 f"high_quality_lower_range (c2) {list(c2)} must not lie above high_quality_upper_range (c3) "
                 f"{list(c3)} at either end, otherwise c2 > c3 and B_high is empty."
             )
+
+    def _warn_ignored_options(self) -> None:
+        """One warning per option a user set (a value other than its default) that another option switches off."""
+        defaults = {f.name: f.default for f in fields(self) if f.default is not MISSING}
+        difficult_off = "use_difficult_replay=False (no X2)"
+        high_quality_off = "use_high_quality_replay=False (no X3)"
+        filter_off = f"online_filter={self.online_filter!r}"
+        ignored = {
+            "high_quality_buffer_steps": self.shared_buffer and "shared_buffer=True (nothing leaves by age)",
+            "reevaluation_interval": not self.use_difficult_replay and difficult_off,
+            "max_reevaluation_prompts": not self.use_difficult_replay and difficult_off,
+            "reevaluation_order": not self.use_difficult_replay and difficult_off,
+            "difficult_admission": not self.use_difficult_replay and difficult_off,
+            "keep_reevaluated_prompts": not self.use_difficult_replay and difficult_off,
+            "cap_difficult_replay": not self.use_difficult_replay and difficult_off,
+            "high_quality_buffer_size": not self.use_high_quality_replay
+            and not self.shared_buffer
+            and high_quality_off,
+            "online_filter_gaussian_mean": self.online_filter != "gaussian" and filter_off,
+            "online_filter_gaussian_std": self.online_filter != "gaussian" and filter_off,
+            "online_filter_uniform_keep": self.online_filter != "uniform" and filter_off,
+            "correctness_threshold": self.correctness_reward is None and "correctness_reward=None",
+            "dynamic_sampling_max_rounds": not self.dynamic_sampling and "dynamic_sampling=False",
+        }
+        for name, switch in ignored.items():
+            if switch and getattr(self, name) != defaults[name]:
+                logger.warning(
+                    "%s=%r is ignored with %s; unset it, or change that option.", name, getattr(self, name), switch
+                )
 
     def _validate_authors_rules(self) -> None:
         """Combinations of the authors' options that have no meaning, refused with the setting that fixes them."""

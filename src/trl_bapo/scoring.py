@@ -50,6 +50,27 @@ def check_correctness_reward(correctness_reward: str | None, reward_funcs) -> No
         )
 
 
+def finite_rewards(rewards_per_func: torch.Tensor, names: list[str], policy: str) -> tuple[torch.Tensor, int]:
+    """A reward function's inf or -inf, by `non_finite_rewards`: an error naming the function and its values, or
+    ('none') a missing reward, NaN, as TRL marks a None; with the count replaced. NaN already means None to TRL."""
+    infinite = torch.isinf(rewards_per_func)
+    count = int(infinite.sum())
+    if count == 0:
+        return rewards_per_func, 0
+    if policy == "error":
+        found = "; ".join(
+            f"`{names[c]}` returned {sorted(set(rewards_per_func[infinite[:, c], c].tolist()))} for "
+            f"{int(infinite[:, c].sum())} of {len(rewards_per_func)} completions"
+            for c in infinite.any(dim=0).nonzero().flatten().tolist()
+        )
+        raise ValueError(
+            f"Non-finite rewards: {found}. They would make every advantage of their group, r_tot and the thresholds "
+            "c2, c3 meaningless. Return a finite value, or None for a completion the function cannot score; or set "
+            "non_finite_rewards='none' to read them as None (counted in bapo/non_finite_rewards)."
+        )
+    return rewards_per_func.masked_fill(infinite, math.nan), count
+
+
 STATED, FOUND, WEIGHTED_SUM, NONE = "stated", "found", "weighted_sum", "none"
 
 

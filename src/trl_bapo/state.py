@@ -87,9 +87,15 @@ class BAPOState:
             rollouts=self.rollouts,
         )
 
-    def settings(self) -> dict[str, int | None]:
-        """The configured sizes a checkpoint records, to note on resume where they changed."""
-        return {"rollout_delay": self.snapshot.delay, **self.buffers.settings()}
+    def settings(self) -> dict[str, Any]:
+        """The configured sizes and thresholds a checkpoint records, to say on resume which changed."""
+        return {
+            "rollout_delay": self.snapshot.delay,
+            **self.buffers.settings(),
+            "difficult_threshold (c1)": self.c1,
+            "high_quality_lower_range (c2)": list(self.c2_range),
+            "high_quality_upper_range (c3)": list(self.c3_range),
+        }
 
     def state_dict(self) -> dict[str, Any]:
         """The saved fields, under the keys checkpoints use: the buffers' own ('difficult' and 'high_quality', or

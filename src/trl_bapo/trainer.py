@@ -9,6 +9,8 @@ against trl 1.16.0 and transformers 5.23; the private parts of TRL it touches ar
 - `compute_loss`: TRL's loss, or one of `trl_bapo.losses`' own, scaled by the micro-batch's share of the batch;
 - `_save_optimizer_and_scheduler` / `_load_optimizer_and_scheduler`: BAPO's state beside the optimizer's in every
   checkpoint (`trl_bapo.checkpoint`); transformers calls both on every process, before any push to the Hub;
+- `_save_checkpoint` / `train`: a checkpoint is marked complete once every file is on disk, and
+  `resume_from_checkpoint=True` resumes from the newest complete one;
 - `__init__`: with `kl_reference="behavior"`, keeps TRL from building a reference model that KL never reads.
 
 Everything else, generation, reward scoring, advantages and the clipped surrogate, is TRL's. The behavior
@@ -48,17 +50,19 @@ from trl_bapo.batch import (
 )
 from trl_bapo.behavior import attach_anchor_logps, attach_behavior_logps, finish_behavior_logps
 from trl_bapo.buffers import BAPOStatus, BufferedGroup, prompt_key
-from trl_bapo.checkpoint import load_state, save_state
+from trl_bapo.checkpoint import load_state, mark_complete, newest_complete_checkpoint, save_state
 from trl_bapo.clipping import adaptive_clipping
 from trl_bapo.config import BAPOConfig
 from trl_bapo.correction import IMPORTANCE_WEIGHT, SOURCE, gathered_weight_metrics, weighted_advantages
 from trl_bapo.distributed import local_rows, local_share, shared_permutation
 from trl_bapo.frozen_step import FrozenStep
 from trl_bapo.losses import LOSSES, own_loss
+from trl_bapo.preflight import check_datasets, check_output_dir, constructor_arguments
 from trl_bapo.records import FreshRollout, Replay, ScoredRollout
 from trl_bapo.scoring import (
     Correctness,
     check_correctness_reward,
+    finite_rewards,
     reference_kl_off,
     sampled_accuracies,
     score,
@@ -114,6 +118,9 @@ class BAPOTrainer(GRPOTrainer):
                 "trl_bapo.BAPOConfig(...), which accepts every GRPOConfig field."
             )
         check_correctness_reward(args.correctness_reward, reward_funcs)
+        given = constructor_arguments(model, reward_funcs, args, *more, **kwargs)
+        check_datasets(given.get("train_dataset"), given.get("eval_dataset"), given.get("environment_factory"))
+        check_output_dir(args.output_dir)
         self._behavior_kl = args.kl_reference == "behavior" and args.beta != 0.0
         beta = args.beta
         if self._behavior_kl:
@@ -419,13 +426,31 @@ class BAPOTrainer(GRPOTrainer):
 
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
         rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
+        # Gathered: every process sees the same rewards, so every process stops, or goes on, alike.
+        rewards_per_func, replaced = finite_rewards(
+            rewards_per_func, self.reward_func_names, self.args.non_finite_rewards
+        )
+        self._log_step(non_finite_rewards=replaced)
         self._last_rewards_per_func = rewards_per_func
         return rewards_per_func
+
+    def train(self, resume_from_checkpoint=None, *args, **kwargs):
+        # transformers would take the newest checkpoint-N, even one whose save was killed or failed half-way.
+        if resume_from_checkpoint is True or str(resume_from_checkpoint).lower() == "true":
+            resume_from_checkpoint = newest_complete_checkpoint(self.args.output_dir)
+        return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    def _save_checkpoint(self, model, trial):
+        super()._save_checkpoint(model, trial)
+        self.accelerator.wait_for_everyone()  # every process's files, and the trainer's, are on disk
+        if self.args.should_save:
+            folder = os.path.join(self._get_output_dir(trial=trial), f"checkpoint-{self.state.global_step}")
+            mark_complete(folder, self.state.global_step, self.accelerator.num_processes)
 
     def _save_optimizer_and_scheduler(self, output_dir):
         super()._save_optimizer_and_scheduler(output_dir)
         os.makedirs(output_dir, exist_ok=True)
-        save_state(output_dir, self._bapo, self.accelerator, self._sharded)
+        save_state(output_dir, self._bapo, self.accelerator, self._sharded, self.state.global_step)
         if self.is_world_process_zero():  # what the buffers hold, for people (the state file is for resuming)
             write_lines(os.path.join(output_dir, SNAPSHOT_FILE), buffer_lines(self._bapo))
 

@@ -1,0 +1,54 @@
+"""What BAPOTrainer checks before TRL loads anything: inputs a run would otherwise fail on late, after the model and
+the engine loaded (a dataset without prompts) or after the whole run (an output directory it cannot write)."""
+
+from __future__ import annotations
+
+import inspect
+import os
+import tempfile
+from typing import Any
+
+from trl import GRPOTrainer
+
+
+def constructor_arguments(*args: Any, **kwargs: Any) -> dict[str, Any]:
+    """GRPOTrainer's constructor arguments by name, however they were passed (trl 1.16.0's signature)."""
+    return inspect.signature(GRPOTrainer.__init__).bind(None, *args, **kwargs).arguments
+
+
+def check_datasets(train_dataset: Any, eval_dataset: Any, prompt_optional: bool) -> None:
+    """Every row needs a `prompt`, as TRL reads it, unless an `environment_factory` makes it optional; an iterable
+    dataset that does not know its columns is left to TRL. An empty train dataset would train 0 steps and exit 0."""
+    named = [("train_dataset", train_dataset)]
+    if isinstance(eval_dataset, dict):
+        named += [(f"eval_dataset[{key!r}]", value) for key, value in eval_dataset.items()]
+    else:
+        named.append(("eval_dataset", eval_dataset))
+    for name, dataset in named:
+        if dataset is None:
+            continue
+        columns = getattr(dataset, "column_names", None)
+        if columns is not None and "prompt" not in columns and not prompt_optional:
+            raise ValueError(
+                f"{name} has no 'prompt' column (its columns: {columns}); each row's prompt is read from it. Rename "
+                "the column that holds the prompts (dataset.rename_column(old, 'prompt')), or pass an "
+                "environment_factory, which makes the prompt optional."
+            )
+        if name == "train_dataset" and hasattr(dataset, "__len__") and len(dataset) == 0:
+            raise ValueError(
+                "train_dataset is empty: training would take 0 steps and exit as if it had succeeded. Pass a dataset "
+                "with rows."
+            )
+
+
+def check_output_dir(output_dir: str) -> None:
+    """The output directory takes files now, not only when the first checkpoint or the final model is saved."""
+    try:
+        os.makedirs(output_dir, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=output_dir, prefix=".bapo-write-check-"):
+            pass
+    except OSError as error:
+        raise ValueError(
+            f"output_dir {output_dir!r} is not writable ({type(error).__name__}: {error.strerror or error}): "
+            "checkpoints and the final model would fail to save after training. Choose a writable output_dir."
+        ) from error

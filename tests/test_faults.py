@@ -1,0 +1,204 @@
+"""Faults injected on purpose, each through `train()`, the constructor or the CLI: every one ends in a clear message
+naming the field or file, and nothing written before the fault is lost (a resumed run ends with the weights of an
+uninterrupted one)."""
+
+import errno
+import json
+import logging
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import bapo_logs, make_config, parameters, prompt_dataset
+
+from trl_bapo import BAPOConfig, BAPOTrainer, cli
+from trl_bapo import checkpoint as checkpoint_module
+from trl_bapo.checkpoint import COMPLETE_FILE, state_file
+
+TESTS = Path(__file__).resolve().parent
+ROOT = TESTS.parent
+PROMPTS = [f"{i}+{j}=" for i in range(4) for j in range(4)]
+SETTINGS = dict(max_steps=4, rollout_delay=2, reevaluation_interval=2, learning_rate=1e-2)
+
+
+def ones_reward(completions, **kwargs):
+    """0/1, and stateless, so a run started again in another process scores as the first did."""
+    return [float(completion.count("1") % 2) for completion in completions]
+
+
+def trainer(model, output_dir, reward=ones_reward, **overrides) -> BAPOTrainer:
+    args = make_config(output_dir, **{**SETTINGS, **overrides})
+    return BAPOTrainer(model=model, reward_funcs=reward, args=args, train_dataset=prompt_dataset(PROMPTS))
+
+
+def saving(model, output_dir, **overrides) -> BAPOTrainer:
+    return trainer(model, output_dir, save_strategy="steps", save_steps=2, **overrides)
+
+
+def assert_same_weights(actual: BAPOTrainer, expected: BAPOTrainer) -> None:
+    got, want = parameters(actual.model), parameters(expected.model)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], atol=0, rtol=0, msg=name)
+
+
+@pytest.fixture
+def straight(tiny_model_path, tmp_path):
+    """The uninterrupted run every resumed one must end equal to."""
+    run = trainer(tiny_model_path, tmp_path / "straight")
+    run.train()
+    return run
+
+
+def resume_skipping_the_partial_checkpoint(model, output_dir, straight, caplog) -> None:
+    with caplog.at_level(logging.WARNING):
+        resumed = saving(model, output_dir)
+        resumed.train(resume_from_checkpoint=True)
+    skipped = [r.getMessage() for r in caplog.records if "Resuming from" in r.getMessage()]
+    assert len(skipped) == 1 and "checkpoint-2, not from" in skipped[0] and "checkpoint-4" in skipped[0], skipped
+    assert_same_weights(resumed, straight)
+
+
+def test_a_full_disk_during_the_state_save_loses_nothing(tiny_model_path, tmp_path, monkeypatch, straight, caplog):
+    save = torch.save
+
+    def full_disk(value, path, *args, **kwargs):
+        if "checkpoint-4" in str(path) and str(path).endswith(".pt.tmp"):
+            Path(path).write_bytes(b"half a state")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return save(value, path, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(RuntimeError, match=r"Could not write BAPO's state to .*checkpoint-4.*No space left"):
+        saving(tiny_model_path, tmp_path / "run").train()
+    monkeypatch.setattr(torch, "save", save)
+    partial = tmp_path / "run" / "checkpoint-4"
+    assert not list(partial.glob("bapo_state*")) and not (partial / COMPLETE_FILE).exists()
+    assert (tmp_path / "run" / "checkpoint-2" / COMPLETE_FILE).exists()
+    resume_skipping_the_partial_checkpoint(tiny_model_path, tmp_path / "run", straight, caplog)
+
+
+def killed_mid_save(model: str, output_dir: str) -> None:
+    """Run in a child process: SIGKILL half-way through writing checkpoint-4's state, as a preempted job dies."""
+    write = checkpoint_module.write_state
+
+    def dying_write(path, state):
+        if "checkpoint-4" in path:
+            Path(f"{path}.tmp").write_bytes(b"half a state")
+            os.kill(os.getpid(), signal.SIGKILL)
+        write(path, state)
+
+    checkpoint_module.write_state = dying_write
+    saving(model, output_dir).train()
+
+
+def test_a_run_killed_mid_save_resumes_from_the_last_complete_checkpoint(tiny_model_path, tmp_path, straight, caplog):
+    code = f"import sys; sys.path.insert(0, {str(TESTS)!r}); import test_faults as t; t.killed_mid_save(*sys.argv[1:])"
+    killed = subprocess.run([sys.executable, "-c", code, tiny_model_path, str(tmp_path / "run")], capture_output=True)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr.decode()[-2000:]
+    assert (tmp_path / "run" / "checkpoint-4").is_dir()  # the partial checkpoint transformers would pick
+    resume_skipping_the_partial_checkpoint(tiny_model_path, tmp_path / "run", straight, caplog)
+
+
+def test_a_state_file_from_another_step_is_refused_and_changed_thresholds_are_named(tiny_model_path, tmp_path, caplog):
+    saving(tiny_model_path, tmp_path / "run").train()
+    run = tmp_path / "run"
+    shutil.copy(state_file(run / "checkpoint-2", 0), state_file(run / "checkpoint-4", 0))
+    with pytest.raises(ValueError, match=r"bapo_state_0.pt .*saved at optimizer step 2.*checkpoint is at step 4"):
+        saving(tiny_model_path, run, max_steps=6).train(resume_from_checkpoint=str(run / "checkpoint-4"))
+    with caplog.at_level(logging.WARNING):
+        resumed = saving(tiny_model_path, run, difficult_threshold=0.0)
+        resumed.train(resume_from_checkpoint=str(run / "checkpoint-2"))
+    changed = [r.getMessage() for r in caplog.records if "in the checkpoint and is" in r.getMessage()]
+    assert changed == [
+        "difficult_threshold (c1) was 0.125 in the checkpoint and is 0.0 now; the configured value applies."
+    ]
+
+
+def test_an_unwritable_output_dir_is_refused_before_training(tiny_model_path, tmp_path):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    # As root, permission bits refuse nothing; the immutable attribute refuses even root.
+    subprocess.run(["chattr", "+i", str(locked)], check=True)
+    try:
+        with pytest.raises(ValueError, match=rf"output_dir '{locked}' is not writable .*Choose a writable output_dir"):
+            trainer(tiny_model_path, locked)
+    finally:
+        subprocess.run(["chattr", "-i", str(locked)], check=True)
+
+
+@pytest.mark.parametrize("value", [math.inf, -math.inf])
+def test_non_finite_rewards_stop_the_run_naming_the_reward(tiny_model_path, tmp_path, value):
+    def broken_reward(completions, **kwargs):
+        return [value] + [1.0] * (len(completions) - 1)
+
+    with pytest.raises(ValueError, match=rf"`broken_reward` returned \[{value}\] for 1 of 16 .*non_finite_rewards"):
+        trainer(tiny_model_path, tmp_path, reward=broken_reward).train()
+
+
+def test_non_finite_rewards_read_as_missing_when_asked(tiny_model_path, tmp_path):
+    def spiky_reward(completions, **kwargs):
+        rewards = ones_reward(completions)
+        return [math.inf, -math.inf, math.nan] + rewards[3:]
+
+    run = trainer(tiny_model_path, tmp_path, reward=spiky_reward, non_finite_rewards="none")
+    before = parameters(run.model)
+    run.train()
+    logs = bapo_logs(run)
+    assert [log["bapo/non_finite_rewards"] for log in logs] == [2.0] * 4
+    status = run.bapo_status
+    assert all(math.isfinite(x) for x in (status.r_tot, status.c2, status.c3)) and 0 <= status.r_tot <= 1
+    assert any(not torch.equal(before[name], value) for name, value in parameters(run.model).items())
+
+
+def test_bad_values_are_refused_and_ignored_options_named(tmp_path, caplog):
+    with pytest.raises(ValueError, match=r"difficult_threshold \(c1\) = 0.25 lies above .*high_quality_lower_range"):
+        BAPOConfig(output_dir=str(tmp_path), use_cpu=True, difficult_threshold=0.25)
+    BAPOConfig(output_dir=str(tmp_path), use_cpu=True, difficult_threshold=0.125)  # equal to c2's edge: allowed
+    with pytest.raises(ValueError, match=r"online_filter_gaussian_mean must lie in \[0, 1\].*-3"):
+        BAPOConfig(output_dir=str(tmp_path), use_cpu=True, online_filter="gaussian", online_filter_gaussian_mean=-3)
+    with pytest.raises(ValueError, match="non_finite_rewards must be one of"):
+        BAPOConfig(output_dir=str(tmp_path), use_cpu=True, non_finite_rewards="skip")
+    with caplog.at_level(logging.WARNING):
+        BAPOConfig(output_dir=str(tmp_path), use_cpu=True, use_difficult_replay=False, reevaluation_interval=3)
+        BAPOConfig(output_dir=str(tmp_path), use_cpu=True, online_filter_uniform_keep=0.5)
+        BAPOConfig(output_dir=str(tmp_path), use_cpu=True, use_difficult_replay=False)  # nothing set: no word
+    assert [r.getMessage() for r in caplog.records] == [
+        "reevaluation_interval=3 is ignored with use_difficult_replay=False (no X2); unset it, or change that option.",
+        "online_filter_uniform_keep=0.5 is ignored with online_filter='range'; unset it, or change that option.",
+    ]
+
+
+def test_a_yaml_typo_names_the_key_the_file_and_the_closest_field(tmp_path):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text((ROOT / "recipes" / "demo.yaml").read_text().replace("rollout_delay:", "rollout_dealy:"))
+    with pytest.raises(SystemExit) as stopped:
+        cli.main(["--config", str(recipe), "--max_steps", "1"])
+    assert str(stopped.value) == f"trl-bapo: unknown key 'rollout_dealy' in {recipe}; did you mean 'rollout_delay'?"
+
+
+def test_a_dataset_without_prompts_or_rows_is_refused_before_anything_loads(tmp_path):
+    """The model path does not exist: the checks come before TRL would load it."""
+    args = make_config(tmp_path)
+    missing = str(tmp_path / "no-model-here")
+    with pytest.raises(ValueError, match=r"train_dataset has no 'prompt' column \(its columns: \['question'\]\)"):
+        BAPOTrainer(
+            model=missing,
+            reward_funcs=ones_reward,
+            args=args,
+            train_dataset=prompt_dataset(PROMPTS).rename_column("prompt", "question"),
+        )
+    with pytest.raises(ValueError, match="train_dataset is empty: training would take 0 steps"):
+        BAPOTrainer(model=missing, reward_funcs=ones_reward, args=args, train_dataset=prompt_dataset([]))
+
+
+def test_the_completion_marker_records_the_step(tiny_model_path, tmp_path):
+    saving(tiny_model_path, tmp_path).train()
+    for step in (2, 4):
+        marker = json.loads((tmp_path / f"checkpoint-{step}" / COMPLETE_FILE).read_text())
+        assert marker == {"global_step": step, "processes": 1}
