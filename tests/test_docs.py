@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
 
@@ -47,3 +49,19 @@ def test_the_readme_links_into_every_page_of_the_docs():
     assert pages <= linked, f"pages the README does not link: {sorted(pages - linked)}"
     missing = sorted(link for link in linked if not (ROOT / link).exists())
     assert not missing, missing
+
+
+@pytest.mark.parametrize(
+    "page, heading, steps, output_dir",
+    [("docs/index.md", "Quick start", 300, "bapo-tiny"), ("README.md", "Use it like GRPOTrainer", 100, "bapo")],
+)
+def test_the_python_examples_run_as_written(tmp_path, page, heading, steps, output_dir):
+    """The quick start and the README's example, shortened only by their step count."""
+    text = (ROOT / page).read_text()
+    block = re.search(rf"## {heading}\n\n```python\n(.*?)```", text, flags=re.DOTALL).group(1)
+    assert f"max_steps={steps}," in block
+    script = tmp_path / "example.py"
+    script.write_text(block.replace(f"max_steps={steps},", "max_steps=2,"))
+    run = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert (tmp_path / output_dir).is_dir()

@@ -162,6 +162,12 @@ def test_bad_values_are_refused_and_ignored_options_named(tmp_path, caplog):
     BAPOConfig(output_dir=str(tmp_path), use_cpu=True, difficult_threshold=0.125)  # equal to c2's edge: allowed
     with pytest.raises(ValueError, match=r"online_filter_gaussian_mean must lie in \[0, 1\].*-3"):
         BAPOConfig(output_dir=str(tmp_path), use_cpu=True, online_filter="gaussian", online_filter_gaussian_mean=-3)
+    with pytest.raises(ValueError, match=r"top_p makes generation sample from a truncated .*\(rollout_delay=1"):
+        BAPOConfig(output_dir=str(tmp_path), use_cpu=True, top_p=0.9)
+    with pytest.raises(ValueError, match=r"generation_kwargs\['min_p'\] makes generation sample"):
+        BAPOConfig(output_dir=str(tmp_path), use_cpu=True, generation_kwargs={"min_p": 0.1})
+    fresh_only = dict(rollout_delay=1, use_high_quality_replay=False)
+    assert BAPOConfig(output_dir=str(tmp_path), use_cpu=True, top_p=0.9, **fresh_only).top_p == 0.9
     with pytest.raises(ValueError, match="non_finite_rewards must be one of"):
         BAPOConfig(output_dir=str(tmp_path), use_cpu=True, non_finite_rewards="skip")
     with caplog.at_level(logging.WARNING):

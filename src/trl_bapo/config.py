@@ -31,6 +31,23 @@ DEFAULT_THRESHOLDS = (1 / 8, [1 / 8, 4 / 8], [2 / 8, 5 / 8])
 MINI_TEST_THRESHOLDS = (0.0, [0.5, 0.5], [0.5, 0.5])
 THRESHOLD_FIELDS = ("difficult_threshold", "high_quality_lower_range", "high_quality_upper_range")
 NON_FINITE_REWARDS = ("error", "none")
+# generation_kwargs that change the distribution sampled from (transformers' and vLLM's names).
+SAMPLING_KWARGS = {
+    "top_p",
+    "top_k",
+    "min_p",
+    "typical_p",
+    "epsilon_cutoff",
+    "eta_cutoff",
+    "repetition_penalty",
+    "presence_penalty",
+    "frequency_penalty",
+    "no_repeat_ngram_size",
+    "bad_words_ids",
+    "suppress_tokens",
+    "logit_bias",
+    "allowed_token_ids",
+}
 
 logger = logging.get_logger(__name__)
 
@@ -568,6 +585,7 @@ class BAPOConfig(GRPOConfig):
                     "'none' and multi_objective_aggregation='sum_then_normalize', or switch BAPO's batch assembly off "
                     "(online_filter='none', rollout_delay=1 and both replays off)."
                 )
+        self._validate_sampling()
         if not 0 <= self.online_filter_gaussian_mean <= 1:
             raise ValueError(
                 f"online_filter_gaussian_mean must lie in [0, 1], the range of a group's accuracy, got "
@@ -629,6 +647,28 @@ class BAPOConfig(GRPOConfig):
             raise ValueError(
                 f"high_quality_lower_range (c2) {list(c2)} must not lie above high_quality_upper_range (c3) "
                 f"{list(c3)} at either end, otherwise c2 > c3 and B_high is empty."
+            )
+
+    def _validate_sampling(self) -> None:
+        """Settings that make generation sample from another distribution than the temperature-scaled softmax, the
+        one whose log-probs the trainer computes as behavior log-probs (TRL #6789): BAPO's importance ratio against
+        alpha or a stored policy (eq. 3) would divide by the wrong probabilities for every delayed or replayed row."""
+        changed = {
+            "top_p": self.top_p < 1.0,
+            "top_k": bool(self.top_k),
+            "min_p": self.min_p is not None,
+            "repetition_penalty": self.repetition_penalty != 1.0,
+        }
+        kwargs = self.generation_kwargs if isinstance(self.generation_kwargs, dict) else {}
+        changed.update({f"generation_kwargs[{key!r}]": True for key in kwargs if key in SAMPLING_KWARGS})
+        named = [name for name, is_set in changed.items() if is_set]
+        if named and (self.rollout_delay > 1 or self.use_high_quality_replay):
+            raise ValueError(
+                f"{', '.join(named)} makes generation sample from a truncated or penalised distribution, but the "
+                "behavior log-probs BAPO's importance ratio divides by (eq. 3) are the temperature-scaled softmax the "
+                "trainer computes, so every delayed or replayed sample would be weighted wrongly. Sample with "
+                "top_p=1.0, top_k=0, min_p=None and repetition_penalty=1.0 (the paper's Table 3), or train on fresh "
+                "samples of the current policy only (rollout_delay=1, use_high_quality_replay=False)."
             )
 
     def _warn_ignored_options(self) -> None:
