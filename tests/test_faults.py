@@ -160,6 +160,7 @@ def test_bad_values_are_refused_and_ignored_options_named(tmp_path, caplog):
     with pytest.raises(ValueError, match=r"difficult_threshold \(c1\) = 0.25 lies above .*high_quality_lower_range"):
         BAPOConfig(output_dir=str(tmp_path), use_cpu=True, difficult_threshold=0.25)
     BAPOConfig(output_dir=str(tmp_path), use_cpu=True, difficult_threshold=0.125)  # equal to c2's edge: allowed
+    BAPOConfig(output_dir=str(tmp_path), use_cpu=True, difficult_threshold=0.25, use_high_quality_replay=False)
     with pytest.raises(ValueError, match=r"online_filter_gaussian_mean must lie in \[0, 1\].*-3"):
         BAPOConfig(output_dir=str(tmp_path), use_cpu=True, online_filter="gaussian", online_filter_gaussian_mean=-3)
     with pytest.raises(ValueError, match=r"top_p makes generation sample from a truncated .*\(rollout_delay=1"):

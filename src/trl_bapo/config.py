@@ -636,12 +636,12 @@ class BAPOConfig(GRPOConfig):
                 raise ValueError(f"{name} must lie in [0, 1], got [{low}, {high}].")
             if low > high:
                 raise ValueError(f"{name} is reversed: [{low}, {high}]; write it as [{high}, {low}].")
-        if self.difficult_threshold > c2[0]:
+        if self.difficult_threshold > c2[0] and self.use_high_quality_replay:
             raise ValueError(
                 f"difficult_threshold (c1) = {self.difficult_threshold} lies above the lower edge of the c2 range "
                 f"(high_quality_lower_range[0] = {c2[0]}): a group between them would count as difficult (B_bad) "
-                f"and as high quality (B_high) at once. Set difficult_threshold <= {c2[0]} (the paper: both 1/8), or "
-                "raise high_quality_lower_range."
+                f"and as high quality (B_high) at once. Set difficult_threshold <= {c2[0]} (the paper: both 1/8), "
+                "raise high_quality_lower_range, or switch X3 off (use_high_quality_replay=False)."
             )
         if c2[0] > c3[0] or c2[1] > c3[1]:
             raise ValueError(

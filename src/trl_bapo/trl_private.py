@@ -14,6 +14,8 @@ TRAINER_METHODS = {
     "_get_per_token_logps_and_entropies": "called: TRL's forward (behavior.py); wrapped by behavior.after_forward",
     "_save_optimizer_and_scheduler": "overridden (transformers): BAPO's state beside the optimizer's",
     "_load_optimizer_and_scheduler": "overridden (transformers): BAPO's state read back on resume",
+    "_save_checkpoint": "overridden (transformers): the checkpoint is marked complete once every file is on disk",
+    "_get_output_dir": "called (transformers): the run folder the checkpoint was written into",
 }
 
 # Attributes GRPOTrainer sets in `__init__` that BAPOTrainer reads or writes.
