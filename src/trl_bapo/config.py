@@ -312,7 +312,7 @@ class BAPOConfig(GRPOConfig):
             "function and the values; 'none' reads it as a missing reward (None, as TRL reads None and NaN: the "
             "completion is scored by the other reward functions, or left out of the group's accuracy), counted in "
             "`bapo/non_finite_rewards`.",
-            "choices": ["error", "none"],
+            "choices": list(NON_FINITE_REWARDS),
         },
     )
 

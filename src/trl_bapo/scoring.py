@@ -99,11 +99,6 @@ class Correctness:
             logger.info("BAPO's correctness: %s.", self.description)
 
     @property
-    def defined(self) -> bool:
-        """Whether the difficulty buffers have a correctness to run on (False only once decided as none)."""
-        return self.source != NONE
-
-    @property
     def description(self) -> str:
         """Which reward defines correctness, in words (`bapo_status.correctness`)."""
         if self.source == STATED:
@@ -149,14 +144,15 @@ class Correctness:
         if not self.is_main:
             return
         if self.source == NONE:
+            total = self._weighted_sum(per_func).nan_to_num(nan=0.0)
             logger.warning(
                 "BAPO found no correctness signal: no reward function returns only 0/1 and the weighted sum of "
                 "rewards leaves [0, 1] (here [%.3g, %.3g]). B_bad and B_high (X2, X3) stay off and BAPO trains on "
                 "the online filter alone (groups with a learning signal). To turn them on, set correctness_reward "
                 "to the reward function that says whether a completion is right, and correctness_threshold to the "
                 "value that counts as right.",
-                float(self._weighted_sum(per_func).nan_to_num(nan=0).min()),
-                float(self._weighted_sum(per_func).nan_to_num(nan=0).max()),
+                float(total.min()),
+                float(total.max()),
             )
         elif len(self.names) > 1 or self.source == WEIGHTED_SUM:
             logger.warning("BAPO's correctness: %s. Set correctness_reward to choose another.", self.description)

@@ -430,7 +430,8 @@ class BAPOTrainer(GRPOTrainer):
         rewards_per_func, replaced = finite_rewards(
             rewards_per_func, self.reward_func_names, self.args.non_finite_rewards
         )
-        self._log_step(non_finite_rewards=replaced)
+        if self.model.training:  # evaluation's rewards are not the training rollout's
+            self._log_step(non_finite_rewards=replaced)
         self._last_rewards_per_func = rewards_per_func
         return rewards_per_func
 

@@ -102,6 +102,9 @@ def weights_sha256(path: str | Path) -> str:
     return hashlib.sha256((Path(path) / WEIGHTS_FILE).read_bytes()).hexdigest()
 
 
+KERNEL_SETTINGS = ("ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS", "ONEDNN_MAX_CPU_ISA", "OMP_NUM_THREADS")
+
+
 def kernel_path() -> dict[str, Any]:
     """How torch computes on this process: ATen's CPU capability, the environment settings that narrow MKL's and
     oneDNN's instruction sets, the thread count, and the CPU's vector flags. Every figure the project states names
@@ -120,9 +123,6 @@ def kernel_path() -> dict[str, Any]:
         "torch": torch.__version__,
         **{name: os.environ[name] for name in KERNEL_SETTINGS if name in os.environ},
     }
-
-
-KERNEL_SETTINGS = ("ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS", "ONEDNN_MAX_CPU_ISA", "OMP_NUM_THREADS")
 
 
 @functools.cache
@@ -150,7 +150,7 @@ def _verified(path: Path, expected: str) -> Path:
 
 def embedded_model(task: str = CARRY, seed: int = 0, warm_start_steps: int = WARM_START_STEPS) -> Path:
     """Path of the warm-started tiny model for `task`: the shipped copy where there is one (the same weights on
-    every machine, checked against their recorded hash), else built here on first use (about a minute on 2 cores)
+    every machine, checked against their recorded hash), else built here on first use (a few minutes on 2 cores)
     and cached under a key that names this machine's kernel path and thread count, since the build depends on
     them."""
     name = model_name(task, seed, warm_start_steps)
@@ -170,7 +170,8 @@ def embedded_model(task: str = CARRY, seed: int = 0, warm_start_steps: int = WAR
         )
         if not (path / RECORD_FILE).exists():
             (path / RECORD_FILE).write_text(json.dumps({"sha256": weights_sha256(path), "built_on": path_key}))
-    return _verified(path, json.loads((path / RECORD_FILE).read_text())["sha256"])
+    record = path / RECORD_FILE  # missing only where a build was stopped between its rename and this record
+    return _verified(path, json.loads(record.read_text())["sha256"] if record.exists() else "unrecorded")
 
 
 def embedded_datasets(task: str = CARRY, seed: int = 0) -> tuple[Dataset, Dataset]:
