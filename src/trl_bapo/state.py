@@ -27,7 +27,6 @@ class BAPOState:
     pass over the train dataset."""
 
     batch_groups: int = field(metadata=SETTING)  # B, prompts per rollout batch
-    c1: float = field(metadata=SETTING)
     c2_range: tuple[float, float] = field(metadata=SETTING)
     c3_range: tuple[float, float] = field(metadata=SETTING)
     snapshot: RolloutSnapshot
@@ -52,13 +51,17 @@ class BAPOState:
         )
         return cls(
             batch_groups=batch_groups,
-            c1=c1,
             c2_range=tuple(args.high_quality_lower_range),
             c3_range=tuple(args.high_quality_upper_range),
             snapshot=RolloutSnapshot(args.rollout_delay, args.rollout_refresh_phase),
             buffers=buffers,
             generator=torch.Generator().manual_seed(args.seed),
         )
+
+    @property
+    def c1(self) -> float:
+        """c1 of line 8, held by the buffers, which apply it (entry, re-evaluation, the shared store's eviction)."""
+        return self.buffers.c1
 
     @property
     def r_tot(self) -> float:
@@ -68,6 +71,22 @@ class BAPOState:
     def thresholds(self) -> tuple[float, float, float]:
         """c1, and c2, c3 of eq. 8 at the current r_tot."""
         return self.c1, adaptive_threshold(self.r_tot, self.c2_range), adaptive_threshold(self.r_tot, self.c3_range)
+
+    def next_rollout_step(self) -> int:
+        """Starts rollout step t + 1 and returns it."""
+        self.rollout_step += 1
+        return self.rollout_step
+
+    def count_rollouts(self, completions: int) -> None:
+        """Completions generated, fresh or re-evaluated."""
+        self.rollouts += completions
+
+    def next_prompt_index(self, dataset_size: int) -> int:
+        """Dynamic sampling's next prompt: a shuffled pass over the dataset, drawn from BAPO's own generator, begun
+        again when spent."""
+        if not self.prompt_order:
+            self.prompt_order = torch.randperm(dataset_size, generator=self.generator).tolist()
+        return self.prompt_order.pop()
 
     def record_rewards(self, correct: torch.Tensor) -> None:
         """Adds a fresh rollout's correctness (NaN: unscorable, left out) to r_tot's sums."""

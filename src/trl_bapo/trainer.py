@@ -69,11 +69,9 @@ from trl_bapo.scoring import (
     score_prompts,
 )
 from trl_bapo.selection import (
-    difficult_mask,
     group_accuracy,
     group_has_variance,
     group_rows,
-    high_quality_mask,
     online_filter_mask,
     reevaluation_admitted,
     x3_room,
@@ -174,8 +172,7 @@ class BAPOTrainer(GRPOTrainer):
 
         Decisions are taken on the rollout gathered from every process, so they are the same everywhere.
         """
-        self._bapo.rollout_step += 1
-        t, after_update = self._bapo.rollout_step, self.args.difficult_entry_after_update
+        t, after_update = self._bapo.next_rollout_step(), self.args.difficult_entry_after_update
         fresh = self._fresh_rollout(inputs, t)
         if not after_update:
             self._store(fresh, t, difficult=True, high_quality=False)  # line 8
@@ -247,20 +244,17 @@ class BAPOTrainer(GRPOTrainer):
         gathered = [gather_batch(scored.rows, self.accelerator, self._tokenizer.pad_token_id) for scored in rounds]
         rows = gathered[0] if len(gathered) == 1 else concat_batches(gathered, self._tokenizer.pad_token_id)
         examples = [example for scored in rounds for example in scored.examples]
-        self._bapo.rollouts += len(examples)
+        self._bapo.count_rollouts(len(examples))
         return FreshRollout(rows, examples, accuracy, x1, kept, c2, c3, lag)
 
     def _store(self, fresh: FreshRollout, t: int, difficult: bool, high_quality: bool) -> None:
-        """Lines 8 and 9: difficult prompts (mu <= c1) into B_bad, groups with c2 <= mu <= c3 into B_high, as the
-        buffers' layout keeps them; the rows of the groups they may replay go along, on the CPU."""
+        """Lines 8 and 9: every fresh group is offered to the buffers, which take those their layout keeps (mu <= c1
+        into B_bad, c2 <= mu <= c3 into B_high); the rows of the groups they may replay go along, on the CPU."""
         args, group_size = self.args, self.num_generations
         difficult &= args.use_difficult_replay
         high_quality &= args.use_high_quality_replay
-        candidates = (difficult_mask(fresh.accuracy, args.difficult_threshold) & difficult) | (
-            high_quality_mask(fresh.accuracy, fresh.c2, fresh.c3) & high_quality
-        )
         groups = []
-        for g in candidates.nonzero().flatten().tolist():
+        for g in range(len(fresh.accuracy)):
             example = fresh.examples[g * group_size]
             rows = select_rows(fresh.rows, group_rows(torch.tensor([g]), group_size)) if fresh.kept[g] else None
             groups.append(
@@ -324,11 +318,7 @@ class BAPOTrainer(GRPOTrainer):
         """B more prompts, each repeated G times as TRL's sampler does, from a shuffled pass over the data."""
         rows = []
         for _ in range(self._bapo.batch_groups):
-            if not self._bapo.prompt_order:
-                self._bapo.prompt_order = torch.randperm(
-                    len(self.train_dataset), generator=self._bapo.generator
-                ).tolist()
-            example = self.train_dataset[self._bapo.prompt_order.pop()]
+            example = self.train_dataset[self._bapo.next_prompt_index(len(self.train_dataset))]
             rows += [dict(example) for _ in range(self.num_generations)]
         return rows
 
@@ -357,11 +347,11 @@ class BAPOTrainer(GRPOTrainer):
         if args.x3_anchor == "stored":
             attach_anchor_logps(self, scored.rows, torch.tensor([], dtype=torch.long))
         batch = gather_batch(scored.rows, self.accelerator, self._tokenizer.pad_token_id)
-        self._bapo.rollouts += len(scored.correct)
+        self._bapo.count_rollouts(len(scored.correct))
         outcomes = scored.correct.view(-1, group_size)[first]
         accuracy = group_accuracy(outcomes.reshape(-1), group_size)
         entered_with = torch.tensor([group.accuracy for group in groups])
-        admitted = reevaluation_admitted(accuracy, entered_with, args.difficult_threshold, args.difficult_admission)
+        admitted = reevaluation_admitted(accuracy, entered_with, self._bapo.c1, args.difficult_admission)
         self._bapo.buffers.after_reevaluation(
             groups, accuracy.tolist(), outcomes.tolist(), args.keep_reevaluated_prompts
         )
