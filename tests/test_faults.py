@@ -167,6 +167,10 @@ def test_bad_values_are_refused_and_ignored_options_named(tmp_path, caplog):
         BAPOConfig(output_dir=str(tmp_path), use_cpu=True, top_p=0.9)
     with pytest.raises(ValueError, match=r"generation_kwargs\['min_p'\] makes generation sample"):
         BAPOConfig(output_dir=str(tmp_path), use_cpu=True, generation_kwargs={"min_p": 0.1})
+    with pytest.raises(ValueError, match=r"generation_kwargs\['top_p'\] makes generation sample"):
+        BAPOConfig(output_dir=str(tmp_path), use_cpu=True, generation_kwargs='{"top_p": 0.9}')  # as the CLI passes it
+    with pytest.raises(ValueError, match=r"steps_per_generation \(3\) must be a multiple of gradient_accumulation"):
+        BAPOConfig(output_dir=str(tmp_path), use_cpu=True, gradient_accumulation_steps=2, steps_per_generation=3)
     fresh_only = dict(rollout_delay=1, use_high_quality_replay=False)
     assert BAPOConfig(output_dir=str(tmp_path), use_cpu=True, top_p=0.9, **fresh_only).top_p == 0.9
     with pytest.raises(ValueError, match="non_finite_rewards must be one of"):

@@ -7,6 +7,7 @@ is built, so that `mini_test` can tell a threshold a user set from a default one
 
 from __future__ import annotations
 
+import json
 import math
 import textwrap
 from dataclasses import MISSING, dataclass, field, fields
@@ -499,6 +500,14 @@ class BAPOConfig(GRPOConfig):
                 "it the current policy, while BAPO's rollouts need alpha, the policy of "
                 f"rollout_delay={self.rollout_delay} steps back. Set vllm_enable_sleep_mode=False, or rollout_delay=1."
             )
+        # BAPO cuts its batch into whole optimizer steps, each of gradient_accumulation_steps micro-batches.
+        if self.bapo_assembles_batches and self.steps_per_generation % self.gradient_accumulation_steps:
+            raise ValueError(
+                f"steps_per_generation ({self.steps_per_generation}) must be a multiple of "
+                f"gradient_accumulation_steps ({self.gradient_accumulation_steps}): BAPO cuts each assembled batch "
+                "into whole optimizer steps. Set generation_batch_size (or steps_per_generation) to a multiple of "
+                "per_device_train_batch_size x processes x gradient_accumulation_steps."
+            )
 
     @property
     def bapo_assembles_batches(self) -> bool:
@@ -659,8 +668,11 @@ class BAPOConfig(GRPOConfig):
             "min_p": self.min_p is not None,
             "repetition_penalty": self.repetition_penalty != 1.0,
         }
-        kwargs = self.generation_kwargs if isinstance(self.generation_kwargs, dict) else {}
+        # Read before transformers parses a JSON string given on the command line into a dict.
+        kwargs = self.generation_kwargs
+        kwargs = json.loads(kwargs) if isinstance(kwargs, str) else kwargs or {}
         changed.update({f"generation_kwargs[{key!r}]": True for key in kwargs if key in SAMPLING_KWARGS})
+        changed["vllm_structured_outputs_regex"] = getattr(self, "vllm_structured_outputs_regex", None) is not None
         named = [name for name, is_set in changed.items() if is_set]
         if named and (self.rollout_delay > 1 or self.use_high_quality_replay):
             raise ValueError(
