@@ -76,11 +76,13 @@ def test_every_code_block_runs_or_says_why_not():
 
 def shortened(command: str) -> str:
     """A command as written, shortened only by its step count: 2 steps, or as many as its checkpoint needs."""
-    if "--max_steps" in command or not command.startswith("trl-bapo"):
+    if not command.startswith("trl-bapo"):
         return command
     saved = re.search(r"--save_steps (\d+)", command)
     resumed = re.search(r"--resume_from_checkpoint \S+-(\d+)", command)
     steps = int(saved[1]) if saved else int(resumed[1]) + 1 if resumed else 2
+    if "--max_steps" in command:
+        return re.sub(r"--max_steps \d+", f"--max_steps {steps}", command)
     return f"{command} --max_steps {steps}"
 
 
