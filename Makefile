@@ -56,9 +56,13 @@ lint: install
 docs: install
 	$(PY) -m mkdocs build --strict --quiet
 
+# The vLLM server test runs in a pytest process of its own: on an Intel Xeon with AMX, a server started from the
+# process that had run the colocated engines' tests died of an illegal instruction in vLLM's CPU attention at its first
+# request (3 of 3 suite runs, at 11ba08d too) and passed in each run without them before it (3 of 3).
 test: lint docs install-vllm install-verl
 	$(PY) -m pytest -q tests --ignore=tests/real_vllm
-	$(VLLM_PY) -m pytest -q tests/real_vllm
+	$(VLLM_PY) -m pytest -q tests/real_vllm --ignore=tests/real_vllm/test_server.py
+	$(VLLM_PY) -m pytest -q tests/real_vllm/test_server.py
 
 demo: install
 	$(PY) -m trl_bapo.examples.demo
