@@ -38,6 +38,7 @@ from trl import GRPOConfig, GRPOTrainer
 from trl_bapo import BAPOConfig, BAPOTrainer
 from trl_bapo.builtin.embedded import (
     GROUP_SIZE,
+    KERNEL_SETTINGS,
     TRAINING,
     WARM_START_STEPS,
     embedded_datasets,
@@ -303,6 +304,18 @@ def run_method(
         record["composition"] = [{key: entry[key] for key in ("bapo/x1", "bapo/x2", "bapo/x3")} for entry in logs]
         record["bapo_means"] = {key: statistics.fmean(entry[key] for entry in logs if key in entry) for key in keys}
     return record
+
+
+def write_results(output: Path, gate: dict, base: dict, regime: Regime, records: list[dict]) -> dict:
+    """results.json: the gate, the base model's accuracy, what the runs started from, and every run."""
+    result = {
+        "gate": gate,
+        "base": {"heldout": base["heldout"], "greedy": base["greedy"]},
+        "model": model_record(regime),
+        "records": records,
+    }
+    (output / "results.json").write_text(json.dumps(result, indent=1))
+    return result
 
 
 def model_record(regime: Regime) -> dict:
@@ -584,7 +597,7 @@ def paper_sections(records: list[dict], median: dict, curves: dict, base: float,
 
 def _kernel_line(record: dict) -> str:
     path = record.get("kernel_path", {})
-    settings = ", ".join(f"{k}={path[k]}" for k in ("ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS") if k in path)
+    settings = ", ".join(f"{k}={path[k]}" for k in KERNEL_SETTINGS if k in path)
     return (
         f"warm start `{record['task']}` {record['warm_start_steps']} steps, base held-out mean@8 "
         f"{record['base_eval_accuracy']:.3f}; trained on kernel path {path.get('cpu_capability', '?')} "
@@ -813,13 +826,7 @@ def run_regime(regime: Regime, options, output: Path) -> dict:
             records.append(run_in_fresh_process(method, seed, steps, regime, output / "runs", rates[method], base))
             _print(records[-1])
     gate = sanity_gate(records) if any(r["method"] == "grpo" for r in records) else {}
-    result = {
-        "gate": gate,
-        "base": {"heldout": base["heldout"], "greedy": base["greedy"]},
-        "model": model_record(regime),
-        "records": records,
-    }
-    (output / "results.json").write_text(json.dumps(result, indent=1))
+    result = write_results(output, gate, base, regime, records)
     report = summarize(records, gate, base, output, time.perf_counter() - started, rates, regime)
     (output / "RESULTS.md").write_text(report)
     print(report)
@@ -838,13 +845,7 @@ def merge_results(regime: Regime, runs: list[Path], output: Path) -> dict:
     rates = {r["method"]: r["learning_rate"] for r in records}
     gate = sanity_gate(records)
     output.mkdir(parents=True, exist_ok=True)
-    result = {
-        "gate": gate,
-        "base": {"heldout": base["heldout"], "greedy": base["greedy"]},
-        "model": model_record(regime),
-        "records": records,
-    }
-    (output / "results.json").write_text(json.dumps(result, indent=1))
+    result = write_results(output, gate, base, regime, records)
     seconds = sum(r["wall_seconds"] for r in records)
     (output / "RESULTS.md").write_text(summarize(records, gate, base, output, seconds, rates, regime))
     return result

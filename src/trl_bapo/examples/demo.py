@@ -65,10 +65,10 @@ def main(argv: list[str] | None = None) -> dict:
     started = time.perf_counter()
 
     model_path = embedded_model(options.task)
-    machine = kernel_path()
+    machine, weights = kernel_path(), weights_sha256(model_path)
     print(
         f"[1/4] embedded model: tiny Qwen2 warm-started on {options.task} ({model_path.name}, weights "
-        f"{weights_sha256(model_path)[:12]}); training on kernel path {machine['cpu_capability']}, "
+        f"{weights[:12]}); training on kernel path {machine['cpu_capability']}, "
         f"{machine['torch_threads']} torch threads",
         flush=True,
     )
@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> dict:
         "mean_batch_fill": sum(log["bapo/batch_fill"] for log in logs) / len(logs),
         "seconds": time.perf_counter() - started,
         "model": model_path.name,
-        "weights_sha256": weights_sha256(model_path),
+        "weights_sha256": weights,
         "kernel_path": machine,
     }
     plots = [
