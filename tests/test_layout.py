@@ -157,3 +157,35 @@ def test_trl_private_lists_every_private_name_the_code_uses():
         f"private names of TRL used but not listed in trl_bapo.trl_private: {found - listed}"
     )
     assert listed - found == set(), f"listed in trl_bapo.trl_private but no longer used: {listed - found}"
+
+
+def modules_naming(name: str) -> set[str]:
+    """The library modules (outside the showcase) whose code names `name`: calls it, reads it as an attribute or
+    defines it."""
+    found = set()
+    for path in library_modules():
+        for node in ast.walk(ast.parse(path.read_text())):
+            named = (
+                (isinstance(node, ast.Name) and node.id == name)
+                or (isinstance(node, ast.Attribute) and node.attr == name)
+                or (isinstance(node, ast.FunctionDef) and node.name == name)
+            )
+            if named:
+                found.add(path.name)
+                break
+    return found
+
+
+def test_each_rule_of_algorithm_1_has_one_owner():
+    """Line 8's entry rule, eq. 6's admission and c1 are decided by the buffers alone (selection.py defines the
+    masks, buffers.py is the one module applying them; the state builds the buffers from the config and reports their
+    c1); beta's meaning is decided in kl.py alone."""
+    for rule in ("difficult_mask", "reevaluation_admitted"):
+        assert modules_naming(rule) == {"selection.py", "buffers.py"}, rule
+    for part in ("improved_mask", "beats_mask"):  # parts of `reevaluation_admitted`
+        assert modules_naming(part) == {"selection.py"}, part
+    assert modules_naming("difficult_threshold") == {"config.py", "state.py"}
+    holders = {path.name for path in library_modules() if re.search(r"\.c1\b", path.read_text())}
+    assert holders == {"buffers.py", "state.py"}  # `.c1`: the buffers' own, and the state's report of it
+    assert modules_naming("kl_reference") == {"config.py", "kl.py"}
+    assert modules_naming("behavior_kl") <= {"kl.py", "behavior.py", "trainer.py"}

@@ -3,7 +3,7 @@ path and through verl's functions (tests/verl_reference.py, run in `.venv-verl`,
 1e-6.
 
 - The decoupled loss (`off_policy_correction="decoupled"`, TRL's 'dapo' loss with epsilon 0.2 / 0.28 and `delta` 10):
-  trl-bapo cuts the batch (`BAPOTrainer._cut`), measures the anchor and the truncated importance weight
+  trl-bapo cuts the batch (`batch.cut_batch`), measures the anchor and the truncated importance weight
   (`finish_behavior_logps`) and computes each micro-batch's loss (`BAPOTrainer.compute_loss`, TRL's `_compute_loss`
   inside); verl computes `compute_rollout_correction_weights` (token level, truncated at 3) and
   `compute_policy_loss_vanilla` with those weights and dual clip 10. Loss values and the gradient with respect to
@@ -31,9 +31,10 @@ import torch
 from conftest import make_config, prompt_dataset
 
 from trl_bapo import BAPOTrainer
-from trl_bapo.batch import masked_row
+from trl_bapo.batch import cut_batch, masked_row
 from trl_bapo.behavior import finish_behavior_logps
 from trl_bapo.correction import IMPORTANCE_WEIGHT, SOURCE
+from trl_bapo.losses import LOSSES
 
 ROOT = Path(__file__).resolve().parents[1]
 VERL_PYTHON = Path(os.environ.get("TRL_BAPO_VERL_PYTHON", ROOT / ".venv-verl" / "bin" / "python"))
@@ -109,12 +110,19 @@ def decoupled_trainer(tiny_model_path, output_dir, **overrides) -> tuple[BAPOTra
     return trainer, FixedLogps(trainer)
 
 
+def cut(trainer: BAPOTrainer, batch: dict, filler: dict) -> tuple[list[dict], list[bool]]:
+    """The micro-batches of one process, as the trainer cuts an assembled batch, and the optimizer steps skipped."""
+    normalisation, pad = LOSSES[trainer.loss_type].normalisation, trainer._tokenizer.pad_token_id
+    return cut_batch(batch, trainer.args, 1, normalisation, filler, pad)
+
+
 def trl_bapo_loss(trainer: BAPOTrainer, forward: FixedLogps, batch: dict, policies: dict) -> dict:
     """The micro-batches of one rollout step as trl-bapo cuts them, their anchors and importance weights as it
     measures them, and their losses summed, with the gradient with respect to the current log-probs."""
     filler = masked_row(batch)
     forward.table = policies["anchor"]
-    chunks = [finish_behavior_logps(trainer, chunk) for chunk in trainer._cut(batch, filler)]
+    chunks, skipped = cut(trainer, batch, filler)
+    chunks = [finish_behavior_logps(trainer, chunk) for chunk in chunks]
     current = policies["current"].clone().requires_grad_(True)
     forward.table = current
     total = sum(trainer.compute_loss(trainer.model, chunk) for chunk in chunks)
@@ -126,7 +134,13 @@ def trl_bapo_loss(trainer: BAPOTrainer, forward: FixedLogps, batch: dict, polici
     for chunk in chunks:
         real = chunk["completion_mask"].sum(dim=1) > 0
         weights[chunk["prompt_ids"][real, 0]] = chunk[IMPORTANCE_WEIGHT][real].double()
-    return {"loss": total.detach(), "grad": current.grad, "micro_batches": micro_batches, "weights": weights}
+    return {
+        "loss": total.detach(),
+        "grad": current.grad,
+        "micro_batches": micro_batches,
+        "weights": weights,
+        "skipped": skipped,
+    }
 
 
 def verl_case(kind: str, batch: dict, policies: dict, micro_batches: list[list[int]], **extra) -> dict:
@@ -181,7 +195,7 @@ def test_mini_batch_aggregation_matches_the_authors_fork(tiny_model_path, tmp_pa
     batch, policies = scored_batch(12, 6, torch.Generator().manual_seed(1))
     ours = trl_bapo_loss(trainer, forward, batch, policies)
     assert [len(rows) for rows in ours["micro_batches"]] == [4, 4, 2, 2, 0, 0]
-    assert trainer._skipped_updates == [False, False, True]
+    assert ours["skipped"] == [False, False, True]
     rows = [rows for rows in ours["micro_batches"] if rows]
     weights = verl([verl_case("rollout_weights", batch, policies, rows)], tmp_path)[0]["weights"]
     theirs = verl([verl_case("fork_aggregation", batch, policies, rows, weights=weights, mini_batch_rows=8)], tmp_path)

@@ -162,6 +162,31 @@ def masked_row(batch: dict[str, Any]) -> dict[str, Any]:
     return row
 
 
+def cut_batch(
+    batch: dict[str, Any], args, processes: int, normalisation: str, filler: dict[str, Any], pad_token_id: int
+) -> tuple[list[dict[str, Any]], list[bool]]:
+    """The assembled batch as every process's micro-batches (process p's micro-step i is chunk p * steps + i), as
+    `args.batch_aggregation` says, and which optimizer steps of the rollout step are skipped (they have no rows).
+    Every process holds the whole batch and takes its own share, so all of them run the same number of
+    forward/backward passes whatever the batch size."""
+    steps, accumulation = args.steps_per_generation, args.gradient_accumulation_steps
+    if args.batch_aggregation == "mini_batch":
+        return split_mini_batches(
+            batch,
+            steps,
+            accumulation,
+            processes,
+            args.per_device_train_batch_size,
+            normalisation,
+            filler,
+            pad_token_id,
+        )
+    chunks = split_micro_batches(
+        batch, steps * processes, normalisation, filler, pad_token_id, equal_sizes=processes > 1
+    )
+    return chunks, [num_rows(batch) == 0] * (steps // accumulation)
+
+
 def split_micro_batches(
     batch: dict[str, Any],
     num_chunks: int,

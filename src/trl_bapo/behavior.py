@@ -20,6 +20,7 @@ from trl.trainer.utils import unsplit_pixel_values_by_grid
 
 from trl_bapo.batch import loss_mask, num_rows, select_rows, unmeasured_rows
 from trl_bapo.correction import ANCHOR_LOGPS, IMPORTANCE_WEIGHT, SOURCE, source_weight_stats
+from trl_bapo.kl import behavior_kl, set_kl_reference
 
 BEHAVIOR_LOGPS = "old_per_token_logps"
 # Image fields TRL's forward takes besides the token ids (trl 1.16.0, GRPOTrainer._get_per_token_logps_and_entropies).
@@ -134,15 +135,14 @@ def finish_behavior_logps(trainer, chunk: dict[str, Any]) -> dict[str, Any]:
         return decouple(trainer, chunk)
     logps = chunk[BEHAVIOR_LOGPS]
     missing = unmeasured_rows(logps)
-    on_policy = bool(missing.all()) and not trainer._behavior_kl
+    on_policy = bool(missing.all()) and not behavior_kl(trainer.args)
     rows = missing.nonzero().flatten()
     measured = policy_logps(trainer, chunk, rows[:0] if on_policy else rows)
     if on_policy:
         chunk.pop(BEHAVIOR_LOGPS)
         return chunk
     logps[rows] = measured
-    if trainer._behavior_kl:
-        chunk["ref_per_token_logps"] = logps
+    set_kl_reference(trainer, chunk, logps)
     return chunk
 
 
@@ -162,7 +162,6 @@ def decouple(trainer, chunk: dict[str, Any]) -> dict[str, Any]:
     ratio = torch.where(mask, torch.exp(anchor - behavior), torch.ones_like(anchor))
     chunk[IMPORTANCE_WEIGHT] = ratio.clamp(max=cap)
     chunk[BEHAVIOR_LOGPS] = anchor
-    if trainer._behavior_kl:
-        chunk["ref_per_token_logps"] = behavior
+    set_kl_reference(trainer, chunk, behavior)
     trainer._weight_stats.append(source_weight_stats(chunk[IMPORTANCE_WEIGHT], ratio, mask, chunk.get(SOURCE), cap))
     return chunk

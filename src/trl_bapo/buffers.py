@@ -8,20 +8,22 @@ read-only view of them that `BAPOTrainer.bapo_status` gives users.
   nothing leaves until the store is full, and then entries are classed by their latest accuracy.
 
 Both hold `BufferedGroup`s and answer the same four calls of Algorithm 1: `add` (lines 8 and 9), `draw_reevaluation`
-and `after_reevaluation` (lines 12-15), `draw_replay` (line 16).
+and `after_reevaluation` (lines 12-15), `draw_replay` (line 16). They own c1 and the rules that read it: which groups
+enter B_bad (line 8), which re-evaluated prompts join X2 (eq. 6) and which leave B_bad; the trainer only asks.
 """
 
 from __future__ import annotations
 
 import copy
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any, NamedTuple
 
 import torch
 from datasets.fingerprint import Hasher
 
-from trl_bapo.selection import difficult_mask, high_quality_mask
+from trl_bapo.selection import difficult_mask, high_quality_mask, reevaluation_admitted
 
 # The authors' store keeps the last 32 re-evaluation outcomes of an entry (their `max_scores_per_uid`): an entry's
 # latest accuracy is their mean, up to four re-evaluations of 8 completions pooled.
@@ -71,6 +73,18 @@ def in_band(accuracy: list[float], c2: float, c3: float) -> list[bool]:
 def is_difficult(accuracy: list[float], c1: float) -> list[bool]:
     """Selection's mu <= c1 (line 8), on a list; an unscorable (NaN) accuracy is not difficult."""
     return difficult_mask(torch.tensor(accuracy, dtype=torch.float64), c1).tolist() if accuracy else []
+
+
+def counted_reevaluation(
+    groups: list[BufferedGroup], accuracy: list[float], c1: float, admission: str
+) -> tuple[list[bool], list[BufferedGroup]]:
+    """Eq. 6 for re-evaluated prompts (their new `accuracy`): which join X2 under the `difficult_admission` rule, and
+    which are no longer difficult (mu > c1). Counts the re-evaluation on each group."""
+    for group in groups:
+        group.reevaluated += 1
+    entered_with = torch.tensor([group.accuracy for group in groups])
+    admitted = reevaluation_admitted(torch.tensor(accuracy), entered_with, c1, admission).tolist()
+    return admitted, [group for group, hard in zip(groups, is_difficult(accuracy, c1)) if not hard]
 
 
 class DifficultBuffer:
@@ -198,14 +212,23 @@ class PaperBuffers:
         """Groups whose rows `add` would keep for replay: B_high's."""
         return high_quality_mask(accuracy, c2, c3) & high_quality
 
-    def add(self, groups: list[BufferedGroup], c2: float, c3: float, difficult: bool, high_quality: bool) -> None:
-        """Lines 8 and 9: prompts at mu <= c1 enter B_bad (when `difficult`), groups at c2 <= mu <= c3 B_high (when
-        `high_quality`)."""
-        accuracy = [group.accuracy for group in groups]
+    def add(
+        self,
+        accuracy: list[float],
+        group: Callable[[int], BufferedGroup],
+        c2: float,
+        c3: float,
+        difficult: bool,
+        high_quality: bool,
+    ) -> None:
+        """Lines 8 and 9: of a rollout's groups (their `accuracy`; `group(g)` builds group g), prompts at mu <= c1
+        enter B_bad (when `difficult`), groups at c2 <= mu <= c3 B_high (when `high_quality`). Only the groups taken
+        are built."""
+        hard, band = is_difficult(accuracy, self.c1), in_band(accuracy, c2, c3)
         if difficult:
-            self.difficult.add([group for group, hard in zip(groups, is_difficult(accuracy, self.c1)) if hard])
+            self.difficult.add([group(g) for g, h in enumerate(hard) if h])
         if high_quality:
-            self.high_quality.add([group for group, band in zip(groups, in_band(accuracy, c2, c3)) if band])
+            self.high_quality.add([group(g) for g, b in enumerate(band) if b])
 
     def draw_reevaluation(self, count: int, order: str, generator: torch.Generator) -> list[BufferedGroup]:
         """B_bad's prompts to re-evaluate: the `count` oldest, or with order 'random' a random draw."""
@@ -213,14 +236,19 @@ class PaperBuffers:
         return draw(entries, count, generator) if order == "random" else entries[:count]
 
     def after_reevaluation(
-        self, groups: list[BufferedGroup], accuracy: list[float], outcomes: list[list[float]], keep: bool
-    ) -> None:
-        """Counts the re-evaluation; unless `keep`, prompts re-evaluated above c1 (their new `accuracy`) leave
-        B_bad."""
-        for group in groups:
-            group.reevaluated += 1
+        self,
+        groups: list[BufferedGroup],
+        accuracy: list[float],
+        outcomes: list[list[float]],
+        keep: bool,
+        admission: str,
+    ) -> list[bool]:
+        """Which re-evaluated prompts join X2 (eq. 6, by their new `accuracy`); unless `keep`, those re-evaluated above
+        c1 leave B_bad."""
+        admitted, solved = counted_reevaluation(groups, accuracy, self.c1, admission)
         if not keep:
-            self.difficult.remove([group for group, hard in zip(groups, is_difficult(accuracy, self.c1)) if not hard])
+            self.difficult.remove(solved)
+        return admitted
 
     def draw_replay(self, step: int, c2: float, c3: float, count: int, generator) -> list[BufferedGroup]:
         """X3 (eq. 7 and line 16): `count` random groups of earlier steps in B_high's window with c2 <= mu <= c3."""
@@ -293,14 +321,21 @@ class SharedBuffer:
         """The mean of its re-evaluations' scorable outcomes, else the accuracy it entered with."""
         return float(torch.tensor(group.scores, dtype=torch.float64).nanmean()) if group.scores else group.accuracy
 
-    def add(self, groups: list[BufferedGroup], c2: float, c3: float, difficult: bool, high_quality: bool) -> None:
+    def add(
+        self,
+        accuracy: list[float],
+        group: Callable[[int], BufferedGroup],
+        c2: float,
+        c3: float,
+        difficult: bool,
+        high_quality: bool,
+    ) -> None:
         """Stores, in rollout order, the groups at mu <= c1 (when `difficult`) and in [c2, c3] (when
         `high_quality`), each followed by the eviction check, as the authors' `collect_data` adds them."""
         self._band = (c2, c3)
-        accuracy = [group.accuracy for group in groups]
-        for group, hard, band in zip(groups, is_difficult(accuracy, self.c1), in_band(accuracy, c2, c3)):
+        for g, (hard, band) in enumerate(zip(is_difficult(accuracy, self.c1), in_band(accuracy, c2, c3))):
             if (difficult and hard) or (high_quality and band):
-                self._entries.append(group)
+                self._entries.append(group(g))
                 self._evict(c2, c3)
 
     def _evict(self, c2: float, c3: float) -> None:
@@ -333,16 +368,21 @@ class SharedBuffer:
         return draw(candidates, count, generator) if order == "random" else candidates[:count]
 
     def after_reevaluation(
-        self, groups: list[BufferedGroup], accuracy: list[float], outcomes: list[list[float]], keep: bool
-    ) -> None:
-        """Each re-evaluated entry keeps the outcomes (its last `SCORES_KEPT`); unless `keep`, entries re-evaluated
-        above c1 (their new `accuracy`) leave."""
+        self,
+        groups: list[BufferedGroup],
+        accuracy: list[float],
+        outcomes: list[list[float]],
+        keep: bool,
+        admission: str,
+    ) -> list[bool]:
+        """Which re-evaluated entries join X2 (eq. 6, by their new `accuracy`); each keeps the outcomes (its last
+        `SCORES_KEPT`); unless `keep`, entries re-evaluated above c1 leave."""
+        admitted, solved = counted_reevaluation(groups, accuracy, self.c1, admission)
         for group, outcome in zip(groups, outcomes):
-            group.reevaluated += 1
             group.scores = (group.scores + outcome)[-SCORES_KEPT:]
         if not keep:
-            solved = [group for group, hard in zip(groups, is_difficult(accuracy, self.c1)) if not hard]
             self._entries = [group for group in self._entries if not any(group is g for g in solved)]
+        return admitted
 
     def draw_replay(self, step: int, c2: float, c3: float, count: int, generator) -> list[BufferedGroup]:
         """X3: `count` random entries whose latest accuracy is in [c2, c3] (all of them entered at earlier steps)."""

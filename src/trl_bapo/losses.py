@@ -28,6 +28,7 @@ from trl_bapo.batch import loss_mask
 from trl_bapo.behavior import BEHAVIOR_LOGPS, forward_logps
 from trl_bapo.correction import IMPORTANCE_WEIGHT
 from trl_bapo.distributed import gathered_mean
+from trl_bapo.kl import REFERENCE_LOGPS
 
 # REC variants of the paper: which ratios keep their gradient (the clip), and whether the importance ratio weighs it.
 REC_VARIANTS = {
@@ -144,8 +145,8 @@ def own_loss(trainer, model, inputs: dict[str, Any]) -> torch.Tensor:
     for weight in ("importance_sampling_ratio", IMPORTANCE_WEIGHT):
         if weight in inputs:
             per_token = per_token * inputs[weight]
-    if trainer.beta != 0.0:  # TRL's k3 estimate of KL(pi || ref)
-        log_ratio = inputs["ref_per_token_logps"] - logps
+    if trainer.beta != 0.0:  # TRL's k3 estimate of KL(pi || ref), the reference as `trl_bapo.kl` says
+        log_ratio = inputs[REFERENCE_LOGPS] - logps
         kl = torch.exp(log_ratio) - log_ratio - 1
         if args.use_bias_correction_kl:  # weighed by the ratio to the behavior policy, as TRL does
             kl = kl * torch.exp(logps - old)

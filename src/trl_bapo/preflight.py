@@ -1,5 +1,6 @@
 """What BAPOTrainer checks before TRL loads anything: inputs a run would otherwise fail on late, after the model and
-the engine loaded (a dataset without prompts) or after the whole run (an output directory it cannot write)."""
+the engine loaded (a dataset without prompts) or after the whole run (an output directory it cannot write); and, once
+TRL has built the trainer, the engines and datasets BAPO cannot run with."""
 
 from __future__ import annotations
 
@@ -52,3 +53,18 @@ def check_output_dir(output_dir: str) -> None:
             f"output_dir {output_dir!r} is not writable ({type(error).__name__}: {error.strerror or error}): "
             "checkpoints and the final model would fail to save after training. Choose a writable output_dir."
         ) from error
+
+
+def check_trainer(trainer) -> None:
+    """What only the built trainer shows: its engine and its datasets."""
+    args = trainer.args
+    if trainer._dist.fsdp_version == 1 and args.rollout_delay > 1:
+        raise NotImplementedError(
+            "The delayed rollout policy swaps each process's parameter shards, which FSDP1's flattened "
+            "parameters do not expose. Use FSDP2 (fsdp_version: 2 in the accelerate config) or rollout_delay=1."
+        )
+    if args.dynamic_sampling and not hasattr(trainer.train_dataset, "__getitem__"):
+        raise ValueError(
+            "dynamic_sampling draws extra prompts by index and needs a map-style train dataset; pass a "
+            "datasets.Dataset rather than an IterableDataset, or set dynamic_sampling=False."
+        )

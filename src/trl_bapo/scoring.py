@@ -20,6 +20,7 @@ from accelerate.utils import gather_object
 from transformers.utils import logging
 from trl.trainer.utils import get_callable_name, get_config_model_id, split_pixel_values_by_grid
 
+from trl_bapo.kl import reference_kl_off
 from trl_bapo.records import ScoredRollout
 from trl_bapo.selection import correct_completions, group_accuracy
 
@@ -197,18 +198,6 @@ def score(trainer, inputs: list[dict[str, Any]]) -> ScoredRollout:
     correct = trainer._correctness(trainer._last_rewards_per_func)
     examples = inputs if accelerator.num_processes == 1 else gather_object(inputs)
     return ScoredRollout(batch, advantages.cpu(), correct, examples, seconds)
-
-
-@contextmanager
-def reference_kl_off(trainer) -> Iterator[None]:
-    """With the behavior-policy KL there is no reference model; TRL would try to score one while beta != 0."""
-    beta = trainer.beta
-    if trainer._behavior_kl:
-        trainer.beta = 0.0
-    try:
-        yield
-    finally:
-        trainer.beta = beta
 
 
 @contextmanager

@@ -11,10 +11,13 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
+from accelerate.utils import send_to_device
 
-from trl_bapo.buffers import BAPOStatus, PaperBuffers, SharedBuffer
+from trl_bapo.batch import select_rows
+from trl_bapo.buffers import BAPOStatus, BufferedGroup, PaperBuffers, SharedBuffer, prompt_key
+from trl_bapo.records import FreshRollout
 from trl_bapo.rollout import RolloutSnapshot
-from trl_bapo.selection import adaptive_threshold
+from trl_bapo.selection import adaptive_threshold, group_rows
 
 # Fields that come from the config, not from training: not saved, rebuilt by `from_config`.
 SETTING = {"saved": False}
@@ -87,6 +90,24 @@ class BAPOState:
         if not self.prompt_order:
             self.prompt_order = torch.randperm(dataset_size, generator=self.generator).tolist()
         return self.prompt_order.pop()
+
+    def store(self, fresh: FreshRollout, t: int, group_size: int, difficult: bool, high_quality: bool) -> None:
+        """Lines 8 and 9: offers rollout step t's fresh groups to the buffers, which take those their rules admit;
+        the rows of the groups they may replay go along, on the CPU."""
+
+        def group(g: int) -> BufferedGroup:
+            example = fresh.examples[g * group_size]
+            rows = select_rows(fresh.rows, group_rows(torch.tensor([g]), group_size)) if fresh.kept[g] else None
+            return BufferedGroup(
+                key=prompt_key(example),
+                example=example,
+                accuracy=float(fresh.accuracy[g]),
+                step=t,
+                policy_step=t - fresh.lag,
+                rows=None if rows is None else send_to_device(rows, "cpu"),
+            )
+
+        self.buffers.add(fresh.accuracy.tolist(), group, fresh.c2, fresh.c3, difficult, high_quality)
 
     def record_rewards(self, correct: torch.Tensor) -> None:
         """Adds a fresh rollout's correctness (NaN: unscorable, left out) to r_tot's sums."""

@@ -11,11 +11,12 @@ against trl 1.16.0 and transformers 5.23; the private parts of TRL it touches ar
   checkpoint (`trl_bapo.checkpoint`); transformers calls both on every process, before any push to the Hub;
 - `_save_checkpoint` / `train`: a checkpoint is marked complete once every file is on disk, and
   `resume_from_checkpoint=True` resumes from the newest complete one;
-- `__init__`: with `kl_reference="behavior"`, keeps TRL from building a reference model that KL never reads.
+- `__init__`: with `kl_reference="behavior"`, keeps TRL from building a reference model that KL never reads
+  (`trl_bapo.kl`, where beta's meaning is decided).
 
 Everything else, generation, reward scoring, advantages and the clipped surrogate, is TRL's. The behavior
 log-probs of every sample travel in TRL's `old_per_token_logps` (`trl_bapo.behavior`). With vLLM, BAPO decides
-when the engine gets weights (`_sync_engine`, `trl_bapo.vllm_sync`), so it holds alpha at every rollout. Image
+when the engine gets weights (`trl_bapo.vllm_sync.EngineWeights`), so it holds alpha at every rollout. Image
 fields are split per row and merged back with TRL's `split_pixel_values_by_grid` / `unsplit_pixel_values_by_grid`.
 Under FSDP2 and DeepSpeed the rollout snapshot holds each process's own shards (`trl_bapo.engines`).
 """
@@ -38,32 +39,23 @@ from trl.trainer.utils import (
     unsplit_pixel_values_by_grid,
 )
 
-from trl_bapo.batch import (
-    concat_batches,
-    gather_batch,
-    loss_mask,
-    masked_row,
-    num_rows,
-    select_rows,
-    split_micro_batches,
-    split_mini_batches,
-)
+from trl_bapo.batch import concat_batches, cut_batch, gather_batch, loss_mask, masked_row, num_rows, select_rows
 from trl_bapo.behavior import attach_anchor_logps, attach_behavior_logps, finish_behavior_logps
-from trl_bapo.buffers import BAPOStatus, BufferedGroup, prompt_key
+from trl_bapo.buffers import BAPOStatus
 from trl_bapo.checkpoint import load_state, mark_complete, newest_complete_checkpoint, save_state
 from trl_bapo.clipping import adaptive_clipping
 from trl_bapo.config import BAPOConfig
 from trl_bapo.correction import IMPORTANCE_WEIGHT, SOURCE, gathered_weight_metrics, weighted_advantages
 from trl_bapo.distributed import local_rows, local_share, shared_permutation
 from trl_bapo.frozen_step import FrozenStep
+from trl_bapo.kl import behavior_kl, no_reference_model, reference_kl_off
 from trl_bapo.losses import LOSSES, own_loss
-from trl_bapo.preflight import check_datasets, check_output_dir, constructor_arguments
+from trl_bapo.preflight import check_datasets, check_output_dir, check_trainer, constructor_arguments
 from trl_bapo.records import FreshRollout, Replay, ScoredRollout
 from trl_bapo.scoring import (
     Correctness,
     check_correctness_reward,
     finite_rewards,
-    reference_kl_off,
     sampled_accuracies,
     score,
     score_prompts,
@@ -73,14 +65,13 @@ from trl_bapo.selection import (
     group_has_variance,
     group_rows,
     online_filter_mask,
-    reevaluation_admitted,
     x3_room,
 )
 from trl_bapo.snapshots import SNAPSHOT_FILE, BufferSnapshots, buffer_lines, write_lines
 from trl_bapo.staleness import clip_fractions, lag_metrics
 from trl_bapo.state import BAPOState
 from trl_bapo.tracking import PromptTracking
-from trl_bapo.vllm_sync import send_weights
+from trl_bapo.vllm_sync import EngineWeights
 
 logger = logging.get_logger(__name__)
 
@@ -119,30 +110,15 @@ class BAPOTrainer(GRPOTrainer):
         given = constructor_arguments(model, reward_funcs, args, *more, **kwargs)
         check_datasets(given.get("train_dataset"), given.get("eval_dataset"), given.get("environment_factory"))
         check_output_dir(args.output_dir)
-        self._behavior_kl = args.kl_reference == "behavior" and args.beta != 0.0
-        beta = args.beta
-        if self._behavior_kl:
-            args.beta = 0.0
-        try:
+        with no_reference_model(args):
             super().__init__(model, reward_funcs, args, *more, **kwargs)
-        finally:
-            args.beta = beta
-        self.beta = beta
-        if self._dist.fsdp_version == 1 and args.rollout_delay > 1:
-            raise NotImplementedError(
-                "The delayed rollout policy swaps each process's parameter shards, which FSDP1's flattened "
-                "parameters do not expose. Use FSDP2 (fsdp_version: 2 in the accelerate config) or rollout_delay=1."
-            )
+        self.beta = args.beta
+        check_trainer(self)
         # Under FSDP and ZeRO-3 each process holds shards of the parameters, and every forward is a collective that
         # all processes must enter together.
         self._sharded = self._dist.is_fsdp or self._dist.is_zero3
         self._collective_forwards = self.accelerator.num_processes > 1 and self._sharded
         self._correctness = Correctness(args.correctness_reward, args.correctness_threshold, self)
-        if args.dynamic_sampling and not hasattr(self.train_dataset, "__getitem__"):
-            raise ValueError(
-                "dynamic_sampling draws extra prompts by index and needs a map-style train dataset; pass a "
-                "datasets.Dataset rather than an IterableDataset, or set dynamic_sampling=False."
-            )
 
         self._bapo = BAPOState.from_config(args, args.generation_batch_size // self.num_generations)
         # Per rollout step, not Algorithm 1's lasting state:
@@ -152,7 +128,7 @@ class BAPOTrainer(GRPOTrainer):
         self.add_callback(self._frozen_step)
         self._last_rewards_per_func: torch.Tensor | None = None
         self._weight_stats: list[torch.Tensor] = []  # the decoupled correction's, per micro-batch of this step
-        self._engine_holds_alpha = False  # a (re)started vLLM engine holds the base model
+        self._engine = EngineWeights(self)
         if args.track_prompts:
             self.add_callback(PromptTracking(self, self._tracked_accuracies))
         if args.log_buffer_snapshots:
@@ -174,13 +150,18 @@ class BAPOTrainer(GRPOTrainer):
         """
         t, after_update = self._bapo.next_rollout_step(), self.args.difficult_entry_after_update
         fresh = self._fresh_rollout(inputs, t)
+        store = dict(fresh=fresh, t=t, group_size=self.num_generations)
         if not after_update:
-            self._store(fresh, t, difficult=True, high_quality=False)  # line 8
+            self._bapo.store(**store, difficult=self.args.use_difficult_replay, high_quality=False)  # line 8
         x1 = select_rows(fresh.rows, group_rows(fresh.x1.nonzero().flatten(), self.num_generations))
         num_x1 = int(fresh.x1.sum())
         x2 = self._difficult_replay(t, room=x3_room(self._bapo.batch_groups, num_x1, 0))
         x3 = self._high_quality_replay(t, fresh, room=x3_room(self._bapo.batch_groups, num_x1, x2.groups))
-        self._store(fresh, t, difficult=after_update, high_quality=True)  # line 9, and line 8 after the update
+        self._bapo.store(  # line 9, and line 8 after the update
+            **store,
+            difficult=after_update and self.args.use_difficult_replay,
+            high_quality=self.args.use_high_quality_replay,
+        )
         parts = [x1, *x2.parts, *x3.parts]
         sources = [1] + [2] * len(x2.parts) + [3] * len(x3.parts)
         for part, source in zip(parts, sources):  # which of X1, X2, X3 each row is, for the metrics by source
@@ -211,8 +192,7 @@ class BAPOTrainer(GRPOTrainer):
         args, group_size = self.args, self.num_generations
         policy = self.accelerator.unwrap_model(self.model)
         refreshed = self._bapo.snapshot.maybe_refresh(policy, t)
-        if self.use_vllm:
-            self._sync_engine(policy, t, refreshed)
+        self._engine.alpha(policy, t, refreshed)
         lag = self._bapo.snapshot.lag(t)
         with self._bapo.snapshot.applied(policy, t):
             rounds = self._sample_fresh(inputs)
@@ -238,7 +218,7 @@ class BAPOTrainer(GRPOTrainer):
             )
             # Behavior log-probs are taken now, while alpha is in the model: for X1 when it is off-policy or
             # the KL needs them, and for every group kept for later replay.
-            self._measure_rounds(rounds, kept | (x1 & (lag > 0 or self._behavior_kl)), attach_behavior_logps)
+            self._measure_rounds(rounds, kept | (x1 & (lag > 0 or behavior_kl(args))), attach_behavior_logps)
         if args.x3_anchor == "stored":  # pi_start of this step, stored with the groups X3 may replay
             self._measure_rounds(rounds, kept, attach_anchor_logps)
         gathered = [gather_batch(scored.rows, self.accelerator, self._tokenizer.pad_token_id) for scored in rounds]
@@ -247,45 +227,12 @@ class BAPOTrainer(GRPOTrainer):
         self._bapo.count_rollouts(len(examples))
         return FreshRollout(rows, examples, accuracy, x1, kept, c2, c3, lag)
 
-    def _store(self, fresh: FreshRollout, t: int, difficult: bool, high_quality: bool) -> None:
-        """Lines 8 and 9: every fresh group is offered to the buffers, which take those their layout keeps (mu <= c1
-        into B_bad, c2 <= mu <= c3 into B_high); the rows of the groups they may replay go along, on the CPU."""
-        args, group_size = self.args, self.num_generations
-        difficult &= args.use_difficult_replay
-        high_quality &= args.use_high_quality_replay
-        groups = []
-        for g in range(len(fresh.accuracy)):
-            example = fresh.examples[g * group_size]
-            rows = select_rows(fresh.rows, group_rows(torch.tensor([g]), group_size)) if fresh.kept[g] else None
-            groups.append(
-                BufferedGroup(
-                    key=prompt_key(example),
-                    example=example,
-                    accuracy=float(fresh.accuracy[g]),
-                    step=t,
-                    policy_step=t - fresh.lag,
-                    rows=None if rows is None else send_to_device(rows, "cpu"),
-                )
-            )
-        self._bapo.buffers.add(groups, fresh.c2, fresh.c3, difficult, high_quality)
-
     def _high_quality_replay(self, t: int, fresh: FreshRollout, room: int) -> Replay:
         """Line 16: X3, at most `room` groups drawn from B_high's groups of earlier steps with c2 <= mu <= c3."""
         device = fresh.rows["completion_ids"].device
         replayed = self._bapo.buffers.draw_replay(t, fresh.c2, fresh.c3, room, self._bapo.generator)
         lags = [t - group.policy_step for group in replayed]
         return Replay([send_to_device(group.rows, device) for group in replayed], len(replayed), lags=lags)
-
-    def _sync_engine(self, policy: torch.nn.Module, t: int, refreshed: bool) -> None:
-        """vLLM generates with alpha: it gets the weights on refresh steps (line 5 of Algorithm 1), and alpha again
-        wherever it lost it, at the first step of a (re)started engine, after a re-evaluation off the refresh
-        schedule and after an evaluation. TRL would sync whenever the optimizer has stepped; BAPO tells it the engine
-        is up to date."""
-        if refreshed or not self._engine_holds_alpha:
-            with self._bapo.snapshot.applied(policy, t):
-                send_weights(self.vllm_generation)
-            self._engine_holds_alpha = True
-        self._last_loaded_step = self.state.global_step
 
     def _sample_fresh(self, inputs: list[dict[str, Any]]) -> list[ScoredRollout]:
         """X_on: one rollout batch, or with `dynamic_sampling` as many as DAPO draws (at most
@@ -338,9 +285,7 @@ class BAPOTrainer(GRPOTrainer):
         )
         if not groups:
             return Replay([], 0)
-        if self.use_vllm and self._bapo.snapshot.lag(t) > 0:  # the engine holds alpha; re-evaluation needs the policy
-            send_weights(self.vllm_generation)
-            self._engine_holds_alpha = False
+        self._engine.current(alpha_is_current=self._bapo.snapshot.lag(t) == 0)
         scored, first = score_prompts(self, [group.example for group in groups])
         self._scoring_seconds += scored.seconds
         attach_behavior_logps(self, scored.rows, torch.tensor([], dtype=torch.long))
@@ -350,12 +295,10 @@ class BAPOTrainer(GRPOTrainer):
         self._bapo.count_rollouts(len(scored.correct))
         outcomes = scored.correct.view(-1, group_size)[first]
         accuracy = group_accuracy(outcomes.reshape(-1), group_size)
-        entered_with = torch.tensor([group.accuracy for group in groups])
-        admitted = reevaluation_admitted(accuracy, entered_with, self._bapo.c1, args.difficult_admission)
-        self._bapo.buffers.after_reevaluation(
-            groups, accuracy.tolist(), outcomes.tolist(), args.keep_reevaluated_prompts
+        admitted = self._bapo.buffers.after_reevaluation(
+            groups, accuracy.tolist(), outcomes.tolist(), args.keep_reevaluated_prompts, args.difficult_admission
         )
-        keep = first[admitted][: room if args.cap_difficult_replay else None]
+        keep = first[torch.tensor(admitted, dtype=torch.bool)][: room if args.cap_difficult_replay else None]
         return Replay([select_rows(batch, group_rows(keep, group_size))], len(keep), reevaluated=len(groups))
 
     # ---- TRL overrides -------------------------------------------------------------------------------------
@@ -367,7 +310,15 @@ class BAPOTrainer(GRPOTrainer):
         if self._step % generate_every == 0 or self._buffered_inputs is None:
             started, self._scoring_seconds = time.perf_counter(), 0.0
             batch, filler = self._assemble_batch(generation_batch)
-            chunks = self._cut(select_rows(batch, shared_permutation(self.accelerator, num_rows(batch))), filler)
+            chunks, self._skipped_updates = cut_batch(
+                select_rows(batch, shared_permutation(self.accelerator, num_rows(batch))),
+                self.args,
+                self.accelerator.num_processes,
+                LOSSES[self.loss_type].normalisation,
+                filler,
+                self._tokenizer.pad_token_id,
+            )
+            self._log_step(optimizer_steps=len(self._skipped_updates) - sum(self._skipped_updates))
             steps, rank = self.args.steps_per_generation, self.accelerator.process_index
             self._weight_stats = []
             self._buffered_inputs = [
@@ -381,38 +332,6 @@ class BAPOTrainer(GRPOTrainer):
         if self._skipped_updates[self._step % self.args.steps_per_generation // self.args.gradient_accumulation_steps]:
             self._frozen_step.hold(self.optimizer)
         return self._buffered_inputs[self._step % self.args.steps_per_generation]
-
-    def _cut(self, batch: dict[str, Any], filler: dict[str, Any]) -> list[dict[str, Any]]:
-        """The assembled batch as every process's micro-batches (process p's micro-step i is chunk p * steps + i), as
-        `batch_aggregation` says, and which optimizer steps of this rollout step are skipped. Every process holds the
-        whole batch and takes its own share, so all of them run the same number of forward/backward passes whatever
-        the batch size."""
-        args, processes = self.args, self.accelerator.num_processes
-        normalisation = LOSSES[self.loss_type].normalisation
-        updates = args.steps_per_generation // args.gradient_accumulation_steps
-        if args.batch_aggregation == "mini_batch":
-            chunks, self._skipped_updates = split_mini_batches(
-                batch,
-                args.steps_per_generation,
-                args.gradient_accumulation_steps,
-                processes,
-                args.per_device_train_batch_size,
-                normalisation,
-                filler,
-                self._tokenizer.pad_token_id,
-            )
-        else:
-            chunks = split_micro_batches(
-                batch,
-                args.steps_per_generation * processes,
-                normalisation,
-                filler,
-                self._tokenizer.pad_token_id,
-                equal_sizes=processes > 1,
-            )
-            self._skipped_updates = [num_rows(batch) == 0] * updates
-        self._log_step(optimizer_steps=updates - sum(self._skipped_updates))
-        return chunks
 
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
         rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
@@ -477,21 +396,13 @@ class BAPOTrainer(GRPOTrainer):
         """TRL's evaluation, generating with the current policy. With the behavior-policy KL, the policy that
         generates the evaluation samples is the one evaluated, so the KL term is zero and no reference model is
         read (TRL would look for one, or measure against the base model under PEFT)."""
-        self._send_current_weights()
+        self._engine.current()
         with reference_kl_off(self):
             return super()._prepare_inputs(generation_batch)
 
     def _tracked_accuracies(self, examples: list[dict[str, Any]]) -> list[float]:
-        self._send_current_weights()
+        self._engine.current()
         return sampled_accuracies(self, examples, self._bapo.batch_groups)
-
-    def _send_current_weights(self) -> None:
-        """Evaluation and prompt tracking generate with the current weights, sent through BAPO's sync (TRL's would
-        fail where vLLM's CPU build repacked the weights); the engine no longer holds alpha."""
-        if self.use_vllm and self._last_loaded_step != self.state.global_step:
-            send_weights(self.vllm_generation)
-            self._last_loaded_step = self.state.global_step
-            self._engine_holds_alpha = False
 
     # ---- helpers --------------------------------------------------------------------------------------------
 

@@ -24,6 +24,40 @@ import torch
 from trl.generation.vllm_generation import VLLMGeneration
 
 
+class EngineWeights:
+    """Which weights TRL's vLLM engine holds, and when it gets new ones. Rollouts generate with alpha: the engine
+    gets it on refresh steps (line 5 of Algorithm 1) and wherever it lost it (the first step of a (re)started
+    engine, after a re-evaluation off the refresh schedule, after an evaluation). Re-evaluation, evaluation and prompt
+    tracking generate with the current weights. TRL would sync whenever the optimizer has stepped
+    (`_last_loaded_step`); BAPO tells it the engine is up to date."""
+
+    def __init__(self, trainer):
+        self.trainer = trainer
+        self.holds_alpha = False  # a (re)started engine holds the base model
+
+    def alpha(self, policy: torch.nn.Module, t: int, refreshed: bool) -> None:
+        """Before rollout step t's generation (nothing to do without vLLM)."""
+        trainer = self.trainer
+        if not trainer.use_vllm:
+            return
+        if refreshed or not self.holds_alpha:
+            with trainer._bapo.snapshot.applied(policy, t):
+                send_weights(trainer.vllm_generation)
+            self.holds_alpha = True
+        trainer._last_loaded_step = trainer.state.global_step
+
+    def current(self, alpha_is_current: bool = False) -> None:
+        """Before a generation with the current weights; `alpha_is_current` where alpha equals them (refreshed at
+        this rollout step, before any update)."""
+        trainer = self.trainer
+        if not trainer.use_vllm or (self.holds_alpha and alpha_is_current):
+            return
+        if self.holds_alpha or trainer._last_loaded_step != trainer.state.global_step:
+            send_weights(trainer.vllm_generation)
+            trainer._last_loaded_step = trainer.state.global_step
+            self.holds_alpha = False
+
+
 def send_weights(generation: VLLMGeneration) -> None:
     """Sends the weights now in the trainer's model to TRL's vLLM engine: all of them, gathered from shards and with
     PEFT adapters merged (TRL's own walk over the parameters)."""
