@@ -32,6 +32,7 @@ DEFAULT_THRESHOLDS = (1 / 8, [1 / 8, 4 / 8], [2 / 8, 5 / 8])
 MINI_TEST_THRESHOLDS = (0.0, [0.5, 0.5], [0.5, 0.5])
 THRESHOLD_FIELDS = ("difficult_threshold", "high_quality_lower_range", "high_quality_upper_range")
 NON_FINITE_REWARDS = ("error", "none")
+ROLLOUT_SAMPLING_SEEDS = ("global", "per_step")
 # generation_kwargs that change the distribution sampled from (transformers' and vLLM's names).
 SAMPLING_KWARGS = {
     "top_p",
@@ -107,6 +108,7 @@ HEADINGS = {
         "adaptive_clip_dual",
     ),
     "Dynamic sampling (DAPO)": ("dynamic_sampling", "dynamic_sampling_max_rounds"),
+    "Rollout timing (not in the paper)": ("rollout_sampling_seed", "overlap_rollout"),
     "Resume": ("resume_without_bapo_state",),
     "What BAPO did": ("track_prompts", "log_buffer_snapshots"),
 }
@@ -457,6 +459,30 @@ class BAPOConfig(GRPOConfig):
         metadata={"help": "Most prompt batches generated per rollout step under `dynamic_sampling` (DAPO: 4)."},
     )
 
+    # Rollout timing (not in the paper)
+    rollout_sampling_seed: str = field(
+        default="global",
+        metadata={
+            "help": "Where generation draws its randomness from. 'global': the global random state, as TRL samples "
+            "(a rollout then depends on everything else that drew from it: dropout, evaluation). 'per_step': a "
+            "generator of its own per engine call, seeded by (seed, rollout step, optimizer step, process, call), "
+            "with dropout off while generating; a rollout then depends only on the policy that generates it. "
+            "transformers' generate and the vLLM server; not colocated vLLM, whose G requests per prompt would "
+            "share one seed."
+        },
+    )
+    overlap_rollout: bool = field(
+        default=False,
+        metadata={
+            "help": "Generate rollout step t+1 in the background while step t trains, where alpha (frozen for "
+            "rollout_delay steps) is the policy that generates it: the run equals the one without overlap, only "
+            "faster. Needs rollout_sampling_seed='per_step' and rollout_delay > 1; no prefetch at refresh steps, the "
+            "last step, epoch ends or before an evaluation. transformers' generate (on a copy of alpha, which costs "
+            "one model's memory) or a vLLM server, on one process for the server; not with colocated vLLM, PEFT, "
+            "FSDP, ZeRO-3, tools or environments. See docs/overlap.md."
+        },
+    )
+
     # Resume
     resume_without_bapo_state: bool = field(
         default=False,
@@ -500,6 +526,7 @@ class BAPOConfig(GRPOConfig):
                 "it the current policy, while BAPO's rollouts need alpha, the policy of "
                 f"rollout_delay={self.rollout_delay} steps back. Set vllm_enable_sleep_mode=False, or rollout_delay=1."
             )
+        self._validate_rollout_timing()
         # BAPO cuts its batch into whole optimizer steps, each of gradient_accumulation_steps micro-batches.
         if self.bapo_assembles_batches and self.steps_per_generation % self.gradient_accumulation_steps:
             raise ValueError(
@@ -681,6 +708,38 @@ class BAPOConfig(GRPOConfig):
                 "trainer computes, so every delayed or replayed sample would be weighted wrongly. Sample with "
                 "top_p=1.0, top_k=0, min_p=None and repetition_penalty=1.0 (the paper's Table 3), or train on fresh "
                 "samples of the current policy only (rollout_delay=1, use_high_quality_replay=False)."
+            )
+
+    def _validate_rollout_timing(self) -> None:
+        if self.rollout_sampling_seed not in ROLLOUT_SAMPLING_SEEDS:
+            raise ValueError(
+                f"rollout_sampling_seed must be one of {list(ROLLOUT_SAMPLING_SEEDS)}, got "
+                f"{self.rollout_sampling_seed!r}."
+            )
+        per_step = self.rollout_sampling_seed == "per_step"
+        if per_step and self.use_vllm and self.vllm_mode == "colocate":
+            raise ValueError(
+                "rollout_sampling_seed='per_step' seeds each vLLM request, and colocated vLLM sends each of a "
+                "prompt's G completions as its own request with TRL's one set of sampling parameters: all G would "
+                "share the seed and be identical. Use vllm_mode='server', transformers' generate (use_vllm=False), or "
+                "rollout_sampling_seed='global'."
+            )
+        if per_step and self.use_transformers_continuous_batching:
+            raise ValueError(
+                "rollout_sampling_seed='per_step' samples through transformers' generate, which continuous batching "
+                "(use_transformers_continuous_batching) does not call. Switch one of them off."
+            )
+        if self.overlap_rollout and not per_step:
+            raise ValueError(
+                "overlap_rollout=True generates in the background while the trainer draws from the global random "
+                "state (dropout, evaluation), so a background draw from it would change both. Set "
+                "rollout_sampling_seed='per_step'."
+            )
+        if self.overlap_rollout and self.rollout_delay == 1:
+            raise ValueError(
+                "overlap_rollout=True prefetches inside a delay window, where alpha is frozen; with rollout_delay=1 "
+                "every rollout step takes the policy just trained, so nothing can be generated ahead. Set "
+                "rollout_delay > 1 (the paper: 5) or overlap_rollout=False."
             )
 
     def _warn_ignored_options(self) -> None:

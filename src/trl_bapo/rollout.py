@@ -29,7 +29,7 @@ class RolloutSnapshot:
 
     def maybe_refresh(self, model: nn.Module, step: int) -> bool:
         """Copies the policy into the snapshot when `step` is a refresh step; returns whether it did."""
-        if self.step is not None and (step - self.phase) % self.delay != 0:
+        if not self.will_refresh(step):
             return False
         self.step = step
         # With v = 1 the snapshot is always the live policy: nothing to copy.
@@ -44,6 +44,10 @@ class RolloutSnapshot:
             else:
                 self.weights[name] = host_copy(local_shard(param))
         return True
+
+    def will_refresh(self, step: int) -> bool:
+        """Whether rollout step `step` takes a new alpha."""
+        return self.step is None or (step - self.phase) % self.delay == 0
 
     def lag(self, step: int) -> int:
         """Rollout steps since the snapshot was taken (0 on refresh steps)."""

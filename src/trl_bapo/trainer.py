@@ -50,6 +50,7 @@ from trl_bapo.distributed import local_rows, local_share, shared_permutation
 from trl_bapo.frozen_step import FrozenStep
 from trl_bapo.kl import behavior_kl, no_reference_model, reference_kl_off
 from trl_bapo.losses import LOSSES, own_loss
+from trl_bapo.overlap import EngineCalls, check_overlap
 from trl_bapo.preflight import check_datasets, check_output_dir, check_trainer, constructor_arguments
 from trl_bapo.records import FreshRollout, Replay, ScoredRollout
 from trl_bapo.scoring import (
@@ -119,6 +120,8 @@ class BAPOTrainer(GRPOTrainer):
         self._sharded = self._dist.is_fsdp or self._dist.is_zero3
         self._collective_forwards = self.accelerator.num_processes > 1 and self._sharded
         self._correctness = Correctness(args.correctness_reward, args.correctness_threshold, self)
+        check_overlap(self)
+        self._engine_calls = EngineCalls(self)
 
         self._bapo = BAPOState.from_config(args, args.generation_batch_size // self.num_generations)
         # Per rollout step, not Algorithm 1's lasting state:
@@ -329,9 +332,22 @@ class BAPOTrainer(GRPOTrainer):
                 self._log_step(**gathered_weight_metrics(self.accelerator, self._weight_stats))
             # BAPO's own work on this rollout step: assembly and the behavior log-prob forwards it adds.
             self._log_step(assembly_seconds=time.perf_counter() - started - self._scoring_seconds)
+            self._log_step(**self._engine_calls.metrics())
+            if self.args.overlap_rollout:
+                self._engine_calls.start(generation_batch, self._bapo.rollout_step)
         if self._skipped_updates[self._step % self.args.steps_per_generation // self.args.gradient_accumulation_steps]:
             self._frozen_step.hold(self.optimizer)
         return self._buffered_inputs[self._step % self.args.steps_per_generation]
+
+    def _generate_single_turn(self, *inputs):
+        # trl 1.16.0's engine call: with per-step seeds, or prefetched, as `trl_bapo.overlap.EngineCalls` decides.
+        return self._engine_calls.generate(lambda: super(BAPOTrainer, self)._generate_single_turn(*inputs), *inputs)
+
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        # transformers 5.23's one read of the train dataloader; a prefetch reads ahead through it.
+        if self.args.overlap_rollout:
+            epoch_iterator = self._engine_calls.read_ahead.wrap(epoch_iterator)
+        return super().get_batch_samples(epoch_iterator, num_batches, device)
 
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
         rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
@@ -348,7 +364,10 @@ class BAPOTrainer(GRPOTrainer):
         # transformers would take the newest checkpoint-N, even one whose save was killed or failed half-way.
         if resume_from_checkpoint is True or str(resume_from_checkpoint).lower() == "true":
             resume_from_checkpoint = newest_complete_checkpoint(self.args.output_dir)
-        return super().train(resume_from_checkpoint, *args, **kwargs)
+        try:
+            return super().train(resume_from_checkpoint, *args, **kwargs)
+        finally:
+            self._engine_calls.close()  # no background call outlives the run, however it ends
 
     def _save_checkpoint(self, model, trial):
         super()._save_checkpoint(model, trial)

@@ -151,3 +151,48 @@ def test_trainer_generates_through_a_vllm_server(server, model_path, tmp_path, m
             gap = (torch.tensor(logps) - completion_logps(model_path, base, prompt, completion)).abs().max()
             assert gap <= LOGP_TOLERANCE
     assert [log["bapo/policy_lag"] for log in bapo_logs(trainer)] == [0, 1, 0, 1]
+
+
+class Completions:
+    """A reward that records every completion it scores (1 for an even length)."""
+
+    __name__ = "even_length"
+
+    def __init__(self):
+        self.seen = []
+
+    def __call__(self, completions, **kwargs):
+        self.seen.append(list(completions))
+        return [float(len(completion) % 2 == 0) for completion in completions]
+
+
+def test_an_overlapped_run_on_the_server_equals_the_synchronous_one(server, model_path, tmp_path, monkeypatch):
+    """With per-step seeds, the server's completions do not depend on when they are asked for: a run whose next
+    rollout is requested in the background while a step trains equals the run that requests it in turn."""
+    monkeypatch.setenv("MASTER_PORT", str(free_port()))
+    StandInWeightTransfer(monkeypatch, lambda: 0)
+    runs = {}
+    for overlap in (False, True):
+        reward = Completions()
+        args = make_config(
+            tmp_path / str(overlap),
+            max_steps=5,
+            rollout_delay=3,
+            use_vllm=True,
+            vllm_mode="server",
+            vllm_server_base_url=server.url,
+            rollout_sampling_seed="per_step",
+            overlap_rollout=overlap,
+        )
+        trainer = BAPOTrainer(
+            model=str(model_path), reward_funcs=reward, args=args, train_dataset=prompt_dataset(list(PLAN))
+        )
+        trainer.train()
+        runs[overlap] = trainer, reward
+    (sync, sync_reward), (overlapped, overlap_reward) = runs[False], runs[True]
+    assert overlap_reward.seen == sync_reward.seen
+    assert len({tuple(completions) for completions in sync_reward.seen[0]}) > 1  # G seeded samples, not one
+    for (name, synced), (_, other) in zip(sync.model.named_parameters(), overlapped.model.named_parameters()):
+        assert torch.equal(synced, other), name
+    assert overlapped.bapo_status == sync.bapo_status
+    assert sum(log["bapo/prefetched"] for log in bapo_logs(overlapped)) >= 1
