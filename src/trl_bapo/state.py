@@ -84,12 +84,16 @@ class BAPOState:
         """Completions generated, fresh or re-evaluated."""
         self.rollouts += completions
 
-    def next_prompt_index(self, dataset_size: int) -> int:
-        """Dynamic sampling's next prompt: a shuffled pass over the dataset, drawn from BAPO's own generator, begun
-        again when spent."""
-        if not self.prompt_order:
-            self.prompt_order = torch.randperm(dataset_size, generator=self.generator).tolist()
-        return self.prompt_order.pop()
+    def next_prompts(self, dataset, group_size: int) -> list[dict[str, Any]]:
+        """Dynamic sampling's next B prompts, each repeated G times as TRL's sampler does: a shuffled pass over the
+        dataset, drawn from BAPO's own generator, begun again when spent."""
+        rows = []
+        for _ in range(self.batch_groups):
+            if not self.prompt_order:
+                self.prompt_order = torch.randperm(len(dataset), generator=self.generator).tolist()
+            example = dataset[self.prompt_order.pop()]
+            rows += [dict(example) for _ in range(group_size)]
+        return rows
 
     def store(self, fresh: FreshRollout, t: int, group_size: int, difficult: bool, high_quality: bool) -> None:
         """Lines 8 and 9: offers rollout step t's fresh groups to the buffers, which take those their rules admit;

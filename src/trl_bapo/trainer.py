@@ -13,6 +13,9 @@ against trl 1.16.0 and transformers 5.23; the private parts of TRL it touches ar
   `resume_from_checkpoint=True` resumes from the newest complete one;
 - `__init__`: with `kl_reference="behavior"`, keeps TRL from building a reference model that KL never reads
   (`trl_bapo.kl`, where beta's meaning is decided).
+- `_generate_single_turn` / `get_batch_samples`: the engine call, with per-step seeds or taken from the background
+  call that generated it while the step before trained (`trl_bapo.overlap`), which reads prompts ahead through
+  transformers' read of the train dataloader.
 
 Everything else, generation, reward scoring, advantages and the clipped surrogate, is TRL's. The behavior
 log-probs of every sample travel in TRL's `old_per_token_logps` (`trl_bapo.behavior`). With vLLM, BAPO decides
@@ -247,7 +250,8 @@ class BAPOTrainer(GRPOTrainer):
             and sum(int(group_has_variance(s.advantages, self.num_generations).sum()) for s in rounds)
             < self._bapo.batch_groups
         ):
-            rounds.append(score(self, local_share(self.accelerator, self._next_prompts())))
+            prompts = self._bapo.next_prompts(self.train_dataset, self.num_generations)
+            rounds.append(score(self, local_share(self.accelerator, prompts)))
         if self.args.dynamic_sampling:
             self._log_step(sampling_rounds=len(rounds))
         self._scoring_seconds += sum(scored.seconds for scored in rounds)
@@ -263,14 +267,6 @@ class BAPOTrainer(GRPOTrainer):
             needed = group_rows(chosen, self.num_generations)
             attach(self, batch, local_rows(self.accelerator, needed, num_rows(batch)))
             first_group += num_groups
-
-    def _next_prompts(self) -> list[dict[str, Any]]:
-        """B more prompts, each repeated G times as TRL's sampler does, from a shuffled pass over the data."""
-        rows = []
-        for _ in range(self._bapo.batch_groups):
-            example = self.train_dataset[self._bapo.next_prompt_index(len(self.train_dataset))]
-            rows += [dict(example) for _ in range(self.num_generations)]
-        return rows
 
     def _difficult_replay(self, t: int, room: int) -> Replay:
         """Lines 12-15, X2 (eq. 6): every m steps, regenerate prompts of B_bad with the current policy (the oldest,
