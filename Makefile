@@ -12,7 +12,7 @@ VERL_VENV ?= .venv-verl
 VERL_PY := $(VERL_VENV)/bin/python
 VERL_STAMP := $(VERL_VENV)/.installed
 
-.PHONY: install install-vllm install-verl lint docs test demo bench sweep weights clean
+.PHONY: install install-vllm install-verl lint docs test demo bench bench-overlap sweep weights clean
 
 install: $(STAMP)
 
@@ -69,6 +69,13 @@ demo: install
 
 bench: install
 	$(PY) -m trl_bapo.examples.benchmark
+
+# Seconds per step with and without overlap_rollout (bench/OVERLAP.md): transformers' generate, then a vLLM CPU
+# server on one core with training on the other (its weight transfer a stand-in); about 10 minutes on 2 cores.
+bench-overlap: install install-vllm
+	$(PY) -m trl_bapo.examples.overlap_bench --engine hf --threads 1
+	$(PY) -m trl_bapo.examples.overlap_bench --engine hf --threads 1 --wide
+	$(VLLM_PY) -m trl_bapo.examples.overlap_bench --engine server
 
 # The learning-rate sweep `make bench` reads its rates from (bench/sweep.json); about 30 minutes on 2 cores.
 sweep: install

@@ -1,0 +1,366 @@
+"""`make bench-overlap`: seconds per step with and without `overlap_rollout`, in one run, with the same seed.
+
+    python -m trl_bapo.examples.overlap_bench --engine hf       # transformers' generate (main environment)
+    python -m trl_bapo.examples.overlap_bench --engine server   # a vLLM CPU server (.venv-vllm)
+
+Both train BAPO (per-step sampling seeds, rollout_delay v = 5) on the embedded default. `hf` generates with
+transformers' generate in the trainer's process, both threads on both cores. `server` starts a vLLM server pinned to
+core 0 and trains pinned to core 1 (one thread each); the server keeps the weights it loaded, since TRL sends weights
+to it over NCCL, which needs CUDA: the transfer is a STAND-IN that sends nothing (the timing leaves it out).
+
+Each setting runs twice, in the order sync, overlap, overlap, sync, and its per-step times are averaged over the two.
+For each engine the bench writes the synchronous and the overlapped run's seconds per step, their ratio, and the
+bound: a prefetch can hide at most min(generation of step t+1, training of step t), so the best overlapped time is
+the synchronous time less that sum over the steps that were prefetched. Results go to bench/overlap-ENGINE.json and
+the table in bench/OVERLAP.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from transformers import PrinterCallback, TrainerCallback
+
+from trl_bapo import BAPOConfig, BAPOTrainer
+from trl_bapo.builtin.embedded import TRAINING, embedded_datasets, embedded_model, kernel_path
+from trl_bapo.builtin.rewards import load_reward
+from trl_bapo.builtin.tasks import CARRY
+from trl_bapo.builtin.tiny import build_tiny_model
+from trl_bapo.examples.callbacks import quiet_libraries
+
+WARMUP_STEPS = 2  # left out of the means: the first steps pay for one-time setup (the replica, kernels' warm-up)
+
+
+class StepClock(TrainerCallback):
+    """Wall seconds of each optimizer step, from the end of the one before."""
+
+    def __init__(self):
+        self.seconds: list[float] = []
+        self._last = None
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if self._last is None:
+            self._last = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        now = time.perf_counter()
+        self.seconds.append(now - self._last)
+        self._last = now
+
+
+def run(
+    overlap: bool, engine: str, steps: int, output: Path, server_url: str | None, completion_length: int, model: Path
+) -> dict:
+    model_path = model
+    train, _ = embedded_datasets()
+    engine_settings = (
+        dict(use_vllm=True, vllm_mode="server", vllm_server_base_url=server_url) if engine == "server" else {}
+    )
+    args = BAPOConfig(
+        **{**TRAINING, "max_completion_length": completion_length},
+        **engine_settings,
+        output_dir=str(output / f"{engine}-{'overlap' if overlap else 'sync'}"),
+        max_steps=steps,
+        seed=0,
+        rollout_sampling_seed="per_step",
+        overlap_rollout=overlap,
+    )
+    trainer = BAPOTrainer(model=str(model_path), reward_funcs=load_reward(CARRY), args=args, train_dataset=train)
+    trainer.remove_callback(PrinterCallback)
+    clock = StepClock()
+    trainer.add_callback(clock)
+    trainer.train()
+    logs = [entry for entry in trainer.state.log_history if "bapo/prefetched" in entry]
+    return {
+        "overlap": overlap,
+        "step_seconds": clock.seconds,
+        "generation_seconds": [entry["bapo/generation_seconds"] for entry in logs],
+        "generation_wait_seconds": [entry["bapo/generation_wait_seconds"] for entry in logs],
+        "prefetched": [entry["bapo/prefetched"] for entry in logs],
+        "final_weights_sum": float(sum(param.double().sum() for param in trainer.model.parameters())),
+    }
+
+
+def merged(first: dict, second: dict) -> dict:
+    """Two runs of one setting as one: their per-step means, and whether they ended with the same weights."""
+    mean = {
+        key: [(a + b) / 2 for a, b in zip(first[key], second[key])] for key in first if isinstance(first[key], list)
+    }
+    weights = first["final_weights_sum"] if first["final_weights_sum"] == second["final_weights_sum"] else math.nan
+    return {**mean, "overlap": first["overlap"], "final_weights_sum": weights}
+
+
+def summarize(sync: dict, overlapped: dict) -> dict:
+    """Seconds per step, their ratio, and the bound on what overlap can save (all after the warm-up steps)."""
+    kept = range(WARMUP_STEPS, len(sync["step_seconds"]))
+    sync_total = sum(sync["step_seconds"][i] for i in kept)
+    overlap_total = sum(overlapped["step_seconds"][i] for i in kept)
+    # Step i's training: its wall time less its own (waited) generation, in the synchronous run.
+    training = [step - wait for step, wait in zip(sync["step_seconds"], sync["generation_wait_seconds"])]
+    hideable = sum(
+        min(sync["generation_seconds"][i], training[i - 1]) for i in kept if overlapped["prefetched"][i] and i > 0
+    )
+    prefetched = [i for i in kept if overlapped["prefetched"][i]]
+    return {
+        "steps_measured": len(kept),
+        "sync_seconds_per_step": sync_total / len(kept),
+        "overlap_seconds_per_step": overlap_total / len(kept),
+        "ratio": overlap_total / sync_total,
+        "ideal_ratio": (sync_total - hideable) / sync_total,
+        "prefetched_share": len(prefetched) / len(kept),
+        "sync_generation_per_step": statistics.fmean(sync["generation_seconds"][i] for i in kept),
+        "overlap_wait_per_step": statistics.fmean(overlapped["generation_wait_seconds"][i] for i in kept),
+        "overlap_generation_per_prefetched_step": statistics.fmean(
+            overlapped["generation_seconds"][i] for i in prefetched
+        )
+        if prefetched
+        else 0.0,
+        # The rest of a step: its wall time less the generation it waited for. The bound takes the synchronous
+        # run's as training time; where the overlapped run's is lower, the overlap saved more than generation.
+        "sync_rest_per_step": statistics.fmean(
+            sync["step_seconds"][i] - sync["generation_wait_seconds"][i] for i in kept
+        ),
+        "overlap_rest_per_step": statistics.fmean(
+            overlapped["step_seconds"][i] - overlapped["generation_wait_seconds"][i] for i in kept
+        ),
+        "same_final_weights": sync["final_weights_sum"] == overlapped["final_weights_sum"],
+    }
+
+
+def start_server(model_path: Path, log: Path) -> tuple[subprocess.Popen, str]:
+    """TRL's `trl vllm-serve` command (vLLM's API server module in place of `vllm serve`, which asks package metadata
+    for "vllm"), pinned to core 0."""
+    import requests
+    from trl.scripts.vllm_serve import ScriptArguments, build_command
+
+    port = 8000 + os.getpid() % 1000
+    options = ScriptArguments(
+        model=str(model_path), host="127.0.0.1", port=port, max_model_len=128, enforce_eager=True
+    )
+    command = build_command(options)
+    command = [
+        sys.executable,
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
+        *command[command.index("serve") + 1 :],
+    ]
+    environment = dict(os.environ, VLLM_SERVER_DEV_MODE="1", VLLM_CPU_OMP_THREADS_BIND="0", VLLM_CPU_KVCACHE_SPACE="1")
+    process = subprocess.Popen(
+        ["taskset", "-c", "0", *command], stdout=log.open("w"), stderr=subprocess.STDOUT, env=environment
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"the vLLM server exited; see {log}")
+        try:
+            if requests.get(f"{url}/health", timeout=5).status_code == 200:
+                return process, url
+        except requests.ConnectionError:
+            pass
+        time.sleep(2)
+    process.kill()
+    raise RuntimeError(f"the vLLM server did not come up in 300 s; see {log}")
+
+
+def stand_in_weight_transfer() -> None:
+    """STAND-IN for TRL's NCCL weight transfer (`VLLMClient.init_communicator` refuses any device but CUDA): sends
+    nothing; the server keeps the weights it loaded."""
+    from trl.generation.vllm_client import VLLMClient
+
+    VLLMClient.init_communicator = lambda client, device=0: None
+    VLLMClient.update_named_params = lambda client, metadata, named_params: None
+
+
+def cpu_name() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return "unknown"
+
+
+def table(results: dict) -> str:
+    lines = [
+        "| engine, model | threads | s/step sync | s/step overlap | ratio | ideal ratio (bound) | prefetched steps "
+        "| generation s/step (sync) | waited s/step (overlap) | rest of a step s (sync / overlap) | same weights |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for engine, result in results.items():
+        s = result["summary"]
+        lines.append(
+            f"| {engine}: {result['model']} | {result['threads']} | {s['sync_seconds_per_step']:.3f} | "
+            f"{s['overlap_seconds_per_step']:.3f} | {s['ratio']:.2f} | {s['ideal_ratio']:.2f} | "
+            f"{s['prefetched_share']:.0%} | {s['sync_generation_per_step']:.3f} | {s['overlap_wait_per_step']:.3f} | "
+            f"{s['sync_rest_per_step']:.3f} / {s['overlap_rest_per_step']:.3f} | {s['same_final_weights']} |"
+        )
+    return "\n".join(lines)
+
+
+def seconds_to_reach(wall_curve: list[list[float]], accuracy: float) -> float:
+    """Training wall seconds at the first evaluation after step 0 at or above `accuracy` (inf if never)."""
+    return next((seconds for step, seconds, value in wall_curve if step > 0 and value >= accuracy), math.inf)
+
+
+def time_to_target(records: list[dict]) -> dict:
+    """Per seed, GRPO's final held-out accuracy, and the training seconds each method took to first reach it on the
+    evaluation grid; the paired difference of BAPO with overlap against BAPO with per-step seeds is its speed-up
+    alone (both train the same weights), against GRPO the whole difference."""
+    seeds = sorted({r["seed"] for r in records if r["method"] == "grpo"})
+    by = {(r["method"], r["seed"]): r for r in records}
+    rows = []
+    for seed in seeds:
+        target = by[("grpo", seed)]["wall_curve"][-1][2]
+        row = {"seed": seed, "target": target}
+        for method in ("grpo", "bapo", "bapo_overlap"):
+            if (method, seed) in by:
+                row[method] = seconds_to_reach(by[(method, seed)]["wall_curve"], target)
+                row[f"{method}_seconds_per_step"] = by[(method, seed)]["seconds_per_step"]
+        rows.append(row)
+    return {"rows": rows}
+
+
+def target_table(summary: dict) -> str:
+    lines = [
+        "| seed | GRPO's final held-out mean@8 | GRPO s | BAPO s | BAPO + overlap s | s/step GRPO / BAPO / overlap |",
+        "|---|---|---|---|---|---|",
+    ]
+    for row in summary["rows"]:
+        methods = ("grpo", "bapo", "bapo_overlap")
+        steps = " / ".join(f"{row.get(f'{m}_seconds_per_step', math.nan):.3f}" for m in methods)
+        reached = " | ".join(f"{row.get(m, math.nan):.0f}" for m in methods)
+        lines.append(f"| {row['seed']} | {row['target']:.3f} | {reached} | {steps} |")
+    return "\n".join(lines)
+
+
+def plot_wall_curves(records: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(6, 3.5))
+    colours = {"grpo": "#4C72B0", "bapo": "#DD8452", "bapo_overlap": "#55A868"}
+    for record in records:
+        if record["method"] in colours:
+            seconds = [point[1] for point in record["wall_curve"]]
+            accuracy = [point[2] for point in record["wall_curve"]]
+            label = record["method"] if record["seed"] == min(r["seed"] for r in records) else None
+            axis.plot(seconds, accuracy, color=colours[record["method"]], alpha=0.8, label=label)
+    axis.set(xlabel="training wall seconds (evaluations left out)", ylabel="held-out mean@8", title="Accuracy by time")
+    axis.legend()
+    axis.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--engine", choices=["hf", "server"])
+    parser.add_argument(
+        "--target-from", type=Path, help="a benchmark folder (grpo, bapo, bapo_overlap): its time-to-target table"
+    )
+    parser.add_argument("--steps", type=int, default=32)
+    parser.add_argument("--completion-length", type=int, default=24)
+    parser.add_argument("--threads", type=int, help="torch threads of the trainer (hf: default torch's own)")
+    parser.add_argument("--wide", action="store_true", help="a 25M-parameter model instead of the embedded default")
+    parser.add_argument("--output-dir", default="bench")
+    options = parser.parse_args(argv)
+    quiet_libraries()
+    output = Path(options.output_dir)
+    if options.target_from:
+        records = json.loads((options.target_from / "results.json").read_text())["records"]
+        summary = time_to_target(records)
+        (output / "overlap-target.json").write_text(json.dumps(summary, indent=1))
+        plot_wall_curves(records, output / "overlap_target.png")
+        write_report(output)
+        print(target_table(summary))
+        return summary
+    runs = output / "runs" / "overlap"
+    runs.mkdir(parents=True, exist_ok=True)
+    server = None
+    # The embedded default (about 1M parameters), or with --wide a 25M-parameter model of the same architecture and
+    # tokenizer (random weights: this bench times steps, it does not train a policy).
+    model = (
+        build_tiny_model(runs / "wide-model", hidden_size=512, layers=8, heads=8) if options.wide else embedded_model()
+    )
+    if options.engine == "server":
+        stand_in_weight_transfer()
+        os.sched_setaffinity(0, {1})
+        torch.set_num_threads(1)
+        server, url = start_server(model, runs.parent / "overlap-server.log")
+    else:
+        url = None
+        if options.threads:
+            torch.set_num_threads(options.threads)
+    try:
+        # In the order sync, overlap, overlap, sync, so that neither gains from coming second (a warm server cache).
+        order = (False, True, True, False)
+        settings = (options.engine, options.steps, runs, url, options.completion_length, model)
+        done = [run(overlap, *settings) for overlap in order]
+    finally:
+        if server is not None:
+            server.terminate()
+            server.wait(timeout=60)
+    result = {
+        "engine": options.engine,
+        "model": "wide (25M, random)" if options.wide else "embedded default (1M)",
+        "kernel_path": kernel_path(),
+        "cpu": cpu_name(),
+        "threads": torch.get_num_threads(),
+        "steps": options.steps,
+        "completion_length": options.completion_length,
+        "summary": summarize(merged(done[0], done[3]), merged(done[1], done[2])),
+        "runs": done,
+    }
+    name = f"{options.engine}{'-wide' if options.wide else ''}"
+    (output / f"overlap-{name}.json").write_text(json.dumps(result, indent=1))
+    write_report(output)
+    print(json.dumps(result["summary"], indent=1))
+    return result
+
+
+def write_report(output: Path) -> None:
+    """bench/OVERLAP.md from every engine's results, their summaries computed again from their runs."""
+    results = {}
+    for path in sorted(output.glob("overlap-*.json")):
+        if path.stem != "overlap-target":
+            result = json.loads(path.read_text())
+            runs = result["runs"]
+            result["summary"] = summarize(merged(runs[0], runs[3]), merged(runs[1], runs[2]))
+            results[path.stem.removeprefix("overlap-")] = result
+    (output / "OVERLAP.md").write_text(
+        "# Overlapped rollout: seconds per step\n\nWritten by `make bench-overlap` "
+        "(trl_bapo/examples/overlap_bench.py); docs/overlap.md says what the columns mean.\n\n"
+        + table(results)
+        + "\n"
+        + target_section(output)
+    )
+
+
+def target_section(output: Path) -> str:
+    """The time-to-target table, where `--target-from` wrote one."""
+    path = output / "overlap-target.json"
+    if not path.exists():
+        return ""
+    return (
+        "\n## Wall seconds to GRPO's final held-out accuracy\n\nThe carry regime of `make bench` (300 steps, held-out"
+        " mean@8 every 25), paired by seed: training seconds (evaluations left out) to the first evaluation at or"
+        " GRPO's final accuracy of the same seed; inf: never.\n\n"
+        + target_table(json.loads(path.read_text()))
+        + "\n\n![accuracy by time](overlap_target.png)\n"
+    )
+
+
+if __name__ == "__main__":
+    main()
