@@ -16,6 +16,8 @@ TRAINER_METHODS = {
     "_load_optimizer_and_scheduler": "overridden (transformers): BAPO's state read back on resume",
     "_save_checkpoint": "overridden (transformers): the checkpoint is marked complete once every file is on disk",
     "_get_output_dir": "called (transformers): the run folder the checkpoint was written into",
+    "_generate_single_turn": "overridden and called: TRL's engine call, seeded or prefetched (overlap.py)",
+    "_tokenize_prompts": "called: a prefetch tokenizes the next step's prompts as TRL's `_generate` does (overlap.py)",
 }
 
 # Attributes GRPOTrainer sets in `__init__` that BAPOTrainer reads or writes.
