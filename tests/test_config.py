@@ -109,6 +109,7 @@ def test_a_config_written_out_reads_back_the_same(tmp_path):
         (dict(batch_aggregation="tokens"), "batch_aggregation"),
         (dict(batch_aggregation="mini_batch", loss_type="grpo"), "token-normalised loss type"),
         (dict(use_vllm=True, vllm_enable_sleep_mode=True, rollout_delay=2, reevaluation_interval=2), "sleep_mode"),
+        (dict(use_vllm=True, vllm_mode="colocate", vllm_tensor_parallel_size=2), "vllm_tensor_parallel_size"),
         (dict(kl_reference="behavior", beta=0.01, sync_ref_model=True), "sync_ref_model"),
         (dict(correctness_threshold=float("nan")), "correctness_threshold"),
         (dict(scale_rewards="batch"), "scale_rewards"),

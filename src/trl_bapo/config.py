@@ -526,7 +526,21 @@ class BAPOConfig(GRPOConfig):
                 "it the current policy, while BAPO's rollouts need alpha, the policy of "
                 f"rollout_delay={self.rollout_delay} steps back. Set vllm_enable_sleep_mode=False, or rollout_delay=1."
             )
+        tensor_parallel = getattr(self, "vllm_tensor_parallel_size", 1)
+        if self.use_vllm and self.vllm_mode == "colocate" and tensor_parallel > 1 and self.bapo_assembles_batches:
+            raise ValueError(
+                f"vllm_tensor_parallel_size={tensor_parallel} with colocated vLLM has not run with BAPO, which sends "
+                "the engine alpha through each worker's weight reload (trl_bapo.vllm_sync); it needs several GPUs, "
+                "which these machines lack. Use vllm_mode='server' (the server's tensor parallelism is its own), or "
+                "vllm_tensor_parallel_size=1."
+            )
         self._validate_rollout_timing()
+        if self.use_liger_kernel:
+            raise ValueError(
+                "use_liger_kernel=True is not supported by BAPOTrainer: TRL 1.16 deprecates it (use "
+                "model_init_kwargs={'use_kernels': True}), it needs triton (a GPU), and nothing here has run it with "
+                "BAPO's delayed rollout policy. Set use_liger_kernel=False."
+            )
         # BAPO cuts its batch into whole optimizer steps, each of gradient_accumulation_steps micro-batches.
         if self.bapo_assembles_batches and self.steps_per_generation % self.gradient_accumulation_steps:
             raise ValueError(

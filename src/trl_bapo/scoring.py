@@ -189,7 +189,9 @@ def score(trainer, inputs: list[dict[str, Any]]) -> ScoredRollout:
     the seconds TRL took."""
     started = time.perf_counter()
     with reference_kl_off(trainer):
-        batch = trainer._generate_and_score_completions(inputs)
+        # Copies: TRL writes a rollout_func's extra fields into the rows it scores (trl 1.16.0), and a group's G rows
+        # may be one dict (re-evaluation); the dataset rows stay as they were, for the buffers and their prompt keys.
+        batch = trainer._generate_and_score_completions([dict(example) for example in inputs])
     seconds = time.perf_counter() - started
     # Image fields become one entry per row (TRL's own split), so rows can be selected, stored and replayed.
     batch = split_pixel_values_by_grid(batch)

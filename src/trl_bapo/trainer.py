@@ -335,9 +335,10 @@ class BAPOTrainer(GRPOTrainer):
             self._frozen_step.hold(self.optimizer)
         return self._buffered_inputs[self._step % self.args.steps_per_generation]
 
-    def _generate_single_turn(self, *inputs):
+    def _generate_single_turn(self, *inputs, **named):
         # trl 1.16.0's engine call: with per-step seeds, or prefetched, as `trl_bapo.overlap.EngineCalls` decides.
-        return self._engine_calls.generate(lambda: super(BAPOTrainer, self)._generate_single_turn(*inputs), *inputs)
+        trl_call = lambda: super(BAPOTrainer, self)._generate_single_turn(*inputs, **named)  # noqa: E731
+        return self._engine_calls.generate(trl_call, *inputs, **named)
 
     def get_batch_samples(self, epoch_iterator, num_batches, device):
         # transformers 5.23's one read of the train dataloader; a prefetch reads ahead through it.
