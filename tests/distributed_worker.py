@@ -160,8 +160,9 @@ def bapo_state(trainer) -> dict:
             trainer._bapo.reward_sum,
             trainer._bapo.reward_count,
         ],
+        # Timings (bapo/*_seconds) are each process's own.
         "logs": [
-            {k: v for k, v in e.items() if k.startswith("bapo/") and k != "bapo/assembly_seconds"}
+            {k: v for k, v in e.items() if k.startswith("bapo/") and not k.endswith("_seconds")}
             for e in trainer.state.log_history
             if "bapo/x1" in e
         ],
