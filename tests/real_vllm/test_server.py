@@ -168,14 +168,18 @@ class Completions:
 
 def test_an_overlapped_run_on_the_server_equals_the_synchronous_one(server, model_path, tmp_path, monkeypatch):
     """With per-step seeds, the server's completions do not depend on when they are asked for: a run whose next
-    rollout is requested in the background while a step trains equals the run that requests it in turn."""
+    rollout is requested in the background while a step trains samples every completion the run that requests it in
+    turn samples, so its rewards, buffers and counters are the same. Its weights are the same up to the engine's
+    log-probs, which enter the loss (TRL's importance weight) and which vLLM's CPU build returns a little differently
+    for the same request from one call to the next (first calls after the server starts most): two synchronous runs
+    differ by as much."""
     monkeypatch.setenv("MASTER_PORT", str(free_port()))
     StandInWeightTransfer(monkeypatch, lambda: 0)
-    runs = {}
-    for overlap in (False, True):
+    runs = []
+    for overlap in (False, False, True):
         reward = Completions()
         args = make_config(
-            tmp_path / str(overlap),
+            tmp_path / str(len(runs)),
             max_steps=5,
             rollout_delay=3,
             use_vllm=True,
@@ -188,11 +192,17 @@ def test_an_overlapped_run_on_the_server_equals_the_synchronous_one(server, mode
             model=str(model_path), reward_funcs=reward, args=args, train_dataset=prompt_dataset(list(PLAN))
         )
         trainer.train()
-        runs[overlap] = trainer, reward
-    (sync, sync_reward), (overlapped, overlap_reward) = runs[False], runs[True]
+        runs.append((trainer, reward))
+    (sync, sync_reward), (again, _), (overlapped, overlap_reward) = runs
     assert overlap_reward.seen == sync_reward.seen
     assert len({tuple(completions) for completions in sync_reward.seen[0]}) > 1  # G seeded samples, not one
-    for (name, synced), (_, other) in zip(sync.model.named_parameters(), overlapped.model.named_parameters()):
-        assert torch.equal(synced, other), name
     assert overlapped.bapo_status == sync.bapo_status
     assert sum(log["bapo/prefetched"] for log in bapo_logs(overlapped)) >= 1
+
+    def gap(first, second) -> float:
+        pairs = zip(first.model.parameters(), second.model.parameters())
+        return max(float((a - b).abs().max()) for a, b in pairs)
+
+    # Measured over three server starts: the largest weight gap between two synchronous runs was 0.0022, between
+    # the overlapped run and a synchronous one the same; both are the engine's, not the overlap's.
+    assert gap(overlapped, sync) <= max(2 * gap(again, sync), 0.005)
