@@ -476,8 +476,9 @@ class BAPOConfig(GRPOConfig):
         metadata={
             "help": "Generate rollout step t+1 in the background while step t trains, where alpha (frozen for "
             "rollout_delay steps) is the policy that generates it: the run equals the one without overlap, only "
-            "faster. Needs rollout_sampling_seed='per_step' and rollout_delay > 1; no prefetch at refresh steps, the "
-            "last step, epoch ends or before an evaluation. transformers' generate (on a copy of alpha, which costs "
+            "faster (on the vLLM server its completions do; its weights only up to the engine's log-prob noise). "
+            "Needs rollout_sampling_seed='per_step' and rollout_delay > 1; no prefetch at refresh steps, the last "
+            "step, epoch ends or before an evaluation. transformers' generate (on a copy of alpha, which costs "
             "one model's memory) or a vLLM server, on one process for the server; not with colocated vLLM, PEFT, "
             "FSDP, ZeRO-3, tools or environments. See docs/overlap.md."
         },
