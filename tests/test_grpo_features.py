@@ -226,6 +226,22 @@ class LossCheck:
 
 # ---- loss types and importance-sampling level ------------------------------------------------------------------
 
+
+def train_checked(trainer, loss: bool = True) -> tuple:
+    """Trains `trainer` with every engine call's weights recorded and, with `loss`, every optimizer step's loss
+    recomputed by hand; checks both. Returns the loss check (None without `loss`), the weights record, the per-step
+    logs and the weights before training."""
+    check = LossCheck(trainer) if loss else None
+    weights = GenerationWeights(trainer)
+    before = parameters(trainer.model)
+    trainer.train()
+    if check is not None:
+        check.check()
+    logs = bapo_logs(trainer)
+    weights.check(logs)
+    return check, weights, logs, before
+
+
 LOSS_TYPES = {
     "dr_grpo": dict(loss_type="dr_grpo"),
     "cispo": dict(loss_type="cispo", epsilon_high=1.2),
@@ -358,13 +374,7 @@ def test_pad_to_multiple_of_holds_for_assembled_batches(tiny_model_path, tmp_pat
         dataset=prompt_dataset(list(plan)),
         pad_to_multiple_of=8,
     )
-    check = LossCheck(trainer)
-    weights = GenerationWeights(trainer)
-    before = parameters(trainer.model)
-    trainer.train()
-    check.check()
-    logs = bapo_logs(trainer)
-    weights.check(logs)
+    check, _, logs, before = train_checked(trainer)
     widths = {(inputs["prompt_ids"].shape[1], inputs["completion_ids"].shape[1]) for _, inputs in check.inputs}
     assert all(prompt % 8 == 0 and completion % 8 == 0 for prompt, completion in widths), widths
     assert {prompt for prompt, _ in widths} == {8, 16}, widths
@@ -400,11 +410,7 @@ def test_cast_lm_head_to_fp32_swaps_the_fp32_head_with_alpha(untied_model_path, 
         learning_rate=1e-2,
         model_init_kwargs={"dtype": "bfloat16"},
     )
-    weights = GenerationWeights(trainer)
-    before = parameters(trainer.model)
-    trainer.train()
-    logs = bapo_logs(trainer)
-    weights.check(logs)
+    _, weights, logs, before = train_checked(trainer, loss=False)
     dtypes = {name: param.dtype for name, param in trainer.model.named_parameters()}
     assert dtypes.pop("lm_head.weight") == torch.float32 and set(dtypes.values()) == {torch.bfloat16}
     assert trainer._bapo.snapshot.weights["lm_head.weight"].dtype == torch.float32
@@ -434,13 +440,7 @@ def test_transformers_continuous_batching_generates_with_alpha(tiny_model_path, 
             return _method(*args, **kwargs)
 
         setattr(trainer.model, name, counting)
-    check = LossCheck(trainer)
-    weights = GenerationWeights(trainer)
-    before = parameters(trainer.model)
-    trainer.train()
-    check.check()
-    logs = bapo_logs(trainer)
-    weights.check(logs)
+    _, weights, logs, before = train_checked(trainer)
     scoring_calls = sum(len(rollouts) for rollouts in weights.generated.values())
     assert calls == {"generate_batch": scoring_calls, "generate": 0}, calls
     assert sum(log["bapo/x2"] for log in logs) > 0 and sum(log["bapo/x3"] for log in logs) > 0
@@ -462,11 +462,7 @@ def test_async_reward_function_is_awaited_for_fresh_rollouts_and_reevaluations(t
         return scripted(prompts, completions, **kwargs)
 
     trainer = build(tiny_model_path, tmp_path, reward_funcs=async_accuracy)
-    weights = GenerationWeights(trainer)
-    before = parameters(trainer.model)
-    trainer.train()
-    logs = bapo_logs(trainer)
-    weights.check(logs)
+    _, weights, logs, before = train_checked(trainer, loss=False)
     scoring_calls = sum(len(rollouts) for rollouts in weights.generated.values())
     assert len(awaited) == scoring_calls > len(logs), "not every fresh rollout and re-evaluation awaited it"
     assert all(loop is trainer.async_loop for loop, _ in awaited)
@@ -519,13 +515,7 @@ def test_rollout_func_generates_with_alpha_and_its_fields_reach_the_rewards(tiny
         return scripted(prompts, completions, **kwargs)
 
     trainer = build(tiny_model_path, tmp_path, reward_funcs=task_reward, trainer_kwargs={"rollout_func": rollout_func})
-    check = LossCheck(trainer)
-    weights = GenerationWeights(trainer)
-    before = parameters(trainer.model)
-    trainer.train()
-    check.check()
-    logs = bapo_logs(trainer)
-    weights.check(logs)
+    check, weights, _, before = train_checked(trainer)
     assert len(fields_seen) == sum(len(rollouts) for rollouts in weights.generated.values()) and all(fields_seen)
     sources = set()
     for _, inputs in check.inputs:
@@ -638,13 +628,7 @@ def test_tools_run_a_multi_turn_rollout_with_alpha_in_every_turn(tool_model_path
         learning_rate=1e-3,
         trainer_kwargs={"tools": [peek]},
     )
-    check = LossCheck(trainer)
-    weights = GenerationWeights(trainer)
-    before = parameters(trainer.model)
-    trainer.train()
-    check.check()
-    logs = bapo_logs(trainer)
-    weights.check(logs)
+    check, weights, logs, before = train_checked(trainer)
     # Several turns per scoring call: the first, and one after each tool result.
     assert all(len(calls) > 1 for rollouts in weights.generated.values() for calls in rollouts)
     assert len(peeks) > 0 and all(log["tools/call_frequency"] > 0.5 for log in logs)
@@ -697,13 +681,7 @@ def test_environment_factory_resets_from_the_stored_row_for_reevaluation(tool_mo
         correctness_reward="accuracy",
         trainer_kwargs={"environment_factory": Vault},
     )
-    check = LossCheck(trainer)
-    weights = GenerationWeights(trainer)
-    before = parameters(trainer.model)
-    trainer.train()
-    check.check()
-    logs = bapo_logs(trainer)
-    weights.check(logs)
+    check, _, logs, before = train_checked(trainer)
     # Every scoring call reset one environment per completion, from the row being scored: a re-evaluation (fewer
     # than 16 completions) from the rows B_bad stored, the "a" prompts no completion solved at first.
     assert all(secret == prompt[0] for call in scored for secret, prompt in call)
