@@ -104,7 +104,8 @@ class EngineCalls:
     def start(self, generation_batch: list[dict[str, Any]], t: int) -> None:
         """After rollout step t's batch is assembled: starts step t+1's engine call if nothing can change it."""
         trainer, args = self.trainer, self.trainer.args
-        updates = args.steps_per_generation * trainer.num_iterations // args.gradient_accumulation_steps
+        micro_steps = args.steps_per_generation * trainer.num_iterations  # from one rollout step to the next
+        updates = micro_steps // args.gradient_accumulation_steps
         steps_ahead = range(trainer.state.global_step + 1, trainer.state.global_step + updates + 1)
         evaluates = args.eval_strategy == "steps" and any(step % trainer.state.eval_steps == 0 for step in steps_ahead)
         if (
@@ -113,7 +114,7 @@ class EngineCalls:
             or evaluates
         ):
             return
-        batch = self.read_ahead.after(generation_batch, args.steps_per_generation * trainer.num_iterations)
+        batch = self.read_ahead.after(generation_batch, micro_steps)
         if batch is None or any("image" in example or "images" in example for example in batch):
             return
         prompt_ids, images, multimodal_fields = trainer._tokenize_prompts([example["prompt"] for example in batch])
