@@ -189,3 +189,28 @@ def test_a_state_file_of_trl_bapo_0_2_0_loads_and_trains_on(tiny_model_path, tmp
     trainer.train()  # the loaded state goes on: step t = 4 re-evaluates B_bad and replays B_high's groups
     log = bapo_logs(trainer)[-1]
     assert trainer.bapo_status.rollout_step == 4 and log["bapo/reevaluated"] == 4 and log["bapo/x3"] > 0
+
+
+@pytest.mark.parametrize("split", [dict(steps_per_generation=4), dict(num_iterations=2)], ids=["spg4", "iter2"])
+def test_a_checkpoint_inside_a_rollout_step_resumes_that_step(tiny_model_path, tmp_path, split):
+    """Two optimizer steps per rollout step, a checkpoint between them: the resumed run trains the rest of the
+    assembled batch and generates nothing again (found by review: it scored 8 prompts twice and dropped X1-X3)."""
+    settings = dict(max_steps=6, **split)
+    straight_reward = _reward(tiny_model_path)
+    straight = _trainer(tmp_path / "straight", straight_reward, **settings)
+    straight.train()
+
+    reward = _reward(tiny_model_path)
+    first = _trainer(tmp_path / "split", reward, save_strategy="steps", save_steps=1, **settings)
+    first.add_callback(StopAt(3))
+    first.train()
+    assert first._step % (first.args.steps_per_generation * first.num_iterations) != 0, "stopped inside a step"
+    resumed = _trainer(tmp_path / "split", reward, save_strategy="steps", save_steps=1, **settings)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "split" / "checkpoint-3"))
+
+    assert reward.times_scored == straight_reward.times_scored
+    expected, actual = _state(straight), _state(resumed)
+    assert actual["counters"] == expected["counters"]
+    assert (actual["difficult"], actual["high_quality"]) == (expected["difficult"], expected["high_quality"])
+    for name in expected["weights"]:
+        torch.testing.assert_close(actual["weights"][name], expected["weights"][name], atol=0, rtol=0, msg=name)

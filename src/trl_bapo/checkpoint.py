@@ -163,9 +163,12 @@ def decode(value: Any) -> Any:
     return value
 
 
-def save_state(output_dir: str, state: BAPOState, accelerator, sharded: bool, global_step: int) -> None:
-    """Writes this process's state file into `output_dir`: the state, and what it was saved under (the optimizer
-    step, the number of processes, whether the rollout snapshot holds shards, the configured sizes and thresholds)."""
+def save_state(
+    output_dir: str, state: BAPOState, accelerator, sharded: bool, global_step: int, run: dict[str, Any]
+) -> None:
+    """Writes this process's state file into `output_dir`: the state, the trainer's own part of it (`run`: where
+    the rollout step stands, the correctness decision), and what it was saved under (the optimizer step, the number
+    of processes, whether the rollout snapshot holds shards, the configured sizes and thresholds)."""
     write_state(
         state_file(output_dir, accelerator.process_index),
         {
@@ -174,6 +177,7 @@ def save_state(output_dir: str, state: BAPOState, accelerator, sharded: bool, gl
             "processes": accelerator.num_processes,
             "sharded": sharded,
             "settings": state.settings(),
+            "run": run,
             **state.state_dict(),
         },
     )
@@ -181,8 +185,9 @@ def save_state(output_dir: str, state: BAPOState, accelerator, sharded: bool, gl
 
 def load_state(
     checkpoint: str, state: BAPOState, accelerator, policy: torch.nn.Module, sharded: bool, allow_missing: bool
-) -> None:
-    """Resumes `state` from `checkpoint`'s state files, on every process together; fails on every process with the
+) -> dict[str, Any] | None:
+    """Resumes `state` from `checkpoint`'s state files, on every process together, and returns this process's `run`
+    part ({} from a file written before it existed; None when nothing was loaded); fails on every process with the
     same error when any of them cannot (unless `allow_missing`, `resume_without_bapo_state`, which starts with
     empty buffers)."""
     rank = accelerator.process_index
@@ -210,7 +215,7 @@ def load_state(
                     current,
                 )
         state.load_state_dict(saved)
-        return
+        return saved.get("run", {})
     if not allow_missing:
         raise ValueError(
             f"Cannot resume BAPO from {checkpoint}: {'; '.join(errors)}. Resuming without that state would "
@@ -218,6 +223,7 @@ def load_state(
             f"{resume_advice(checkpoint)} or set resume_without_bapo_state=True to start with empty buffers."
         )
     logger.warning("Resuming from %s with empty BAPO buffers: %s", checkpoint, "; ".join(errors))
+    return None
 
 
 def _own_state(checkpoint: str, rank: int) -> dict[str, Any]:

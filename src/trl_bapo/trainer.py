@@ -55,6 +55,7 @@ from trl_bapo.kl import behavior_kl, no_reference_model, reference_kl_off
 from trl_bapo.losses import LOSSES, own_loss
 from trl_bapo.overlap import EngineCalls, check_overlap
 from trl_bapo.preflight import check_datasets, check_output_dir, check_trainer, constructor_arguments
+from trl_bapo.progress import progress_state, restore_progress
 from trl_bapo.records import FreshRollout, Replay, ScoredRollout
 from trl_bapo.scoring import (
     Correctness,
@@ -376,7 +377,8 @@ class BAPOTrainer(GRPOTrainer):
     def _save_optimizer_and_scheduler(self, output_dir):
         super()._save_optimizer_and_scheduler(output_dir)
         os.makedirs(output_dir, exist_ok=True)
-        save_state(output_dir, self._bapo, self.accelerator, self._sharded, self.state.global_step)
+        run = {"progress": progress_state(self)}
+        save_state(output_dir, self._bapo, self.accelerator, self._sharded, self.state.global_step, run)
         if self.is_world_process_zero():  # what the buffers hold, for people (the state file is for resuming)
             write_lines(os.path.join(output_dir, SNAPSHOT_FILE), buffer_lines(self._bapo))
 
@@ -385,7 +387,9 @@ class BAPOTrainer(GRPOTrainer):
         if checkpoint is not None:
             policy = self.accelerator.unwrap_model(self.model)
             allow_missing = self.args.resume_without_bapo_state
-            load_state(checkpoint, self._bapo, self.accelerator, policy, self._sharded, allow_missing)
+            run = load_state(checkpoint, self._bapo, self.accelerator, policy, self._sharded, allow_missing)
+            if run is not None:
+                restore_progress(self, run.get("progress"))
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if not model.training:
