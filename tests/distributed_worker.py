@@ -9,6 +9,9 @@ Scenarios:
 - `resume`: 6 straight steps, then 3 steps with a checkpoint, then a resume for 3 more; then the same resume with
   the state file of process 1 corrupted, and once more with it missing. Writes the three runs' states and the
   errors.
+- `resume_inside`: the same straight and resumed runs with two optimizer steps a rollout step, the checkpoint
+  inside one.
+- `failed_write`: process 1 cannot write its state file at the first checkpoint; the error each process raised.
 - `reevaluate`: one prompt in B_bad, re-evaluated by more processes than it has prompts.
 - `adaptive`: `train` with adaptive clipping, whose bounds every process must choose alike.
 - `decoupled`: `train` with the decoupled correction, whose importance weights every process must log alike.
@@ -24,6 +27,7 @@ The engine is whatever the launcher configured (DDP, FSDP2, DeepSpeed ZeRO-2/3);
 
 import hashlib
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -212,20 +216,48 @@ class History(TrainerCallback):
         self.steps[state.global_step] = {**recorded, "weights": fingerprint(full_weights(self.trainer))}
 
 
-def resume(output_dir: Path, model_path: str) -> dict:
-    straight = make_trainer(output_dir / "straight", model_path)
+def straight_and_resumed(output_dir: Path, model_path: str, **overrides) -> tuple[dict, Path]:
+    """6 straight steps, and 3 steps with a checkpoint then 3 resumed: the histories of both, and the checkpoint."""
+    straight = make_trainer(output_dir / "straight", model_path, **overrides)
     straight_history = History(straight)
     straight.add_callback(straight_history)
     straight.train()
-    split = make_trainer(output_dir / "split", model_path, save_strategy="steps", save_steps=3)
+    split = make_trainer(output_dir / "split", model_path, save_strategy="steps", save_steps=3, **overrides)
     split.add_callback(StopAt(3))
     split.train()
     checkpoint = output_dir / "split" / "checkpoint-3"
-    resumed = make_trainer(output_dir / "split", model_path)
+    resumed = make_trainer(output_dir / "split", model_path, **overrides)
     resumed_history = History(resumed)
     resumed.add_callback(resumed_history)
     resumed.train(resume_from_checkpoint=str(checkpoint))
-    result = {"straight": straight_history.steps, "resumed": resumed_history.steps}
+    return {"straight": straight_history.steps, "resumed": resumed_history.steps}, checkpoint
+
+
+def failed_write(output_dir: Path, model_path: str) -> dict:
+    """Process 1 cannot write its state file at the first checkpoint: both processes must stop, promptly, with the
+    same error naming the file (before, process 0 waited at the checkpoint's next collective until it timed out)."""
+    from trl_bapo import checkpoint
+
+    class FullDisk:
+        def __getattr__(self, name):
+            return getattr(torch, name)
+
+        @staticmethod
+        def save(value, path, *args, **kwargs):
+            raise OSError(28, "No space left on device")
+
+    if os.environ["RANK"] == "1":  # set by the launcher; PartialState is not built before the trainer
+        checkpoint.torch = FullDisk()
+    trainer = make_trainer(output_dir, model_path, save_strategy="steps", save_steps=1, max_steps=2)
+    try:
+        trainer.train()
+    except RuntimeError as error:
+        return {"error": str(error), "step": trainer.state.global_step}
+    return {"error": None, "step": trainer.state.global_step}
+
+
+def resume(output_dir: Path, model_path: str) -> dict:
+    result, checkpoint = straight_and_resumed(output_dir, model_path)
     rank = PartialState().process_index
     if rank == 1:
         Path(state_file(str(checkpoint), rank)).write_bytes(b"corrupted")
@@ -354,6 +386,9 @@ if __name__ == "__main__":
         "fsdp1": fsdp1,
         "observe": observe,
         "authors": lambda out, path: train(out, path, **AUTHORS),
+        # Two optimizer steps a rollout step: the checkpoint at step 3 falls inside rollout step 2.
+        "resume_inside": lambda out, path: straight_and_resumed(out, path, steps_per_generation=6)[0],
+        "failed_write": failed_write,
     }
     result = scenarios[scenario](Path(output), model)
     (Path(output) / f"{scenario}-{PartialState().process_index}.json").write_text(json.dumps(result))

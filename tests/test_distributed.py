@@ -112,6 +112,20 @@ def test_resume_on_two_processes_equals_straight_run(engine, tiny_model_path, tm
         assert "resume_without_bapo_state" in errors[0]
 
 
+@pytest.mark.parametrize("engine", ["ddp", "zero3"])
+def test_a_checkpoint_inside_a_rollout_step_resumes_it_on_two_processes(engine, tiny_model_path, tmp_path):
+    for rank in run_worker(engine, "resume_inside", tmp_path, tiny_model_path):
+        for step in ("4", "5", "6"):
+            assert rank["resumed"][step] == rank["straight"][step], f"step {step} differs after the resume"
+
+
+def test_a_failed_state_write_on_one_process_stops_every_process(tiny_model_path, tmp_path):
+    """Bounded by `run`'s timeout (600 s), far below the collective's (30 min) that the other process waited on."""
+    ranks = run_worker("ddp", "failed_write", tmp_path, tiny_model_path)
+    assert ranks[0]["error"] == ranks[1]["error"] and ranks[0]["step"] == 1, ranks
+    assert "process 1: Could not write BAPO's state to" in ranks[0]["error"] and "bapo_state_1.pt" in ranks[0]["error"]
+
+
 def test_reevaluation_with_more_processes_than_difficult_prompts(tiny_model_path, tmp_path):
     ranks = run_worker("ddp", "reevaluate", tmp_path, tiny_model_path, processes=3)
     assert ranks[0] == ranks[1] == ranks[2]

@@ -54,13 +54,25 @@ def resume_advice(checkpoint: str) -> str:
     return "Resume from a checkpoint written by BAPOTrainer,"
 
 
+def flush_to_disk(path: str) -> None:
+    """Waits until `path` (a file, or a folder's list of names) is on the disk, not only in the page cache: a
+    checkpoint is marked complete only once what it names would survive a power cut."""
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
 def write_state(path: str, state: dict[str, Any]) -> None:
-    """Writes beside `path` and renames, so a save that fails (a full disk) or is killed never leaves a half file
-    under the name resume reads."""
+    """Writes beside `path`, flushes to disk and renames, so a save that fails (a full disk) or is killed never leaves
+    a half file under the name resume reads."""
     staging = f"{path}.tmp"
     try:
         torch.save(encode(state), staging)
+        flush_to_disk(staging)
         os.replace(staging, path)
+        flush_to_disk(os.path.dirname(path) or ".")
     except (OSError, RuntimeError) as error:
         if os.path.exists(staging):
             os.remove(staging)
@@ -72,37 +84,74 @@ def write_state(path: str, state: dict[str, Any]) -> None:
         ) from error
 
 
+def unmark(checkpoint: str) -> None:
+    """Before a save into `checkpoint` begins: a folder an earlier run had completed loses its marker, so that a save
+    killed half-way, which leaves the two runs' files mixed, is not taken for complete."""
+    marker = os.path.join(checkpoint, COMPLETE_FILE)
+    if os.path.exists(marker):
+        os.remove(marker)
+        flush_to_disk(checkpoint)
+
+
 def mark_complete(checkpoint: str, global_step: int, processes: int) -> None:
-    """The checkpoint's last file, written once every process's files and the trainer's are on disk: only a
-    checkpoint that has it is resumed from with resume_from_checkpoint=True."""
+    """The checkpoint's last file, written once every process's files and the trainer's are on disk (flushed here
+    first): only a checkpoint that has it is resumed from with resume_from_checkpoint=True."""
+    for folder, _, names in os.walk(checkpoint):
+        for name in names:
+            flush_to_disk(os.path.join(folder, name))
+        flush_to_disk(folder)
     staging = os.path.join(checkpoint, f"{COMPLETE_FILE}.tmp")
     with open(staging, "w") as file:
         json.dump({"global_step": global_step, "processes": processes}, file)
+        file.flush()
+        os.fsync(file.fileno())
     os.replace(staging, os.path.join(checkpoint, COMPLETE_FILE))
+    flush_to_disk(checkpoint)
 
 
 def checkpoint_step(checkpoint: str) -> int | None:
-    """The optimizer step a checkpoint was written at: its trainer state's, else its folder name's."""
-    trainer_state = os.path.join(checkpoint, "trainer_state.json")
-    if os.path.exists(trainer_state):
-        with open(trainer_state) as file:
-            return json.load(file)["global_step"]
-    suffix = os.path.basename(os.path.normpath(checkpoint)).rsplit("-", 1)[-1]
-    return int(suffix) if suffix.isdigit() else None
+    """The optimizer step a checkpoint was written at: its trainer state's, else (none, or one a killed save left
+    unreadable) its folder name's."""
+    try:
+        return read_json(os.path.join(checkpoint, "trainer_state.json"))["global_step"]
+    except (OSError, ValueError, KeyError, TypeError):
+        suffix = os.path.basename(os.path.normpath(checkpoint)).rsplit("-", 1)[-1]
+        return int(suffix) if suffix.isdigit() else None
+
+
+def read_json(path: str) -> Any:
+    """A JSON file; raises OSError or ValueError where it cannot be read (missing, truncated by a killed save)."""
+    with open(path) as file:
+        return json.load(file)
+
+
+def unusable_reason(checkpoint: str) -> str | None:
+    """Why resume_from_checkpoint=True cannot resume from a checkpoint (None: it can): its save did not finish, or
+    a file that says where it stands cannot be read."""
+    if not os.path.exists(os.path.join(checkpoint, COMPLETE_FILE)):
+        return f"it has no {COMPLETE_FILE}, so its save did not finish (stopped or failed mid-save)"
+    for name in (COMPLETE_FILE, "trainer_state.json"):
+        try:
+            read_json(os.path.join(checkpoint, name))
+        except (OSError, ValueError) as error:
+            return f"its {name} cannot be read ({type(error).__name__}: {error})"
+    return None
 
 
 def newest_complete_checkpoint(output_dir: str) -> str:
     """What resume_from_checkpoint=True resumes from: the newest checkpoint-N in `output_dir` whose save finished
-    (it has COMPLETE_FILE). Newer ones that lack it are skipped, each named in a warning with the reason."""
+    (it has COMPLETE_FILE) and whose trainer state can be read. Newer ones are skipped, each named in a warning with
+    the reason."""
     found = [path for path in glob.glob(os.path.join(output_dir, "checkpoint-*")) if os.path.isdir(path)]
     found.sort(key=lambda path: checkpoint_step(path) or -1, reverse=True)
     skipped = []
     for path in found:
-        if os.path.exists(os.path.join(path, COMPLETE_FILE)):
-            for reason in skipped:
-                logger.warning("Resuming from %s, not from %s", path, reason)
+        reason = unusable_reason(path)
+        if reason is None:
+            for skip in skipped:
+                logger.warning("Resuming from %s, not from %s", path, skip)
             return path
-        skipped.append(f"{path}: it has no {COMPLETE_FILE}, so its save did not finish (stopped or failed mid-save)")
+        skipped.append(f"{path}: {reason}")
     raise ValueError(
         f"resume_from_checkpoint=True found no complete checkpoint in {output_dir}"
         + (f" ({'; '.join(skipped)})" if skipped else "")
@@ -168,19 +217,28 @@ def save_state(
 ) -> None:
     """Writes this process's state file into `output_dir`: the state, the trainer's own part of it (`run`: where
     the rollout step stands, the correctness decision), and what it was saved under (the optimizer step, the number
-    of processes, whether the rollout snapshot holds shards, the configured sizes and thresholds)."""
-    write_state(
-        state_file(output_dir, accelerator.process_index),
-        {
-            "version": STATE_VERSION,
-            "global_step": global_step,
-            "processes": accelerator.num_processes,
-            "sharded": sharded,
-            "settings": state.settings(),
-            "run": run,
-            **state.state_dict(),
-        },
-    )
+    of processes, whether the rollout snapshot holds shards, the configured sizes and thresholds). A write that fails
+    on any process fails on every process at once, naming the file, instead of leaving the others waiting at the
+    checkpoint's next collective until it times out."""
+    rank, error = accelerator.process_index, None
+    try:
+        write_state(
+            state_file(output_dir, rank),
+            {
+                "version": STATE_VERSION,
+                "global_step": global_step,
+                "processes": accelerator.num_processes,
+                "sharded": sharded,
+                "settings": state.settings(),
+                "run": run,
+                **state.state_dict(),
+            },
+        )
+    except RuntimeError as caught:
+        error = f"process {rank}: {caught}"
+    errors = [e for e in (gather_object([error]) if accelerator.num_processes > 1 else [error]) if e]
+    if errors:
+        raise RuntimeError("; ".join(errors))
 
 
 def load_state(

@@ -45,7 +45,7 @@ from trl.trainer.utils import (
 from trl_bapo.batch import concat_batches, cut_batch, gather_batch, loss_mask, masked_row, num_rows, select_rows
 from trl_bapo.behavior import attach_anchor_logps, attach_behavior_logps, finish_behavior_logps
 from trl_bapo.buffers import BAPOStatus
-from trl_bapo.checkpoint import load_state, mark_complete, newest_complete_checkpoint, save_state
+from trl_bapo.checkpoint import load_state, mark_complete, newest_complete_checkpoint, save_state, unmark
 from trl_bapo.clipping import adaptive_clipping
 from trl_bapo.config import BAPOConfig
 from trl_bapo.correction import IMPORTANCE_WEIGHT, SOURCE, gathered_weight_metrics, weighted_advantages
@@ -368,10 +368,13 @@ class BAPOTrainer(GRPOTrainer):
             self._engine_calls.close()  # no background call outlives the run, however it ends
 
     def _save_checkpoint(self, model, trial):
+        folder = os.path.join(self._get_output_dir(trial=trial), f"checkpoint-{self.state.global_step}")
+        if self.args.should_save:  # an earlier run's complete checkpoint there is about to be rewritten
+            unmark(folder)
+        self.accelerator.wait_for_everyone()
         super()._save_checkpoint(model, trial)
         self.accelerator.wait_for_everyone()  # every process's files, and the trainer's, are on disk
         if self.args.should_save:
-            folder = os.path.join(self._get_output_dir(trial=trial), f"checkpoint-{self.state.global_step}")
             mark_complete(folder, self.state.global_step, self.accelerator.num_processes)
 
     def _save_optimizer_and_scheduler(self, output_dir):
