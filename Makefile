@@ -12,7 +12,7 @@ VERL_VENV ?= .venv-verl
 VERL_PY := $(VERL_VENV)/bin/python
 VERL_STAMP := $(VERL_VENV)/.installed
 
-.PHONY: install install-vllm install-verl lint docs test demo bench bench-overlap sweep weights clean
+.PHONY: install install-vllm install-verl lint docs test test-deep demo bench bench-overlap sweep weights clean
 
 install: $(STAMP)
 
@@ -63,6 +63,11 @@ test: lint docs install-vllm install-verl
 	$(PY) -m pytest -q tests --ignore=tests/real_vllm
 	$(VLLM_PY) -m pytest -q tests/real_vllm --ignore=tests/real_vllm/test_server.py
 	$(VLLM_PY) -m pytest -q tests/real_vllm/test_server.py
+
+# The invariants of tests/test_invariants.py (resume equals a straight run, overlap equals sync, BAPO off equals
+# GRPO) over ten times the examples `make test` draws, not derandomized: about an hour on 2 cores.
+test-deep: install
+	HYPOTHESIS_PROFILE=deep $(PY) -m pytest -q tests/test_invariants.py
 
 demo: install
 	$(PY) -m trl_bapo.examples.demo
