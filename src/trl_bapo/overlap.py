@@ -8,6 +8,10 @@ tokenized on the main thread, and generated on a replica of alpha (transformers'
 Everything that depends on the update (rewards, scoring, log-probs, re-evaluation, the buffers, metrics) stays on the
 main thread, in the synchronous order: step t+1 takes the prefetched completions in place of its own engine call.
 
+The background call gets what it needs as explicit inputs (`trl_bapo.sampling.engine_view`): its own frozen state at
+the step the synchronous run would generate at, its seed and sampling settings, and the replica; it holds nothing
+that training changes, and never sends the engine weights (alpha is sent before it starts).
+
 No prefetch where step t+1 could differ or the engine is needed in between: a refresh step, the last step, the end of
 an epoch (no batch left to read), an evaluation before the next rollout, prompts with images.
 """
@@ -18,6 +22,7 @@ import copy
 import time
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from functools import partial
 from types import MethodType
 from typing import Any
@@ -25,15 +30,13 @@ from typing import Any
 import torch
 from accelerate.utils import convert_outputs_to_fp32, get_mixed_precision_context_manager
 
-from trl_bapo.sampling import SamplingSeeds, engine_call, seeded_trainer
-
-# Batches given out that `ReadAhead.after` can still find: far more than one rollout step's micro-steps.
-KEPT = 1024
+from trl_bapo.sampling import SamplingSeeds, check_step_sampling, engine_call, engine_view
 
 
 class ReadAhead:
     """The train dataloader's iterator of this epoch, as transformers reads it (`get_batch_samples`), with the batches
-    it has not asked for yet that a prefetch read early, kept for it in order."""
+    it has not asked for yet that a prefetch read early, kept for it in order. Of those given out it keeps only what a
+    prefetch can still ask about: the current rollout step's first batch on (`keep_from`)."""
 
     def __init__(self):
         self._source: Iterator | None = None
@@ -52,16 +55,25 @@ class ReadAhead:
         if self._given == len(self._read):
             self._read.append(next(self._source))
         self._given += 1
-        given = self._read[self._given - 1]
-        if self._given > KEPT:  # batches given out long ago are never asked about again
-            del self._read[: self._given - KEPT]
-            self._given = KEPT
-        return given
+        return self._read[self._given - 1]
+
+    @property
+    def kept(self) -> int:
+        """How many batches it holds."""
+        return len(self._read)
+
+    def keep_from(self, batch: Any) -> None:
+        """Forgets the batches given out before `batch`, the current rollout step's, which no prefetch asks about
+        again; all those given out if `batch` is not this epoch's."""
+        position = self._position(batch)
+        forgotten = self._given if position is None else position
+        del self._read[:forgotten]
+        self._given -= forgotten
 
     def after(self, batch: Any, distance: int) -> Any | None:
         """The batch `distance` batches after `batch` (one transformers has given out), read early; None when the
         epoch ends first or `batch` is not this epoch's."""
-        position = next((i for i in range(len(self._read) - 1, -1, -1) if self._read[i] is batch), None)
+        position = self._position(batch)
         if position is None:
             return None
         try:
@@ -70,6 +82,9 @@ class ReadAhead:
         except StopIteration:
             return None
         return self._read[position + distance]
+
+    def _position(self, batch: Any) -> int | None:
+        return next((i for i in range(self._given - 1, -1, -1) if self._read[i] is batch), None)
 
 
 class EngineCalls:
@@ -84,6 +99,7 @@ class EngineCalls:
         self._pending: tuple[tuple, Future] | None = None
         self._replica: torch.nn.Module | None = None
         self._replica_step: int | None = None
+        self._draw: Iterator[int] | None = None  # the seeds of a `same_draw` under way
         self.seconds = self.wait_seconds = 0.0  # this rollout step's engine calls: their time, and the time waited
         self.prefetched = False
 
@@ -93,17 +109,37 @@ class EngineCalls:
         if trainer.args.rollout_sampling_seed == "global":
             call = trl_call
         else:
-            seed = self.seeds.next(trainer._bapo.rollout_step, trainer.state.global_step)
-            prefetched = self.take(seed, prompt_ids)
-            if prefetched is not None:
-                return prefetched
+            if self._draw is not None:
+                seed = next(self._draw)
+            else:
+                seed = self.seeds.next(trainer._bapo.rollout_step, trainer.state.global_step)
+                prefetched = self.take(seed, prompt_ids)
+                if prefetched is not None:
+                    return prefetched
+            view = engine_view(trainer, seed, trainer.state.global_step, trainer.model_wrapped)
             inputs = (prompt_ids, images, multimodal_fields, num_generations, has_tool_images)
-            call = partial(engine_call, seeded_trainer(trainer, seed), *inputs)
-        return self.timed(call) if trainer.model.training else call()
+            call = partial(engine_call, view, *inputs)
+        return self.timed(call) if trainer.model.training and self._draw is None else call()
+
+    @contextmanager
+    def same_draw(self, name: str) -> Iterator[None]:
+        """Engine calls inside draw the same samples whenever the block runs with the same weights, and move nothing
+        training draws from: with the global seed, from the global generator seeded with `seed`; with per-step seeds,
+        from the seeds of the draw `name` (`SamplingSeeds.draw`), whatever the steps. They are not training's, so not
+        timed, and they leave a prefetch alone."""
+        device = self.trainer.accelerator.device
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(self.trainer.args.seed)
+            self._draw = self.seeds.draw(name)
+            try:
+                yield
+            finally:
+                self._draw = None
 
     def start(self, generation_batch: list[dict[str, Any]], t: int) -> None:
         """After rollout step t's batch is assembled: starts step t+1's engine call if nothing can change it."""
         trainer, args = self.trainer, self.trainer.args
+        self.read_ahead.keep_from(generation_batch)
         micro_steps = args.steps_per_generation * trainer.num_iterations  # from one rollout step to the next
         updates = micro_steps // args.gradient_accumulation_steps
         steps_ahead = range(trainer.state.global_step + 1, trainer.state.global_step + updates + 1)
@@ -118,11 +154,13 @@ class EngineCalls:
         if batch is None or any("image" in example or "images" in example for example in batch):
             return
         prompt_ids, images, multimodal_fields = trainer._tokenize_prompts([example["prompt"] for example in batch])
-        seed = self.seeds.first(t + 1, trainer.state.global_step + updates)
-        seeded = seeded_trainer(trainer, seed, None if trainer.use_vllm else self._alpha_replica())
+        # The step the synchronous run generates at: its seed, and the state the call sees.
+        step = trainer.state.global_step + updates
+        seed = self.seeds.first(t + 1, step)
+        view = engine_view(trainer, seed, step, None if trainer.use_vllm else self._alpha_replica())
         trainer._engine.alpha(trainer.accelerator.unwrap_model(trainer.model), t + 1, refreshed=False)
         self._executor = self._executor or ThreadPoolExecutor(max_workers=1, thread_name_prefix="bapo-prefetch")
-        call = (seeded, prompt_ids, images, multimodal_fields, trainer.num_generations, torch.get_num_threads())
+        call = (view, prompt_ids, images, multimodal_fields, trainer.num_generations, torch.get_num_threads())
         self._pending = ((seed, prompt_ids), self._executor.submit(_timed_call, *call))
 
     def take(self, seed: int, prompt_ids: list[list[int]]) -> tuple | None:
@@ -191,6 +229,7 @@ def independent_copy(model: torch.nn.Module, accelerator) -> torch.nn.Module:
     closures a copy would share with the original: TRL's fused LM head (trl 1.16.0, `add_fused_lm_head`), which runs
     the original's forward when generating, and, under mixed precision, accelerate's autocast around it (accelerate
     1.15, `Accelerator.prepare_model`). The copy gets its class's forward with the same autocast around it."""
+    check_forwards(model)  # refused at construction already; a patch since then is refused here
     replica = copy.deepcopy(model)
     replica.requires_grad_(False)
     for name in ("forward", "_original_forward"):
@@ -198,18 +237,23 @@ def independent_copy(model: torch.nn.Module, accelerator) -> torch.nn.Module:
     if "_original_forward" in model.__dict__:
         autocast = get_mixed_precision_context_manager(accelerator.native_amp, accelerator.autocast_handler)
         replica.forward = MethodType(convert_outputs_to_fp32(autocast(type(model).forward)), replica)
-    patched = [name for name, module in replica.named_modules() if name and "forward" in module.__dict__]
-    if patched:
-        raise RuntimeError(
-            f"overlap_rollout copies the policy to generate with alpha, but the forward of {', '.join(patched)} is "
-            "patched by a closure over the original, which the copy would run. Set overlap_rollout=False."
-        )
     return replica
 
 
+def check_forwards(model: torch.nn.Module) -> None:
+    """Refuses a model with a submodule whose `forward` is patched on the instance: a closure over the original, which
+    a copy (the replica of alpha) would run. The model's own forward is `independent_copy`'s to replace."""
+    patched = [name for name, module in model.named_modules() if name and "forward" in module.__dict__]
+    if patched:
+        raise ValueError(
+            f"overlap_rollout copies the policy to generate with alpha, but the forward of {', '.join(patched)} is "
+            "patched by a closure over the original, which the copy would run. Set overlap_rollout=False."
+        )
+
+
 def check_overlap(trainer) -> None:
-    """Refuses `overlap_rollout` where the background call could not equal the synchronous one, or per-step seeds
-    where the engine call is not TRL's."""
+    """Refuses `overlap_rollout` where the background call could not equal the synchronous one, and per-step seeds
+    where the engine call is not TRL's or would drop a sampling setting (`trl_bapo.sampling.check_step_sampling`)."""
     from accelerate.utils import is_peft_model
 
     if trainer.rollout_func is not None and trainer.args.rollout_sampling_seed == "per_step":
@@ -217,6 +261,7 @@ def check_overlap(trainer) -> None:
             "rollout_sampling_seed='per_step' seeds TRL's engine call, which a rollout_func replaces; seed inside the "
             "rollout_func, or set rollout_sampling_seed='global'."
         )
+    check_step_sampling(trainer)
     if not trainer.args.overlap_rollout:
         return
     reasons = {
@@ -232,11 +277,13 @@ def check_overlap(trainer) -> None:
     refused = [reason for reason, applies in reasons.items() if applies]
     if refused:
         raise ValueError(f"overlap_rollout=True does not run with {'; '.join(refused)}. Set overlap_rollout=False.")
+    if not trainer.use_vllm:  # transformers' generate runs on a replica of alpha
+        check_forwards(trainer.accelerator.unwrap_model(trainer.model))
 
 
-def _timed_call(seeded, prompt_ids, images, multimodal_fields, num_generations: int, threads: int) -> tuple:
+def _timed_call(view, prompt_ids, images, multimodal_fields, num_generations: int, threads: int) -> tuple:
     # The trainer's thread count: kernels may split their sums by it, and the rollout must equal the synchronous one.
     torch.set_num_threads(threads)
     started = time.perf_counter()
-    result = engine_call(seeded, prompt_ids, images, multimodal_fields, num_generations)
+    result = engine_call(view, prompt_ids, images, multimodal_fields, num_generations)
     return result, time.perf_counter() - started

@@ -4,8 +4,9 @@ Before training, every prompt of the evaluation dataset is measured: its accurac
 each evaluation it is measured again, and one JSON record per measurement goes to `output_dir/prompt_tracking.jsonl`:
 each prompt's accuracy, how many prompts sit at 0/G .. G/G (the paper's fig. 7), how many moved between those bins
 since the baseline (fig. 15), how many were unlocked (0/G at the baseline, solved at least once now) and relocked
-(solved at the baseline, 0/G now), and the most improved prompts. Every measurement samples from the same seed, so
-two records differ by the weights, not by the draw.
+(solved at the baseline, 0/G now), and the most improved prompts. Every measurement makes the same draw, under
+either `rollout_sampling_seed` (`EngineCalls.same_draw`: the global generator seeded alike, or the same per-call
+seeds whatever the step), so two records differ by the weights, not by the draw.
 
 Measuring goes through TRL's generation and scoring, so it works wherever training does (vLLM, several processes,
 sharded engines); every process takes part and gets the same numbers, and process 0 writes. On resume the file is
@@ -20,7 +21,6 @@ import statistics
 from collections.abc import Sequence
 from typing import Any
 
-import torch
 from accelerate.utils import broadcast_object_list
 from transformers import TrainerCallback
 
@@ -115,10 +115,8 @@ class PromptTracking(TrainerCallback):
 
     def _measure(self, step: int) -> dict[str, Any]:
         examples = self._examples()
-        # The same draw at every measurement, without moving the generator that training samples from.
-        device = self.trainer.accelerator.device
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            torch.manual_seed(self.trainer.args.seed)
+        # The same draw at every measurement, without moving what training samples from.
+        with self.trainer._engine_calls.same_draw("tracking"):
             accuracies = self.measure(examples)
         prompts = [example["prompt"] for example in examples]
         return tracking_record(step, accuracies, self.baseline, self.trainer.num_generations, prompts)

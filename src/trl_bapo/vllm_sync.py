@@ -28,8 +28,10 @@ class EngineWeights:
     """Which weights TRL's vLLM engine holds, and when it gets new ones. Rollouts generate with alpha: the engine
     gets it on refresh steps (line 5 of Algorithm 1) and wherever it lost it (the first step of a (re)started
     engine, after a re-evaluation off the refresh schedule, after an evaluation). Re-evaluation, evaluation and prompt
-    tracking generate with the current weights. TRL would sync whenever the optimizer has stepped
-    (`_last_loaded_step`); BAPO tells it the engine is up to date."""
+    tracking generate with the current weights. TRL's engine call would sync whenever the optimizer has stepped
+    (`_last_loaded_step`); BAPO tells it the engine is up to date. With per-step seeds the call runs on an
+    `engine_view` (`trl_bapo.sampling`), whose state is frozen at its step and whose `_last_loaded_step` is that step,
+    so it never syncs, a background call whose optimizer step ended before it started included."""
 
     def __init__(self, trainer):
         self.trainer = trainer
