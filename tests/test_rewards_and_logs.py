@@ -59,11 +59,14 @@ def test_correctness_reward_decides_accuracy_beside_a_format_reward(tiny_model_p
 
     caplog.clear()
     with caplog.at_level(logging.WARNING):
-        found, trainer = train(tiny_model_path, tmp_path / "found", [ScriptedReward(PLAN), format_reward])
-    # Unstated, the 0/1 reward is found and is the signal: the same buffers, said once.
-    assert [{k: s[k] for k in buffers} for s in found] == [{k: s[k] for k in buffers} for s in alone]
+        unstated, trainer = train(tiny_model_path, tmp_path / "unstated", [ScriptedReward(PLAN), format_reward])
+    # Unstated, neither reward is TRL's accuracy reward, and BAPO never picks one from their values: the buffers stay
+    # off, said once, with both rewards and the setting that turns them on.
+    assert all(s["bapo/difficult_buffer"] == s["bapo/x2"] == s["bapo/x3"] == 0 for s in unstated), unstated
     said = [r.getMessage() for r in caplog.records if "BAPO's correctness" in r.getMessage()]
-    assert len(said) == 1 and "scripted_reward" in said[0] and "correctness_reward" in said[0]
+    assert len(said) == 1 and all(
+        word in said[0] for word in ("scripted_reward", "format_reward", "correctness_reward")
+    )
 
 
 def test_correctness_reward_must_name_a_reward_function_before_anything_loads(tmp_path):

@@ -297,16 +297,22 @@ class BAPOConfig(GRPOConfig):
         default=None,
         metadata={
             "help": "What counts as a correct completion: the name of the reward function (as in TRL's "
-            "`rewards/<name>/mean` log) whose value decides it. Group accuracy mu(x) (Algorithm 1), the thresholds "
-            "c1, c2, c3 and r_tot of eq. 8 then read the share of correct completions; advantages still come from all "
-            "rewards. None: found at the first step, a reward function whose values are all 0/1 (the largest weight "
-            "among several), else the weighted sum of rewards when it lies in [0, 1], else none, and B_bad and "
-            "B_high (X2, X3) stay off with one warning (docs/method.md, 'Which completions are correct')."
+            "`rewards/<name>/mean` log) whose value decides it, read on any scale. Group accuracy mu(x) (Algorithm "
+            "1), the thresholds c1, c2, c3 and r_tot of eq. 8 then read the share of correct completions; advantages "
+            "still come from all rewards. None: TRL's `accuracy_reward` or `reasoning_accuracy_reward` when exactly "
+            "one is among the reward functions (known by name), else the only reward function once TRL's format, "
+            "length and repetition rewards are set aside, when its first scored values lie in [0, 1]; with several "
+            "and none stated, none: B_bad and B_high (X2, X3) stay off with one warning. Never picked from the first "
+            "values among several rewards; saved in checkpoints (docs/method.md, 'Which completions are correct')."
         },
     )
     correctness_threshold: float = field(
         default=1.0,
-        metadata={"help": "With `correctness_reward`: a completion is correct when that reward is >= this value."},
+        metadata={
+            "help": "A completion is correct when the reward that decides correctness (`correctness_reward`, or the "
+            "one found by its rule) is >= this value. With a partial credit {0, 0.5, 1}, 1.0 counts full credit "
+            "only and 0.5 half-right answers too."
+        },
     )
     non_finite_rewards: str = field(
         default="error",

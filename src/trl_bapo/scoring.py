@@ -1,8 +1,8 @@
 """TRL's generation and scoring as BAPO reads it: which completions are correct, and which groups carry a signal.
 
 Whether a group has a learning signal is TRL's call (its advantages, under any reward aggregation and on any reward
-scale); whether a completion is correct is BAPO's (`Correctness`): the reward `correctness_reward` names, a reward
-that is 0/1, or a weighted sum in [0, 1].
+scale); whether a completion is correct is BAPO's (`Correctness`): the reward `correctness_reward` names, TRL's
+accuracy reward known by name, or the only reward function when its values lie in [0, 1]; among several, none.
 """
 
 from __future__ import annotations
@@ -72,116 +72,180 @@ def finite_rewards(rewards_per_func: torch.Tensor, names: list[str], policy: str
     return rewards_per_func.masked_fill(infinite, math.nan), count
 
 
-STATED, FOUND, WEIGHTED_SUM, NONE = "stated", "found", "weighted_sum", "none"
+# TRL's own reward functions (trl 1.16.0, `trl.rewards`), by the name TRL logs them under (`reward_func_names`), and
+# what each says. Matched by name rather than by identity: TRL's scripts and docs name a user's own verifier
+# `accuracy_reward` too, and a function by that name that leaves [0, 1] stops the run with the fix.
+TRL_CORRECTNESS = {
+    "accuracy_reward": "TRL's accuracy reward",
+    "reasoning_accuracy_reward": "TRL's reasoning-accuracy reward",
+}
+TRL_NEVER_CORRECTNESS = {
+    "think_format_reward": "TRL's format reward",
+    "soft_overlong_punishment_reward": "TRL's overlong penalty",
+    "repetition_penalty_reward": "TRL's repetition penalty",
+    # Correctness and length in one value, on bounds the user chose: no threshold of ours reads correctness from it
+    # (stated, with correctness_threshold=0 and its default bounds, it does).
+    "cosine_scaled_reward": "TRL's length-scaled accuracy",
+}
+
+# How correctness was decided; None while the only candidate's first scores are still to come.
+SOURCES = STATED, KNOWN, ONLY, SEVERAL, OFF_SCALE, NO_CANDIDATE = (
+    "stated",
+    "known",
+    "only",
+    "several",
+    "off_scale",
+    "no_candidate",
+)
+
+
+def decide_by_names(names: list[str], stated: str | None) -> tuple[str | None, int | None]:
+    """Which reward says a completion is right, from the reward functions' names alone: (source, column), where
+    source None means that `column` is the only candidate and its first scored values decide. Values never choose
+    among several rewards: on the first batch a format bonus, a length penalty or a partial credit can all look like
+    a 0/1 accuracy."""
+    if stated is not None:
+        return STATED, names.index(stated)
+    known = [column for column, name in enumerate(names) if name in TRL_CORRECTNESS]
+    if len(known) == 1:
+        return KNOWN, known[0]
+    candidates = [column for column, name in enumerate(names) if name not in TRL_NEVER_CORRECTNESS]
+    if len(candidates) == 1:
+        return None, candidates[0]
+    return (SEVERAL if candidates else NO_CANDIDATE), None
+
+
+def shaping(name: str) -> str:
+    """A reward function that never says correctness, named and said what it is."""
+    return f"`{name}` ({TRL_NEVER_CORRECTNESS[name]})"
 
 
 class Correctness:
-    """Which completions are correct (1 or 0; NaN where no reward function scored one), from TRL's gathered rewards
-    per function. X1 needs no correctness (it keeps groups with a learning signal, on any reward scale); B_bad, B_high,
-    X2 and X3 do, and which reward gives it is decided at the first scoring and kept for the run:
+    """Which completions are correct (1 or 0; NaN where no reward function scored one, or none says it), from TRL's
+    gathered rewards per function. X1 needs no correctness (it keeps groups with a learning signal, on any reward
+    scale); B_bad, B_high, X2, X3 and r_tot do. The rule (docs/method.md, 'Which completions are correct'):
 
-    1. stated: `correctness_reward` names the reward; a completion is correct when it reaches
-       `correctness_threshold`;
-    2. found: a reward function whose values are all 0 or 1 (TRL's `accuracy_reward`, a math-verify reward) is the
-       signal, even beside other rewards; among several, the one with the largest weight, the first on a tie;
-    3. the weighted sum of the rewards, when it lies in [0, 1] (a graded accuracy);
-    4. none: no reward is on the scale c1, c2, c3 are made for, so the difficulty buffers stay empty and BAPO trains
-       on the online filter alone (one warning says how to turn them on).
+    1. stated: `correctness_reward` names the reward, read on any scale;
+    2. known: exactly one reward function is TRL's accuracy or reasoning-accuracy reward (by name);
+    3. only: one reward function is left once TRL's format, length, repetition and length-scaled rewards, which
+       never say it, are set aside; its first scored values decide: in [0, 1] it is the signal, else none;
+    4. none: several candidates and none stated, or none at all. The difficulty buffers stay empty and BAPO trains
+       on the online filter alone, said once in a warning that names the rewards and `correctness_reward`.
 
-    Once decided, a reward that leaves its scale (a 0/1 reward that returns 0.5, a sum that leaves [0, 1]) stops
-    the run with an error that says how to state the signal: the thresholds must not silently change meaning."""
+    A completion is correct when the deciding reward is >= `correctness_threshold`. A known or only reward that
+    leaves [0, 1] stops the run with an error that says how to state it: its threshold must not silently change
+    meaning. The decision goes into the checkpoint (`state_dict`) and comes back on resume (`load_state_dict`)."""
 
     def __init__(self, reward_name: str | None, threshold: float, trainer):
-        self.names, self.weights = list(trainer.reward_func_names), trainer.reward_weights.detach().cpu()
+        self.names = list(trainer.reward_func_names)
         self.threshold, self.is_main = threshold, trainer.accelerator.is_main_process
-        self.column = None if reward_name is None else self.names.index(reward_name)
-        self.source = STATED if reward_name is not None else None
-        if self.source == STATED and self.is_main:
-            logger.info("BAPO's correctness: %s.", self.description)
+        self.source, self.column = decide_by_names(self.names, reward_name)
+        if self.source is not None:  # the only candidate is said once its first scores have decided
+            self._say()
 
     @property
     def description(self) -> str:
-        """Which reward defines correctness, in words (`bapo_status.correctness`)."""
+        """What decides a correct completion and why, in words (`bapo_status.correctness`)."""
+        name = None if self.column is None else f"`{self.names[self.column]}`"
+        reached = f">= {self.threshold:g}"
         if self.source == STATED:
-            return f"reward `{self.names[self.column]}` >= {self.threshold:g} (correctness_reward)"
-        if self.source == FOUND:
-            return f"reward `{self.names[self.column]}` (its values are 0/1)"
-        if self.source == WEIGHTED_SUM:
-            return "the weighted sum of rewards, in [0, 1], read as an accuracy"
-        if self.source == NONE:
-            return "none (no 0/1 reward and the weighted sum leaves [0, 1]): difficulty buffers off"
-        return "decided at the first scoring"
+            return f"reward {name} {reached} (correctness_reward)"
+        if self.source == KNOWN:
+            return f"reward {name} {reached} ({TRL_CORRECTNESS[self.names[self.column]]}, known by name)"
+        if self.source == ONLY:
+            return f"reward {name} {reached} ({self._only()}; its first scores were in [0, 1])"
+        if self.source is None:
+            return f"reward {name} {reached} if its first scores lie in [0, 1], else none ({self._only()})"
+        off = "none ({}): difficulty buffers off"
+        if self.source == OFF_SCALE:
+            return off.format(f"{name}, {self._only()}, scored outside [0, 1] at first")
+        listed = ", ".join(f"`{name}`" for name in self.names)
+        if self.source == SEVERAL:
+            return off.format(f"several reward functions, {listed}, and no correctness_reward")
+        shapers = ", ".join(shaping(name) for name in self.names)
+        return off.format(f"{shapers}: none says whether a completion is right")
+
+    def _only(self) -> str:
+        others = [shaping(name) for column, name in enumerate(self.names) if column != self.column]
+        return f"the only reward function besides {', '.join(others)}" if others else "the only reward function"
 
     def __call__(self, per_func: torch.Tensor) -> torch.Tensor:
         per_func = per_func.detach().float().cpu()
         if self.source is None:
-            self._decide(per_func)
+            self._decide_only(per_func[:, self.column])
         if self.source == STATED:
             return correct_completions(per_func[:, self.column], self.threshold)
-        if self.source == FOUND:
+        if self.source in (KNOWN, ONLY):
             values = per_func[:, self.column]
-            self._check_scale(values, is_zero_one(values), "0 or 1")
-            return values
-        if self.source == WEIGHTED_SUM:
-            total = self._weighted_sum(per_func)
-            self._check_scale(total, is_unit_interval(total), "in [0, 1]")
-            return total
+            self._check_scale(values)
+            return correct_completions(values, self.threshold)
         return torch.full((len(per_func),), math.nan)
 
-    def _weighted_sum(self, per_func: torch.Tensor) -> torch.Tensor:
-        total = (per_func * self.weights.unsqueeze(0)).nansum(dim=1)
-        total[torch.isnan(per_func).all(dim=1)] = math.nan
-        return total
+    def _decide_only(self, values: torch.Tensor) -> None:
+        """The only candidate's first scored values decide; a batch it scored nothing of (all None) waits."""
+        scored = values[~torch.isnan(values)]
+        if len(scored) == 0:
+            return
+        self.source = ONLY if bool(((scored >= 0) & (scored <= 1)).all()) else OFF_SCALE
+        self._say(f" (its first scores: from {float(scored.min()):.3g} to {float(scored.max()):.3g})")
 
-    def _decide(self, per_func: torch.Tensor) -> None:
-        zero_one = [c for c in range(per_func.shape[1]) if is_zero_one(per_func[:, c])]
-        if zero_one:
-            self.column = max(zero_one, key=lambda c: (float(self.weights[c]), -c))
-            self.source = FOUND
-        elif is_unit_interval(self._weighted_sum(per_func)):
-            self.source = WEIGHTED_SUM
-        else:
-            self.source = NONE
+    def _say(self, detail: str = "") -> None:
+        """The decision, once, in the first log lines: a warning when it switches the difficulty buffers off."""
         if not self.is_main:
             return
-        if self.source == NONE:
-            total = self._weighted_sum(per_func).nan_to_num(nan=0.0)
-            logger.warning(
-                "BAPO found no correctness signal: no reward function returns only 0/1 and the weighted sum of "
-                "rewards leaves [0, 1] (here [%.3g, %.3g]). B_bad and B_high (X2, X3) stay off and BAPO trains on "
-                "the online filter alone (groups with a learning signal). To turn them on, set correctness_reward "
-                "to the reward function that says whether a completion is right, and correctness_threshold to the "
-                "value that counts as right.",
-                float(total.min()),
-                float(total.max()),
-            )
-        elif len(self.names) > 1 or self.source == WEIGHTED_SUM:
-            logger.warning("BAPO's correctness: %s. Set correctness_reward to choose another.", self.description)
-        else:
+        if self.source in (STATED, KNOWN, ONLY):
             logger.info("BAPO's correctness: %s.", self.description)
-
-    def _check_scale(self, values: torch.Tensor, on_scale: bool, scale: str) -> None:
-        if on_scale:
             return
-        finite = values[~torch.isnan(values)]
-        raise ValueError(
-            f"BAPO's correctness is {self.description}, decided at the first scoring, but it now returns values "
-            f"outside {scale} (from {float(finite.min()):.3g} to {float(finite.max()):.3g}). The thresholds c1, c2, "
-            "c3 would silently change meaning. State the correctness signal: set correctness_reward to the reward "
-            "function that says whether a completion is right and correctness_threshold to the value that counts as "
-            "right (for example 1.0, or 0.5 for partial credit)."
+        logger.warning(
+            "BAPO's correctness: %s%s. B_bad and B_high (X2, X3) stay empty and BAPO trains on the online filter "
+            "alone (groups with a learning signal). To turn them on, set correctness_reward to the reward function "
+            "that says whether a completion is right, and correctness_threshold to the value that counts as right.",
+            self.description,
+            detail,
         )
 
+    def _check_scale(self, values: torch.Tensor) -> None:
+        scored = values[~torch.isnan(values)]
+        if bool(((scored >= 0) & (scored <= 1)).all()):
+            return
+        raise ValueError(
+            f"BAPO's correctness is {self.description}, but `{self.names[self.column]}` now returns values outside "
+            f"[0, 1] (from {float(scored.min()):.3g} to {float(scored.max()):.3g}): its threshold, and with it c1, "
+            "c2, c3 and r_tot, would silently change meaning. State the correctness signal: set correctness_reward "
+            "to the reward function that says whether a completion is right and correctness_threshold to the value "
+            "that counts as right (a stated reward is read on any scale)."
+        )
 
-def is_zero_one(values: torch.Tensor) -> bool:
-    """Every scored value (NaN: not scored) is 0 or 1, and at least one was scored."""
-    scored = values[~torch.isnan(values)]
-    return len(scored) > 0 and bool(((scored == 0) | (scored == 1)).all())
+    def state_dict(self) -> dict:
+        """The decision, in plain values, for the checkpoint."""
+        return {"names": list(self.names), "source": self.source, "column": self.column}
 
-
-def is_unit_interval(values: torch.Tensor) -> bool:
-    scored = values[~torch.isnan(values)]
-    return len(scored) > 0 and bool(((scored >= 0) & (scored <= 1)).all())
+    def load_state_dict(self, saved: dict | None) -> None:
+        """Restores a checkpoint's decision, so that a resumed run reads correctness as the run it continues did.
+        None (a checkpoint from before BAPO saved it): decided afresh, as in a new run. A `correctness_reward` stated
+        now replaces the checkpoint's decision, as it does when the user states one after the warning."""
+        if saved is None:
+            return
+        names, source, column = list(saved["names"]), saved["source"], saved["column"]
+        fits = names == self.names and source in (*SOURCES, None) and column in (None, *range(len(names)))
+        if not fits:
+            raise ValueError(
+                f"The checkpoint decided BAPO's correctness (source {source!r}, column {column}) for the reward "
+                f"functions {names}, but this trainer's reward functions are {self.names}. Resume with the "
+                "checkpoint's reward functions, in the same order, or start a new run with these."
+            )
+        if self.source == STATED:
+            if (source, column) != (STATED, self.column) and self.is_main:
+                logger.warning(
+                    "BAPO's correctness: %s, stated now, replaces the checkpoint's decision (source %r, column %s).",
+                    self.description,
+                    source,
+                    column,
+                )
+            return
+        self.source, self.column = source, column
+        if self.is_main:
+            logger.info("BAPO's correctness, restored from the checkpoint: %s.", self.description)
 
 
 def score(trainer, inputs: list[dict[str, Any]]) -> ScoredRollout:
