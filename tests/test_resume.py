@@ -214,3 +214,29 @@ def test_a_checkpoint_inside_a_rollout_step_resumes_that_step(tiny_model_path, t
     assert (actual["difficult"], actual["high_quality"]) == (expected["difficult"], expected["high_quality"])
     for name in expected["weights"]:
         torch.testing.assert_close(actual["weights"][name], expected["weights"][name], atol=0, rtol=0, msg=name)
+
+
+def test_the_correctness_decision_is_restored_on_resume(tiny_model_path, tmp_path):
+    """The only reward scores 2 before global step 2 (outside [0, 1]: no correctness, buffers off) and 0/1 after. A
+    resumed run that decided afresh would take the 0/1 values for correctness and fill the buffers; it must go on
+    with the decision of the run it continues."""
+
+    def shifting_reward(completions, trainer_state, **kwargs):
+        if trainer_state.global_step < 2:
+            return [2.0] * len(completions)
+        return [float(i % 2) for i in range(len(completions))]
+
+    def run(output_dir, **overrides):
+        args = make_config(output_dir, **{**SETTINGS, "max_steps": 4, **overrides})
+        return BAPOTrainer(tiny_model_path, shifting_reward, args, train_dataset=prompt_dataset(list(PLAN)))
+
+    straight = run(tmp_path / "straight")
+    straight.train()
+    first = run(tmp_path / "split", save_strategy="steps", save_steps=2)
+    first.add_callback(StopAt(2))
+    first.train()
+    resumed = run(tmp_path / "split", save_strategy="steps", save_steps=2)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "split" / "checkpoint-2"))
+    assert straight.bapo_status.correctness.startswith("none")
+    assert resumed.bapo_status.correctness == straight.bapo_status.correctness
+    assert resumed.bapo_status == straight.bapo_status

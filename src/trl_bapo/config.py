@@ -41,6 +41,7 @@ SAMPLING_KWARGS = {
     "typical_p",
     "epsilon_cutoff",
     "eta_cutoff",
+    "top_h",
     "repetition_penalty",
     "presence_penalty",
     "frequency_penalty",
@@ -783,7 +784,6 @@ class BAPOConfig(GRPOConfig):
             "online_filter_gaussian_mean": self.online_filter != "gaussian" and filter_off,
             "online_filter_gaussian_std": self.online_filter != "gaussian" and filter_off,
             "online_filter_uniform_keep": self.online_filter != "uniform" and filter_off,
-            "correctness_threshold": self.correctness_reward is None and "correctness_reward=None",
             "dynamic_sampling_max_rounds": not self.dynamic_sampling and "dynamic_sampling=False",
         }
         for name, switch in ignored.items():

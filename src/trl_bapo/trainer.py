@@ -380,7 +380,7 @@ class BAPOTrainer(GRPOTrainer):
     def _save_optimizer_and_scheduler(self, output_dir):
         super()._save_optimizer_and_scheduler(output_dir)
         os.makedirs(output_dir, exist_ok=True)
-        run = {"progress": progress_state(self)}
+        run = {"progress": progress_state(self), "correctness": self._correctness.state_dict()}
         save_state(output_dir, self._bapo, self.accelerator, self._sharded, self.state.global_step, run)
         if self.is_world_process_zero():  # what the buffers hold, for people (the state file is for resuming)
             write_lines(os.path.join(output_dir, SNAPSHOT_FILE), buffer_lines(self._bapo))
@@ -392,6 +392,7 @@ class BAPOTrainer(GRPOTrainer):
             allow_missing = self.args.resume_without_bapo_state
             run = load_state(checkpoint, self._bapo, self.accelerator, policy, self._sharded, allow_missing)
             if run is not None:
+                self._correctness.load_state_dict(run.get("correctness"))
                 restore_progress(self, run.get("progress"))
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
