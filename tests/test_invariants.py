@@ -230,7 +230,10 @@ def check_grpo(model: str, schedule: dict, reward: str, loss_type: str, beta: fl
 @given(
     schedule=schedules(),
     reward=st.sampled_from(["binary", "graded", "several"]),
-    loss_type=st.sampled_from(["grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo"]),
+    # bnpo is left out: BAPO takes its token mean over the whole rollout batch, whatever the cut into micro-batches
+    # (test_batches.py), and TRL's is a mean of per-micro-batch means. Found here (GA 1, steps_per_generation 2);
+    # test_equivalence.py keeps that example and the setting where the two agree.
+    loss_type=st.sampled_from(["grpo", "dr_grpo", "dapo", "cispo", "sapo"]),
     beta=st.sampled_from([0.0, 0.04]),
     steps=st.integers(1, 3),
 )
