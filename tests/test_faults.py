@@ -16,6 +16,9 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import bapo_logs, make_config, parameters, prompt_dataset
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from trl import GRPOTrainer
 
 from trl_bapo import BAPOConfig, BAPOTrainer, cli
 from trl_bapo import checkpoint as checkpoint_module
@@ -206,6 +209,53 @@ def test_a_dataset_without_prompts_or_rows_is_refused_before_anything_loads(tmp_
         )
     with pytest.raises(ValueError, match="train_dataset is empty: training would take 0 steps"):
         BAPOTrainer(model=missing, reward_funcs=ones_reward, args=args, train_dataset=prompt_dataset([]))
+
+
+def constant_reward(completions, **kwargs):
+    return [0.0] * len(completions)
+
+
+def test_a_dataset_smaller_than_one_rollout_batch_is_refused_and_one_batch_trains(tiny_model_path, tmp_path):
+    """make_config's rollout batch: 16 completions, 4 of each prompt, so 4 prompts. 3 rows, the most that give TRL's
+    sampler no batch, trained 0 steps and exited 0; 4 rows train."""
+
+    def build(rows: int) -> BAPOTrainer:
+        args = make_config(tmp_path, max_steps=2)
+        return BAPOTrainer(tiny_model_path, constant_reward, args, train_dataset=prompt_dataset(PROMPTS[:rows]))
+
+    with pytest.raises(ValueError, match=r"has 3 rows, fewer than the 4 prompts of one rollout batch.*least 4 rows"):
+        build(3)
+    run = build(4)
+    run.train()
+    assert run.state.global_step == 2
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data(), group=st.integers(2, 4), prompts=st.integers(1, 6), offset=st.integers(-3, 3))
+def test_a_dataset_is_refused_exactly_when_trl_would_train_it_0_steps(
+    tiny_model_path, tmp_path, data, group, prompts, offset
+):
+    """Rollout batches of `prompts` prompts, split into per-device batches in any way; datasets of a few rows around
+    it. TRL's own trainer, on the same config and dataset, says how many batches its dataloader hands out."""
+    completions = prompts * group
+    steps = data.draw(st.sampled_from([d for d in range(1, completions + 1) if completions % d == 0]), "steps")
+    args = make_config(
+        tmp_path,
+        num_generations=group,
+        per_device_train_batch_size=completions // steps,
+        steps_per_generation=steps,
+        gradient_accumulation_steps=1,
+    )
+    dataset = prompt_dataset(PROMPTS[: max(1, prompts + offset)])
+    trl_trainer = GRPOTrainer(tiny_model_path, constant_reward, args=args, train_dataset=dataset)
+    batches = len(trl_trainer.get_train_dataloader())
+    try:
+        run = BAPOTrainer(model=tiny_model_path, reward_funcs=constant_reward, args=args, train_dataset=dataset)
+    except ValueError as refusal:
+        assert f"{len(dataset)} rows, fewer than the {prompts} prompts" in str(refusal)
+        assert batches == 0
+    else:
+        assert batches > 0 and len(run.get_train_dataloader()) == batches
 
 
 def test_the_completion_marker_records_the_step(tiny_model_path, tmp_path):

@@ -9,7 +9,7 @@ import os
 import tempfile
 from typing import Any
 
-from trl import GRPOTrainer
+from trl import GRPOConfig, GRPOTrainer
 
 
 def constructor_arguments(*args: Any, **kwargs: Any) -> dict[str, Any]:
@@ -63,8 +63,30 @@ def check_trainer(trainer) -> None:
             "The delayed rollout policy swaps each process's parameter shards, which FSDP1's flattened "
             "parameters do not expose. Use FSDP2 (fsdp_version: 2 in the accelerate config) or rollout_delay=1."
         )
+    check_rollout_batch_fits(trainer.train_dataset, args, trainer.accelerator.num_processes)
     if args.dynamic_sampling and not hasattr(trainer.train_dataset, "__getitem__"):
         raise ValueError(
             "dynamic_sampling draws extra prompts by index and needs a map-style train dataset; pass a "
             "datasets.Dataset rather than an IterableDataset, or set dynamic_sampling=False."
         )
+
+
+def check_rollout_batch_fits(train_dataset: Any, args: GRPOConfig, processes: int) -> None:
+    """TRL's train sampler (trl 1.16.0, `RepeatSampler`) hands out the prompts of one rollout step together and drops
+    a last batch with fewer: a dataset with fewer rows than one rollout step's prompts (generation_batch_size, the
+    rollout batch of every process together, over num_generations) gives the dataloader no batch, and training
+    takes 0 steps and exits as if it had succeeded. From that many rows on, each epoch has at least one rollout step.
+    An iterable dataset does not know its rows and is left alone."""
+    if not hasattr(train_dataset, "__len__"):
+        return
+    rows, prompts = len(train_dataset), args.generation_batch_size // args.num_generations
+    if rows >= prompts:
+        return
+    raise ValueError(
+        f"train_dataset has {rows} rows, fewer than the {prompts} prompts of one rollout batch: TRL's sampler drops "
+        "an incomplete rollout batch, so training would take 0 steps and exit as if it had succeeded. A rollout batch "
+        f"holds generation_batch_size / num_generations = {args.generation_batch_size} / {args.num_generations} "
+        f"prompts, with generation_batch_size = per_device_train_batch_size ({args.per_device_train_batch_size}) x "
+        f"processes ({processes}) x steps_per_generation ({args.steps_per_generation}). Lower one of those (or set "
+        f"generation_batch_size directly), raise num_generations, or pass a dataset with at least {prompts} rows."
+    )
