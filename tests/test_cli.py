@@ -17,7 +17,7 @@ from datasets import IterableDataset
 from trl import DatasetMixtureConfig, ModelConfig
 from trl.scripts.grpo import make_parser as trl_grpo_parser
 
-from trl_bapo import BAPOConfig
+from trl_bapo import BAPOConfig, cli
 from trl_bapo.builtin.embedded import TRAINING, embedded_model
 from trl_bapo.builtin.rewards import load_reward
 from trl_bapo.cli import launch_arguments
@@ -383,3 +383,54 @@ def test_trl_grpo_config_runs_unchanged_with_bapo_fields_added(tmp_path):
     model_reward = f"rewards/{embedded_model('carry').name}/mean"
     for name in ("rewards/accuracy_reward/mean", "rewards/exact/mean", model_reward):
         assert all(name in entry for entry in steps), name
+
+
+def test_a_refusal_through_trl_bapo_ends_with_its_message_and_the_childs_exit_code(tmp_path):
+    """The training process refuses an output_dir inside a file; the launcher adds nothing after its message."""
+    (tmp_path / "a_file").write_text("")
+    output_dir = tmp_path / "a_file" / "out"
+    command = [str(Path(sys.executable).parent / "trl-bapo"), "--config", str(DEMO), "--num_processes", "1"]
+    run = subprocess.run([*command, "--output_dir", str(output_dir)], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 1, run.stderr[-3000:]
+    assert "Traceback" not in run.stdout + run.stderr, run.stderr[-3000:]
+    assert run.stderr.splitlines()[-1] == (
+        f"ValueError: output_dir '{output_dir}' is not writable (NotADirectoryError: Not a directory): checkpoints "
+        "and the final model would fail to save after training. Choose a writable output_dir."
+    )
+
+
+def test_a_refusal_is_its_message_and_any_other_error_keeps_its_traceback(tmp_path, monkeypatch):
+    """In the launching process (settings refused while the arguments are split) and in a training process (as
+    accelerate starts it): trl-bapo's refusals end as their message; a user's module that fails raises as it is."""
+    with pytest.raises(SystemExit) as refused:
+        cli.main(["--config", str(DEMO), "--difficult_threshold", "0.25"])
+    assert str(refused.value).startswith("ValueError: difficult_threshold (c1) = 0.25 lies above the lower edge")
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")  # as in a process `accelerate launch` started
+    with pytest.raises(SystemExit) as refused:
+        cli.main(["--config", str(DEMO), "--reward_funcs", "nope"])
+    assert str(refused.value).startswith("ValueError: unknown reward function 'nope'")
+    (tmp_path / "broken_rewards.py").write_text("raise ValueError('a bug in the reward module')\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    with pytest.raises(ValueError, match="a bug in the reward module"):
+        cli.main(["--config", str(DEMO), "--reward_funcs", "broken_rewards.reward"])
+
+
+@pytest.mark.parametrize(
+    ("ending", "status", "last_line"),
+    [
+        ("import sys; sys.exit(3)", 3, None),
+        ("import os, signal; os.kill(os.getpid(), signal.SIGKILL)", 137, "killed by SIGKILL"),
+    ],
+)
+def test_trl_bapo_exits_with_the_training_process_status(ending, status, last_line, tmp_path, monkeypatch, capfd):
+    """A training process that exits with its own status, or is killed as the OOM killer kills it: `trl-bapo`
+    exits with that status, as a shell reports it, without the launcher's traceback."""
+    (tmp_path / "ending.py").write_text(ending + "\n")
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    monkeypatch.setattr(cli, "SCRIPT", "ending")
+    assert cli.main(["--config", str(DEMO), "--num_processes", "1"]) == status
+    printed = capfd.readouterr()
+    assert "Traceback" not in printed.out + printed.err
+    if last_line:
+        assert printed.err.splitlines()[-1] == f"trl-bapo: the training process was {last_line}"

@@ -8,6 +8,10 @@ process. Arguments that no dataclass of the script knows go to `accelerate launc
 `--multi_gpu`), and `--accelerate_config` takes a file or the name of a config TRL ships (`multi_gpu`, `zero2`,
 `zero3`, `fsdp2`, ...). Run under `accelerate launch -m trl_bapo.cli`, it trains in the processes accelerate
 started.
+
+A refusal (a setting, file or dataset trl-bapo cannot run with) ends with its message alone; a training process that
+fails otherwise keeps its own traceback. Either way `trl-bapo` exits with the failed process's status (128 + the
+signal for one killed by a signal, as a shell reports it), without the launcher's traceback.
 """
 
 from __future__ import annotations
@@ -15,9 +19,12 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
+import signal
+import subprocess
 import sys
 
 from accelerate.commands.launch import launch_command, launch_command_parser
+from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 from trl.cli.accelerate_config import resolve_accelerate_config_argument
 from trl.cli.commands.training import _subtract_subsequence
 
@@ -55,15 +62,35 @@ def check_unknown_keys(parser, argv: list[str], config_remaining: list[str], cli
                 raise SystemExit(f"trl-bapo: unknown key '{key}' in {where}{hint}")
 
 
+def launch(launch_args: list[str], script_args: list[str]) -> int:
+    """Runs the training script under `accelerate launch` and returns the exit status of its processes. The failed
+    process has written its error already; the launchers' own tracebacks, which would follow it, are left out."""
+    try:
+        launch_command(launch_command_parser().parse_args([*launch_args, "--module", SCRIPT, *script_args]))
+    except subprocess.CalledProcessError as failed:  # accelerate's launcher of one process (accelerate 1.15)
+        return exit_status(failed.returncode)
+    except ChildFailedError as failed:  # torch's elastic launcher, which accelerate uses for several processes
+        return exit_status(failed.get_first_failure()[1].exitcode)
+    return 0
+
+
+def exit_status(returncode: int) -> int:
+    """A process's exit status as a shell reports it; a process killed by a signal (the OOM killer's SIGKILL) has
+    printed nothing, so this says which signal."""
+    if returncode >= 0:
+        return returncode
+    print(f"trl-bapo: the training process was killed by {signal.Signals(-returncode).name}", file=sys.stderr)
+    return 128 - returncode
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    # Every launcher of `accelerate launch` sets this (accelerate 1.15, utils/launch.py): the processes exist.
-    if "ACCELERATE_MIXED_PRECISION" in os.environ:
-        bapo.main(argv)
-        return 0
-    launch_args, script_args = launch_arguments(argv)
-    launch_command(launch_command_parser().parse_args([*launch_args, "--module", SCRIPT, *script_args]))
-    return 0
+    with bapo.refusals_as_messages():
+        # Every launcher of `accelerate launch` sets this (accelerate 1.15, utils/launch.py): the processes exist.
+        if "ACCELERATE_MIXED_PRECISION" in os.environ:
+            bapo.main(argv)
+            return 0
+        return launch(*launch_arguments(argv))
 
 
 if __name__ == "__main__":

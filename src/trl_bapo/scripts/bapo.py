@@ -11,7 +11,11 @@ Every key of a recipe, and every `--flag`, is a field of `BAPOScriptArguments`, 
 
 from __future__ import annotations
 
+import dis
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from accelerate.logging import get_logger
 from trl import DatasetMixtureConfig, ModelConfig, TrlParser, get_peft_config, get_quantization_config
@@ -27,6 +31,10 @@ from trl_bapo.trainer import BAPOTrainer
 
 SMOLLM2 = "smollm2"
 logger = get_logger(__name__)
+PACKAGE = Path(__file__).resolve().parents[1]
+# What trl-bapo raises when it refuses a setting, a file or a dataset; each message says what to change.
+REFUSALS = (ValueError, NotImplementedError)
+RAISE = dis.opmap["RAISE_VARARGS"]
 
 
 @dataclass
@@ -135,5 +143,32 @@ def main(argv: list[str] | None = None) -> BAPOTrainer:
     return train(*make_parser().parse_args_and_config(argv))
 
 
+def refused(error: BaseException) -> bool:
+    """Whether `error` is one of trl-bapo's refusals: a ValueError (or NotImplementedError) raised by a `raise`
+    statement in trl-bapo's own code. One raised out of a call (an operation failing in trl-bapo's code, or anything
+    in TRL, transformers, torch or the user's reward) is a crash, whose traceback says where to look."""
+    if not isinstance(error, REFUSALS) or error.__traceback__ is None:
+        return False
+    innermost = error.__traceback__
+    while innermost.tb_next is not None:
+        innermost = innermost.tb_next
+    code = innermost.tb_frame.f_code
+    # The instruction that raised it: a `raise` statement of its own, or a call that failed.
+    return Path(code.co_filename).resolve().is_relative_to(PACKAGE) and code.co_code[innermost.tb_lasti] == RAISE
+
+
+@contextmanager
+def refusals_as_messages() -> Iterator[None]:
+    """For the command line: a refusal ends the process with its message alone (exit status 1), as a usage error
+    does; its traceback would only show where the check sits. Anything else keeps its traceback."""
+    try:
+        yield
+    except REFUSALS as error:
+        if not refused(error):
+            raise
+        raise SystemExit(f"{type(error).__name__}: {error}") from None
+
+
 if __name__ == "__main__":
-    main()
+    with refusals_as_messages():
+        main()
