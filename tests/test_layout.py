@@ -6,8 +6,10 @@ import inspect
 import re
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
+import transformers
 import trl
 from datasets import Dataset
 from trl import GRPOConfig, GRPOTrainer
@@ -70,10 +72,15 @@ def test_every_private_part_of_trl_that_bapo_touches_exists(tiny_model_path, tmp
     missing += [
         f"GRPOTrainer()._dist.{name}" for name in trl_private.DIST_ATTRIBUTES if not hasattr(trainer._dist, name)
     ]
-    # Set only with vLLM, which this environment lacks: TRL's constructor must still set it.
-    source = inspect.getsource(GRPOTrainer.__init__)
+    # Set only with vLLM (and `llm` only in colocate mode), which this environment lacks: TRL's code must still set
+    # them.
     missing += [
-        f"GRPOTrainer().{name}" for name in trl_private.VLLM_TRAINER_ATTRIBUTES if f"self.{name} =" not in source
+        f"GRPOTrainer().{name}" for name in trl_private.VLLM_TRAINER_ATTRIBUTES if name not in set_on_self(GRPOTrainer)
+    ]
+    missing += [
+        f"VLLMGeneration().{name}"
+        for name in trl_private.VLLM_GENERATION_ATTRIBUTES
+        if name not in set_on_self(VLLMGeneration)
     ]
     missing += [
         f"VLLMGeneration.{name}" for name in trl_private.VLLM_GENERATION_METHODS if not hasattr(VLLMGeneration, name)
@@ -139,11 +146,15 @@ def trl_owns(name: str) -> bool:
 def test_trl_private_lists_every_private_name_the_code_uses():
     """Every private name of TRL (or transformers) the library reads, writes, overrides or imports is listed in
     `trl_private`, found by reading the code: every private attribute name it uses, and every private name its
-    classes define, that TRL's trainer also has; and every private name it imports from trl."""
+    classes define, that TRL's trainer also has, named in the code or in a constant of names it reads from the
+    trainer; and every private name it imports from trl."""
     used, in_classes, imported = set(), set(), set()
     for path in sorted(PACKAGE.rglob("*.py")):
-        module_used, _, module_in_classes, module_imported = private_names(ast.parse(path.read_text()))
-        used, in_classes, imported = used | module_used, in_classes | module_in_classes, imported | module_imported
+        tree = ast.parse(path.read_text())
+        module_used, _, module_in_classes, module_imported = private_names(tree)
+        attributes = TRLAttributes(tree)
+        used |= module_used | {name for name in attributes.trainer | attributes.generation if private(name)}
+        in_classes, imported = in_classes | module_in_classes, imported | module_imported
     found = {name for name in used | in_classes if trl_owns(name)} | imported
     listed = {
         *trl_private.TRAINER_METHODS,
@@ -153,6 +164,7 @@ def test_trl_private_lists_every_private_name_the_code_uses():
         *trl_private.TRAINER_CLASS_ATTRIBUTES,
         *(name for names in trl_private.FUNCTIONS.values() for name in names),
     }
+    listed = {name for name in listed if private(name)}  # the public ones: the test of attributes below
     assert found - listed == set(), (
         f"private names of TRL used but not listed in trl_bapo.trl_private: {found - listed}"
     )
@@ -189,3 +201,115 @@ def test_each_rule_of_algorithm_1_has_one_owner():
     assert holders == {"buffers.py", "state.py"}  # `.c1`: the buffers' own, and the state's report of it
     assert modules_naming("kl_reference") == {"config.py", "kl.py"}
     assert modules_naming("behavior_kl") <= {"kl.py", "behavior.py", "trainer.py"}
+
+
+# How the library names the objects TRL built: a trainer (or the view of one an engine call runs on), and TRL's vLLM
+# generation. `self` is a trainer inside a class deriving from GRPOTrainer; `<anything>.trainer` is the trainer a
+# helper of BAPO holds, `<anything>.vllm_generation` the trainer's vLLM generation.
+TRAINER_NAMES = {"trainer", "seeded", "view"}
+GENERATION_NAMES = {"generation"}
+TRAINER_CLASSES = {"GRPOTrainer", "BAPOTrainer"}
+
+
+def set_on_self(cls: type) -> set[str]:
+    """The attributes a class's own code sets on its instances (`self.x = ...`, also in tuples and `+=`)."""
+    return {
+        node.attr
+        for node in ast.walk(ast.parse(textwrap.dedent(inspect.getsource(cls))))
+        if isinstance(node, ast.Attribute)
+        and isinstance(node.ctx, ast.Store)
+        and isinstance(node.value, ast.Name)
+        and node.value.id == "self"
+    }
+
+
+def string_constants(tree: ast.Module) -> dict[str, set[str]]:
+    """The module's constants that hold names: `NAME = ("a", "b")` (a tuple, list or set of strings, or a dict's
+    string keys)."""
+    found = {}
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
+            items = node.value.keys if isinstance(node.value, ast.Dict) else getattr(node.value, "elts", [])
+            strings = {item.value for item in items if isinstance(item, ast.Constant) and isinstance(item.value, str)}
+            if strings:
+                found[node.targets[0].id] = strings
+    return found
+
+
+class TRLAttributes(ast.NodeVisitor):
+    """The attribute names a module reads or writes on a trainer and on TRL's vLLM generation: `trainer.x`,
+    `getattr(trainer, "x")`, and `getattr(trainer, name)` for each name of a module constant a loop walks."""
+
+    def __init__(self, tree: ast.Module):
+        self.trainer: set[str] = set()
+        self.generation: set[str] = set()
+        self._in_trainer_class = False
+        self._constants = string_constants(tree)
+        self._loops = {}  # loop variable -> the module constants it walks
+        for node in ast.walk(tree):
+            for loop in getattr(node, "generators", []) + ([node] if isinstance(node, ast.For) else []):
+                if isinstance(loop.target, ast.Name) and isinstance(loop.iter, ast.Name):
+                    self._loops.setdefault(loop.target.id, set()).add(loop.iter.id)
+        self.visit(tree)
+
+    def owner(self, node: ast.expr) -> set[str] | None:
+        if isinstance(node, ast.Name):
+            if node.id in TRAINER_NAMES or (node.id == "self" and self._in_trainer_class):
+                return self.trainer
+            return self.generation if node.id in GENERATION_NAMES else None
+        if isinstance(node, ast.Attribute):
+            return {"trainer": self.trainer, "vllm_generation": self.generation}.get(node.attr)
+        return None
+
+    def visit_ClassDef(self, node: ast.ClassDef) -> None:
+        outer = self._in_trainer_class
+        self._in_trainer_class = any(isinstance(base, ast.Name) and base.id in TRAINER_CLASSES for base in node.bases)
+        self.generic_visit(node)
+        self._in_trainer_class = outer
+
+    def visit_Attribute(self, node: ast.Attribute) -> None:
+        owner = self.owner(node.value)
+        if owner is not None:
+            owner.add(node.attr)
+        self.generic_visit(node)
+
+    def visit_Call(self, node: ast.Call) -> None:
+        accessors = ("getattr", "setattr", "hasattr", "delattr")
+        if isinstance(node.func, ast.Name) and node.func.id in accessors and len(node.args) >= 2:
+            owner, name = self.owner(node.args[0]), node.args[1]
+            if owner is not None and isinstance(name, ast.Constant):
+                owner.add(name.value)
+            elif owner is not None and isinstance(name, ast.Name):
+                for constant in self._loops.get(name.id, ()):
+                    owner.update(self._constants.get(constant, ()))
+        self.generic_visit(node)
+
+
+def trl_attributes_to_list() -> tuple[set[str], set[str]]:
+    """What `trl_private` must name, by its rule: on the trainer, what GRPOTrainer (or TRL's BaseTrainer) sets beyond
+    its constructor's arguments kept under their names, and what transformers' Trainer sets privately; on TRL's vLLM
+    generation, everything (TRL builds it for itself)."""
+    grpo = set().union(*(set_on_self(cls) for cls in GRPOTrainer.__mro__ if cls.__module__.startswith("trl.")))
+    trainer = set_on_self(transformers.Trainer)
+    arguments = set(inspect.signature(GRPOTrainer.__init__).parameters)
+    documented = {name for name in trainer if not private(name)} | (arguments & grpo)
+    generation = set_on_self(VLLMGeneration) | set(dir(VLLMGeneration))
+    on_trainer, on_generation = set(), set()
+    for path in library_modules():
+        found = TRLAttributes(ast.parse(path.read_text()))
+        on_trainer |= {name for name in found.trainer if name in grpo or (name in trainer and private(name))}
+        on_generation |= found.generation & generation
+    return on_trainer - documented, on_generation
+
+
+def test_trl_private_lists_every_attribute_of_trl_objects_the_code_uses():
+    """Every attribute of TRL's trainer or vLLM generation the library reads or writes that TRL does not document is
+    listed in `trl_private` (its docstring states the rule), found by reading the code; and each listed one is used."""
+    on_trainer, on_generation = trl_attributes_to_list()
+    listed_trainer = {*trl_private.TRAINER_ATTRIBUTES, *trl_private.VLLM_TRAINER_ATTRIBUTES}
+    listed_generation = {*trl_private.VLLM_GENERATION_ATTRIBUTES, *trl_private.VLLM_GENERATION_METHODS}
+    unlisted = sorted(f"trainer.{name}" for name in on_trainer - listed_trainer)
+    unlisted += sorted(f"vllm_generation.{name}" for name in on_generation - listed_generation)
+    assert not unlisted, f"attributes of TRL's objects used but not listed in trl_bapo.trl_private: {unlisted}"
+    unused = sorted(listed_trainer - on_trainer) + sorted(listed_generation - on_generation)
+    assert not unused, f"listed in trl_bapo.trl_private but no longer used: {unused}"
