@@ -94,14 +94,18 @@ def schedules(draw) -> dict:
 
 
 @st.composite
-def bapo_settings(draw, overlap: bool = False) -> dict:
+def bapo_settings(draw, overlap: bool | None = None) -> dict:
+    """BAPO's settings; `overlap` None draws it too (it needs per-step seeds and a delay above 1)."""
     delay = draw(st.integers(2 if overlap else 1, 3))
+    if overlap is None:
+        overlap = delay > 1 and draw(st.booleans())
     return dict(
         **draw(schedules()),
         rollout_delay=delay,
         reevaluation_interval=draw(st.integers(1, 3)),
         use_difficult_replay=draw(st.booleans()),
         use_high_quality_replay=draw(st.booleans()),
+        overlap_rollout=overlap,
         rollout_sampling_seed="per_step" if overlap else draw(st.sampled_from(["global", "per_step"])),
         loss_type=draw(st.sampled_from(["bnpo", "grpo", "dr_grpo", "dapo", "cispo", "sapo", "opmd"])),
         learning_rate=1e-2,
@@ -167,9 +171,8 @@ def check_overlap(model: str, config: dict, reward: str, max_steps: int) -> None
         runs = {}
         for overlap in (False, True):
             rewards = Rewards(reward)
-            trainer = bapo_run(
-                model, f"{folder}/{overlap}", rewards, max_steps=max_steps, overlap_rollout=overlap, **config
-            )
+            settings = {**config, "overlap_rollout": overlap}
+            trainer = bapo_run(model, f"{folder}/{overlap}", rewards, max_steps=max_steps, **settings)
             trainer.train()
             runs[overlap] = (outcome(trainer, rewards), parameters(trainer.model))
         assert runs[True][0] == runs[False][0]
