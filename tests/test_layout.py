@@ -204,11 +204,12 @@ def test_each_rule_of_algorithm_1_has_one_owner():
 
 
 # How the library names the objects TRL built: a trainer (or the view of one an engine call runs on), and TRL's vLLM
-# generation. `self` is a trainer inside a class deriving from GRPOTrainer; `<anything>.trainer` is the trainer a
-# helper of BAPO holds, `<anything>.vllm_generation` the trainer's vLLM generation.
+# generation. `self` is one of them inside a class deriving from theirs; `<anything>.trainer` is the trainer a helper
+# of BAPO holds, `<anything>.generation` or `.vllm_generation` a vLLM generation.
 TRAINER_NAMES = {"trainer", "seeded", "view"}
-GENERATION_NAMES = {"generation"}
+GENERATION_NAMES = {"generation", "vllm_generation"}
 TRAINER_CLASSES = {"GRPOTrainer", "BAPOTrainer"}
+GENERATION_CLASSES = {"VLLMGeneration"}
 
 
 def set_on_self(cls: type) -> set[str]:
@@ -243,7 +244,7 @@ class TRLAttributes(ast.NodeVisitor):
     def __init__(self, tree: ast.Module):
         self.trainer: set[str] = set()
         self.generation: set[str] = set()
-        self._in_trainer_class = False
+        self._self: set[str] | None = None  # what `self` is in the class being read
         self._constants = string_constants(tree)
         self._loops = {}  # loop variable -> the module constants it walks
         for node in ast.walk(tree):
@@ -253,19 +254,22 @@ class TRLAttributes(ast.NodeVisitor):
         self.visit(tree)
 
     def owner(self, node: ast.expr) -> set[str] | None:
-        if isinstance(node, ast.Name):
-            if node.id in TRAINER_NAMES or (node.id == "self" and self._in_trainer_class):
-                return self.trainer
-            return self.generation if node.id in GENERATION_NAMES else None
-        if isinstance(node, ast.Attribute):
-            return {"trainer": self.trainer, "vllm_generation": self.generation}.get(node.attr)
-        return None
+        name = node.id if isinstance(node, ast.Name) else node.attr if isinstance(node, ast.Attribute) else None
+        if name == "self" and isinstance(node, ast.Name):
+            return self._self
+        if name in TRAINER_NAMES:
+            return self.trainer
+        return self.generation if name in GENERATION_NAMES else None
 
     def visit_ClassDef(self, node: ast.ClassDef) -> None:
-        outer = self._in_trainer_class
-        self._in_trainer_class = any(isinstance(base, ast.Name) and base.id in TRAINER_CLASSES for base in node.bases)
+        outer, bases = self._self, {base.id for base in node.bases if isinstance(base, ast.Name)}
+        self._self = None
+        if bases & TRAINER_CLASSES:
+            self._self = self.trainer
+        elif bases & GENERATION_CLASSES:
+            self._self = self.generation
         self.generic_visit(node)
-        self._in_trainer_class = outer
+        self._self = outer
 
     def visit_Attribute(self, node: ast.Attribute) -> None:
         owner = self.owner(node.value)
