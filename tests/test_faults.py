@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import bapo_logs, make_config, parameters, prompt_dataset
+from accelerate.utils import DistributedType
+from conftest import bapo_logs, end_worker, make_config, parameters, prompt_dataset
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from trl import GRPOTrainer
@@ -256,6 +257,62 @@ def test_a_dataset_is_refused_exactly_when_trl_would_train_it_0_steps(
         assert batches == 0
     else:
         assert batches > 0 and len(run.get_train_dataloader()) == batches
+
+
+class NoServer:
+    """Stands in for TRL's client of the vLLM server (`trl.generation.vllm_client.VLLMClient`) where no server runs: it
+    connects to nothing, takes the weights it is sent, and answers each prompt with completions of its own. TRL's
+    server mode around it (`VLLMGeneration`: the prompts gathered over the processes, the completions broadcast back)
+    is TRL's own."""
+
+    def __init__(self, **connection):
+        pass
+
+    def init_communicator(self, device):
+        pass
+
+    def update_named_params(self, metadata, params):
+        for _ in params:
+            pass
+
+    def reset_prefix_cache(self):
+        pass
+
+    def generate(self, prompts, n, **sampling):
+        completions = [[4 + i % 5] * (1 + i % 3) for i in range(len(prompts) * n)]
+        return {
+            "prompt_ids": prompts,
+            "completion_ids": completions,
+            "logprobs": [[[-1.0]] * len(completion) for completion in completions],
+        }
+
+
+def on_the_server_under_torchrun(model: str, output_dir: str) -> None:
+    """Run by `torchrun` in one process: a process group of one, as on a GPU machine where TRL's server call gathers
+    the prompts over it. A synchronous run trains through TRL's server mode; the overlapped rollout is refused."""
+    from trl.generation import vllm_generation
+
+    vllm_generation.is_vllm_available, vllm_generation.VLLMClient = lambda: True, NoServer
+    server = dict(use_vllm=True, vllm_mode="server", vllm_importance_sampling_correction=False, max_steps=2)
+    run = trainer(model, output_dir, **server)
+    assert run.accelerator.distributed_type == DistributedType.MULTI_CPU and run.accelerator.num_processes == 1
+    run.train()
+    assert run.state.global_step == 2
+    with pytest.raises(ValueError, match=r"the vLLM server in a process group .*torchrun"):
+        trainer(model, output_dir, overlap_rollout=True, rollout_sampling_seed="per_step", **server)
+    end_worker()
+
+
+def test_the_vllm_server_under_torchrun_with_one_process_trains_but_does_not_overlap(tiny_model_path, tmp_path):
+    worker = tmp_path / "worker.py"
+    worker.write_text(
+        f"import sys; sys.path.insert(0, {str(TESTS)!r}); import test_faults as t; "
+        "t.on_the_server_under_torchrun(*sys.argv[1:])\n"
+    )
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1"]
+    command = [*torchrun, str(worker), tiny_model_path, str(tmp_path / "run")]
+    run = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-4000:]
 
 
 def test_the_completion_marker_records_the_step(tiny_model_path, tmp_path):
