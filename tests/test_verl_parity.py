@@ -103,7 +103,7 @@ def decoupled_trainer(tiny_model_path, output_dir, **overrides) -> tuple[BAPOTra
     )
     trainer = BAPOTrainer(
         model=tiny_model_path, reward_funcs=lambda completions, **k: [0.0] * len(completions), args=args,
-        train_dataset=prompt_dataset(["a="]),
+        train_dataset=prompt_dataset(["a="] * 6),  # never trained on; as many rows as a rollout batch's prompts
     )  # fmt: skip
     trainer.model.train()
     trainer.current_gradient_accumulation_steps = args.gradient_accumulation_steps
