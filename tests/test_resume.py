@@ -240,3 +240,15 @@ def test_the_correctness_decision_is_restored_on_resume(tiny_model_path, tmp_pat
     assert straight.bapo_status.correctness.startswith("none")
     assert resumed.bapo_status.correctness == straight.bapo_status.correctness
     assert resumed.bapo_status == straight.bapo_status
+
+
+def test_a_checkpoint_inside_a_rollout_step_refuses_another_schedule(tiny_model_path, tmp_path):
+    """Its untrained micro-batches were cut for steps_per_generation x num_iterations micro-steps: another split
+    cannot take them, and is refused on resume naming both."""
+    reward = _reward(tiny_model_path)
+    first = _trainer(tmp_path / "split", reward, save_strategy="steps", save_steps=1, steps_per_generation=4)
+    first.add_callback(StopAt(1))
+    first.train()
+    resumed = _trainer(tmp_path / "split", reward, steps_per_generation=2)
+    with pytest.raises(ValueError, match=r"inside one of 4 micro-steps .* this run has 2"):
+        resumed.train(resume_from_checkpoint=str(tmp_path / "split" / "checkpoint-1"))

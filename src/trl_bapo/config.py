@@ -482,11 +482,15 @@ class BAPOConfig(GRPOConfig):
         default=False,
         metadata={
             "help": "Generate rollout step t+1 in the background while step t trains, where alpha (frozen for "
-            "rollout_delay steps) is the policy that generates it: the run equals the one without overlap, only "
-            "faster (on the vLLM server its completions do; its weights only up to the engine's log-prob noise). "
+            "rollout_delay steps) is the policy that generates it. With transformers' generate the run is bit-equal "
+            "to the one without overlap (tests/test_overlap.py); on the vLLM server its completions are equal and "
+            "its weights within the engine's log-prob noise (tests/real_vllm/test_server.py). It is faster only "
+            "where generation and training run at once: 0.76 of the time per step on the vLLM CPU server, 1.00 "
+            "with transformers' generate on 2 CPU cores (bench/OVERLAP.md). "
             "Needs rollout_sampling_seed='per_step' and rollout_delay > 1; no prefetch at refresh steps, the last "
             "step, epoch ends or before an evaluation. transformers' generate (on a copy of alpha, which costs "
-            "one model's memory) or a vLLM server, on one process for the server; not with colocated vLLM, PEFT, "
+            "one model's memory) or a vLLM server, on one process for the server; not with colocated vLLM, PEFT on "
+            "transformers' generate, "
             "FSDP, ZeRO-3, tools or environments. See docs/overlap.md."
         },
     )

@@ -192,7 +192,8 @@ def cpu_name() -> str:
 def table(results: dict) -> str:
     lines = [
         "| engine, model | threads | s/step sync | s/step overlap | ratio | ideal ratio (bound) | prefetched steps "
-        "| generation s/step (sync) | waited s/step (overlap) | rest of a step s (sync / overlap) | same weights |",
+        "| generation s/step (sync) | waited s/step (overlap) | rest of a step s (sync / overlap) | final weights: "
+        "float64 sum of all parameters, sync = overlap |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for engine, result in results.items():
