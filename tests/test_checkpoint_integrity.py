@@ -91,3 +91,50 @@ def test_every_file_is_on_disk_before_the_marker_counts(tiny_model_path, tmp_pat
     for folder, unflushed, marker in events:
         assert not unflushed, f"{folder}: not on disk when the marker was written: {sorted(unflushed)}"
         assert marker in flushed and os.path.realpath(folder) in flushed
+
+
+def test_save_total_limit_deletes_older_checkpoints_only_once_the_new_one_is_complete(
+    tiny_model_path, tmp_path, monkeypatch, caplog
+):
+    """Found by review: transformers rotated checkpoints inside its save, before BAPO marked the new one complete;
+    stopped while marking checkpoint-4, the run was left with no complete checkpoint at all."""
+    run = tmp_path / "run"
+    mark = checkpoint_module.mark_complete
+
+    def stopped_while_marking_checkpoint_4(folder, *args):
+        if folder.endswith("checkpoint-4"):
+            raise KeyboardInterrupt
+        mark(folder, *args)
+
+    monkeypatch.setattr("trl_bapo.trainer.mark_complete", stopped_while_marking_checkpoint_4)
+    with pytest.raises(KeyboardInterrupt):
+        saving(tiny_model_path, run, save_total_limit=1).train()
+    assert sorted(path.name for path in run.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
+    monkeypatch.setattr("trl_bapo.trainer.mark_complete", mark)
+    resumed, skipped = resumed_from(tiny_model_path, run, caplog, save_total_limit=1)
+    assert len(skipped) == 1 and "checkpoint-2, not from" in skipped[0], skipped
+    assert resumed.state.global_step == 4 and sorted(p.name for p in run.glob("checkpoint-*")) == ["checkpoint-4"]
+
+
+def test_a_folder_rewritten_by_a_run_on_fewer_processes_keeps_no_state_file_of_the_earlier_run(
+    tiny_model_path, tmp_path
+):
+    """Found by review: the marker went, but an earlier run's `bapo_state_1.pt` stayed beside this run's files, at the
+    same step, for a later resume on two processes to read as its own."""
+    run = tmp_path / "run"
+    saving(tiny_model_path, run).train()
+    stale = run / "checkpoint-2" / "bapo_state_1.pt"
+    stale.write_bytes((run / "checkpoint-2" / "bapo_state_0.pt").read_bytes())
+    saving(tiny_model_path, run, learning_rate=3e-2).train()
+    assert not stale.exists() and (run / "checkpoint-2" / COMPLETE_FILE).exists()
+
+
+@pytest.mark.parametrize("content", ["[]", '{"global_step": null}'])
+def test_a_trainer_state_that_says_no_step_is_skipped(tiny_model_path, tmp_path, straight, caplog, content):
+    """Found by review: valid JSON that is no trainer state counted as usable, and transformers then failed."""
+    run = tmp_path / "run"
+    saving(tiny_model_path, run).train()
+    (run / "checkpoint-4" / "trainer_state.json").write_text(content)
+    resumed, skipped = resumed_from(tiny_model_path, run, caplog)
+    assert len(skipped) == 1 and "trainer_state.json holds no global_step" in skipped[0], skipped
+    assert_same_weights(resumed, straight)

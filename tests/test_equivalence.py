@@ -1,5 +1,6 @@
 """With every BAPO feature off, BAPOTrainer trains exactly as GRPOTrainer does."""
 
+import pytest
 import torch
 from conftest import make_config, parameters
 from trl import GRPOConfig, GRPOTrainer
@@ -89,3 +90,11 @@ def test_bnpo_with_features_off_matches_grpo_with_one_micro_batch_a_rollout(tiny
         torch.testing.assert_close(bapo[name], grpo[name], rtol=0, atol=1e-7, msg=f"{name} differs from GRPO")
     grpo, bapo = _bnpo_weights(tiny_model_path, tmp_path, accumulation=1, steps_per_generation=2)
     assert any(not torch.allclose(bapo[name], grpo[name], rtol=0, atol=1e-7) for name in grpo)
+
+
+def test_a_rollout_step_that_is_not_whole_optimizer_steps_is_refused_with_the_features_off(tmp_path):
+    """BAPO cuts every rollout batch into whole optimizer steps, its features on or off; found by review: with them
+    off, steps_per_generation 3 over gradient_accumulation_steps 2 crashed with an IndexError at the first step,
+    where GRPOTrainer trains. Refused at build instead, as with the features on."""
+    with pytest.raises(ValueError, match=r"steps_per_generation \(3\) must be a multiple of gradient_accumulation"):
+        make_config(tmp_path, rollout_delay=1, **FEATURES_OFF, gradient_accumulation_steps=2, steps_per_generation=3)

@@ -242,13 +242,41 @@ def test_the_correctness_decision_is_restored_on_resume(tiny_model_path, tmp_pat
     assert resumed.bapo_status == straight.bapo_status
 
 
-def test_a_checkpoint_inside_a_rollout_step_refuses_another_schedule(tiny_model_path, tmp_path):
-    """Its untrained micro-batches were cut for steps_per_generation x num_iterations micro-steps: another split
-    cannot take them, and is refused on resume naming both."""
+@pytest.mark.parametrize(
+    "stop, then, now, message",
+    [
+        # Found by review: the same product of 4 micro-steps, so the old check let it through, and the resumed step
+        # trained two micro-batches twice and two never.
+        (
+            1,
+            dict(steps_per_generation=4),
+            dict(steps_per_generation=2, num_iterations=2, per_device_train_batch_size=16),
+            r"inside a rollout step .*steps_per_generation 4 then, 2 now, num_iterations 1 then, 2 now",
+        ),
+        # Found by review: an IndexError inside the step.
+        (
+            3,
+            dict(steps_per_generation=4, per_device_train_batch_size=4),
+            dict(steps_per_generation=4, per_device_train_batch_size=4, gradient_accumulation_steps=1),
+            r"inside a rollout step .*gradient_accumulation_steps 2 then, 1 now",
+        ),
+        # Found by review: at the end of a rollout step, transformers then skipped 2 batches of the data, not 4, and
+        # the first rollout batch's prompts were scored again.
+        (
+            2,
+            dict(steps_per_generation=4, per_device_train_batch_size=4),
+            dict(steps_per_generation=4, per_device_train_batch_size=4, gradient_accumulation_steps=1),
+            r"skips global_step x gradient_accumulation_steps = 2 batches .*after 1 rollout steps of 4",
+        ),
+    ],
+    ids=["same-product", "accumulation-inside", "accumulation-at-the-end"],
+)
+def test_a_resume_under_another_cut_of_a_rollout_step_is_refused(tiny_model_path, tmp_path, stop, then, now, message):
+    """Untrained micro-batches fit only the cut they were made for, and transformers' data skip depends on it."""
     reward = _reward(tiny_model_path)
-    first = _trainer(tmp_path / "split", reward, save_strategy="steps", save_steps=1, steps_per_generation=4)
-    first.add_callback(StopAt(1))
+    first = _trainer(tmp_path / "split", reward, save_strategy="steps", save_steps=1, **then)
+    first.add_callback(StopAt(stop))
     first.train()
-    resumed = _trainer(tmp_path / "split", reward, steps_per_generation=2)
-    with pytest.raises(ValueError, match=r"inside one of 4 micro-steps .* this run has 2"):
-        resumed.train(resume_from_checkpoint=str(tmp_path / "split" / "checkpoint-1"))
+    resumed = _trainer(tmp_path / "split", reward, **now)
+    with pytest.raises(ValueError, match=message):
+        resumed.train(resume_from_checkpoint=str(tmp_path / "split" / f"checkpoint-{stop}"))

@@ -37,7 +37,7 @@ _PLAIN = (str, int, float, bool, bytes, type(None), torch.Tensor)
 logger = logging.get_logger(__name__)
 
 
-def state_file(checkpoint: str, rank: int) -> str:
+def state_file(checkpoint: str, rank: int | str) -> str:
     return os.path.join(checkpoint, f"bapo_state_{rank}.pt")
 
 
@@ -86,10 +86,13 @@ def write_state(path: str, state: dict[str, Any]) -> None:
 
 def unmark(checkpoint: str) -> None:
     """Before a save into `checkpoint` begins: a folder an earlier run had completed loses its marker, so that a save
-    killed half-way, which leaves the two runs' files mixed, is not taken for complete."""
-    marker = os.path.join(checkpoint, COMPLETE_FILE)
-    if os.path.exists(marker):
-        os.remove(marker)
+    killed half-way, which leaves the two runs' files mixed, is not taken for complete; and its BAPO state files, so
+    that one of a process this run does not have (an earlier run on more processes) is not read as this run's."""
+    stale = [os.path.join(checkpoint, COMPLETE_FILE), *glob.glob(state_file(checkpoint, "*"))]
+    found = [path for path in stale if os.path.exists(path)]
+    for path in found:
+        os.remove(path)
+    if found:
         flush_to_disk(checkpoint)
 
 
@@ -113,10 +116,13 @@ def checkpoint_step(checkpoint: str) -> int | None:
     """The optimizer step a checkpoint was written at: its trainer state's, else (none, or one a killed save left
     unreadable) its folder name's."""
     try:
-        return read_json(os.path.join(checkpoint, "trainer_state.json"))["global_step"]
+        step = read_json(os.path.join(checkpoint, "trainer_state.json"))["global_step"]
     except (OSError, ValueError, KeyError, TypeError):
-        suffix = os.path.basename(os.path.normpath(checkpoint)).rsplit("-", 1)[-1]
-        return int(suffix) if suffix.isdigit() else None
+        step = None
+    if isinstance(step, int):
+        return step
+    suffix = os.path.basename(os.path.normpath(checkpoint)).rsplit("-", 1)[-1]
+    return int(suffix) if suffix.isdigit() else None
 
 
 def read_json(path: str) -> Any:
@@ -130,11 +136,13 @@ def unusable_reason(checkpoint: str) -> str | None:
     a file that says where it stands cannot be read."""
     if not os.path.exists(os.path.join(checkpoint, COMPLETE_FILE)):
         return f"it has no {COMPLETE_FILE}, so its save did not finish (stopped or failed mid-save)"
-    for name in (COMPLETE_FILE, "trainer_state.json"):
+    for name, key in ((COMPLETE_FILE, "global_step"), ("trainer_state.json", "global_step")):
         try:
-            read_json(os.path.join(checkpoint, name))
+            content = read_json(os.path.join(checkpoint, name))
         except (OSError, ValueError) as error:
             return f"its {name} cannot be read ({type(error).__name__}: {error})"
+        if not isinstance(content, dict) or not isinstance(content.get(key), int):
+            return f"its {name} holds no {key} (it holds {str(content)[:80]!r})"
     return None
 
 

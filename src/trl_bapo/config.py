@@ -554,7 +554,7 @@ class BAPOConfig(GRPOConfig):
                 "BAPO's delayed rollout policy. Set use_liger_kernel=False."
             )
         # BAPO cuts its batch into whole optimizer steps, each of gradient_accumulation_steps micro-batches.
-        if self.bapo_assembles_batches and self.steps_per_generation % self.gradient_accumulation_steps:
+        if self.steps_per_generation % self.gradient_accumulation_steps:
             raise ValueError(
                 f"steps_per_generation ({self.steps_per_generation}) must be a multiple of "
                 f"gradient_accumulation_steps ({self.gradient_accumulation_steps}): BAPO cuts each assembled batch "

@@ -35,6 +35,7 @@ from typing import Any
 
 import torch
 from accelerate.utils import send_to_device
+from transformers.trainer_utils import rotate_checkpoints
 from transformers.utils import logging
 from trl import GRPOTrainer
 from trl.trainer.utils import (
@@ -368,14 +369,23 @@ class BAPOTrainer(GRPOTrainer):
             self._engine_calls.close()  # no background call outlives the run, however it ends
 
     def _save_checkpoint(self, model, trial):
-        folder = os.path.join(self._get_output_dir(trial=trial), f"checkpoint-{self.state.global_step}")
+        run_dir = self._get_output_dir(trial=trial)
+        folder = os.path.join(run_dir, f"checkpoint-{self.state.global_step}")
         if self.args.should_save:  # an earlier run's complete checkpoint there is about to be rewritten
             unmark(folder)
         self.accelerator.wait_for_everyone()
-        super()._save_checkpoint(model, trial)
+        # transformers 5.25 deletes checkpoints beyond save_total_limit at the end of its save: only once this one is
+        # marked complete, or a save killed before the marker would leave no complete checkpoint at all.
+        limit, self.args.save_total_limit = self.args.save_total_limit, None
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self.args.save_total_limit = limit
         self.accelerator.wait_for_everyone()  # every process's files, and the trainer's, are on disk
         if self.args.should_save:
             mark_complete(folder, self.state.global_step, self.accelerator.num_processes)
+            best = self.state.best_model_checkpoint
+            rotate_checkpoints(run_dir, limit, best_model_checkpoint=best, use_mtime=True)
 
     def _save_optimizer_and_scheduler(self, output_dir):
         super()._save_optimizer_and_scheduler(output_dir)
