@@ -202,3 +202,49 @@ def test_a_patched_forward_is_refused_at_construction(tiny_model_path, tmp_path)
     args = make_config(tmp_path, rollout_delay=3, rollout_sampling_seed="per_step", overlap_rollout=True)
     with pytest.raises(ValueError, match=r"the forward of model\.layers\.0\.mlp is patched"):
         BAPOTrainer(model=model, reward_funcs=LengthParity(), args=args, train_dataset=prompt_dataset(PROMPTS))
+
+
+def model_with_generation_config(tiny_model_path, tmp_path, **settings) -> str:
+    """The tiny model with sampling settings in its own generation_config.json, as some hub models ship them."""
+    import json
+    import shutil
+
+    path = tmp_path / "model-with-generation-config"
+    shutil.copytree(tiny_model_path, path)
+    config = json.loads((path / "generation_config.json").read_text())
+    (path / "generation_config.json").write_text(json.dumps({**config, **settings}))
+    return str(path)
+
+
+class DistinctCompletions:
+    """A 0/1 reward that records how many distinct completions each group of G had."""
+
+    __name__ = "distinct_completions"
+
+    def __init__(self):
+        self.per_group = []
+
+    def __call__(self, completions, **kwargs):
+        for start in range(0, len(completions), 4):
+            self.per_group.append(len(set(completions[start : start + 4])))
+        return [float(len(completion) % 2) for completion in completions]
+
+
+def test_sampling_settings_from_the_models_own_generation_config_are_applied_or_refused(tiny_model_path, tmp_path):
+    """Found by review: transformers fills what TRL leaves unset (min_p, typical_p) from the model's
+    generation_config.json. With the default delay its truncation was never refused, and under per-step seeds the
+    step sampler dropped it silently (4 distinct completions of 4 where the global seed gave 1)."""
+    narrow = model_with_generation_config(tiny_model_path, tmp_path, min_p=0.95)
+    dataset = prompt_dataset(PROMPTS)
+    with pytest.raises(ValueError, match=r"model's generation_config sets min_p=0.95, .*delayed or replayed"):
+        BAPOTrainer(narrow, DistinctCompletions(), make_config(tmp_path / "stale"), train_dataset=dataset)
+    fresh = dict(rollout_delay=1, use_high_quality_replay=False, max_steps=2)
+    for seeds in ("global", "per_step"):
+        reward = DistinctCompletions()
+        args = make_config(tmp_path / seeds, rollout_sampling_seed=seeds, **fresh)
+        BAPOTrainer(narrow, reward, args, train_dataset=dataset).train()
+        assert set(reward.per_group) == {1}, (seeds, reward.per_group)  # min_p=0.95 leaves one token to sample
+    typical = model_with_generation_config(tiny_model_path, tmp_path / "typical", typical_p=0.2)
+    args = make_config(tmp_path / "typical-run", rollout_sampling_seed="per_step", **fresh)
+    with pytest.raises(ValueError, match=r"the model generation_config.json\['typical_p'\]=0.2 is not applied"):
+        BAPOTrainer(typical, DistinctCompletions(), args, train_dataset=dataset)

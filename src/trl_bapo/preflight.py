@@ -11,6 +11,8 @@ from typing import Any
 
 from trl import GRPOConfig, GRPOTrainer
 
+from trl_bapo.sampling import model_sampling
+
 
 def constructor_arguments(*args: Any, **kwargs: Any) -> dict[str, Any]:
     """GRPOTrainer's constructor arguments by name, however they were passed (trl 1.16.0's signature)."""
@@ -64,6 +66,17 @@ def check_trainer(trainer) -> None:
             "parameters do not expose. Use FSDP2 (fsdp_version: 2 in the accelerate config) or rollout_delay=1."
         )
     check_rollout_batch_fits(trainer.train_dataset, args, trainer.accelerator.num_processes)
+    from_model = model_sampling(trainer)
+    if from_model and (args.rollout_delay > 1 or args.use_high_quality_replay):
+        settings = ", ".join(f"{key}={value!r}" for key, value in from_model.items())
+        raise ValueError(
+            f"The model's generation_config sets {settings}, which transformers' generate applies to every rollout "
+            "where TRL leaves the setting unset: generation samples from a truncated or penalised distribution, but "
+            "the behavior log-probs BAPO's importance ratio divides by (eq. 3) are the temperature-scaled softmax, so "
+            "every delayed or replayed sample would be weighted wrongly. Clear them before training "
+            "(model.generation_config.<name> = None, or remove them from generation_config.json), or train on fresh "
+            "samples of the current policy only (rollout_delay=1, use_high_quality_replay=False)."
+        )
     if args.dynamic_sampling and not hasattr(trainer.train_dataset, "__getitem__"):
         raise ValueError(
             "dynamic_sampling draws extra prompts by index and needs a map-style train dataset; pass a "

@@ -25,6 +25,7 @@ import itertools
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
@@ -144,21 +145,45 @@ def warpers(generation_kwargs: dict) -> LogitsProcessorList:
     return found
 
 
+# Values of sampling settings that change nothing, as transformers' `_get_logits_processor` skips them.
+NEUTRAL = {"top_p": 1.0, "top_k": 0, "min_p": 0.0, "typical_p": 1.0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0}
+MODEL_FILLED = ("top_k", "top_p", "min_p", "typical_p", "epsilon_cutoff", "eta_cutoff", "top_h", "repetition_penalty")
+
+
+def model_sampling(trainer: GRPOTrainer) -> dict[str, Any]:
+    """The sampling settings transformers' generate takes from the model's own `generation_config.json` because TRL
+    leaves them unset (None; trl 1.16.0 leaves `min_p` unset by default and never sets `typical_p`): they apply to
+    every rollout on transformers' generate, where no config field shows them."""
+    if trainer.use_vllm:
+        return {}
+    model_config = getattr(trainer.accelerator.unwrap_model(trainer.model), "generation_config", None)
+    filled = {}
+    for key in MODEL_FILLED:
+        value = getattr(model_config, key, None)
+        if trainer.generation_kwargs.get(key) is None and value is not None and value != NEUTRAL.get(key, 1.0):
+            filled[key] = value
+    return filled
+
+
 def check_step_sampling(trainer: GRPOTrainer) -> None:
     """Refuses, with per-step seeds on transformers' generate, the generation settings the step sampler would drop:
     whatever makes generate decode otherwise than by sampling, and the warpers it does not apply. vLLM applies its
     settings itself."""
     if trainer.args.rollout_sampling_seed != "per_step" or trainer.use_vllm:
         return
-    kwargs = trainer.generation_kwargs  # TRL's, with the config's generation_kwargs over them
+    from_model = model_sampling(trainer)
+    kwargs = {**trainer.generation_kwargs, **from_model}  # TRL's, the config's over them, the model's where unset
     dropped = [
-        f"generation_kwargs[{key!r}]={kwargs[key]!r}" for key, drops in UNAPPLIED.items() if drops(kwargs.get(key))
+        f"{'the model generation_config.json' if key in from_model else 'generation_kwargs'}[{key!r}]={kwargs[key]!r}"
+        for key, drops in UNAPPLIED.items()
+        if drops(kwargs.get(key))
     ]
     if dropped:
         raise ValueError(
             f"{', '.join(dropped)} is not applied with rollout_sampling_seed='per_step', whose sampler draws each "
-            "token after temperature, top_k, top_p and min_p only. Remove it from generation_kwargs, or set "
-            "rollout_sampling_seed='global' (which also rules out overlap_rollout)."
+            "token after temperature, top_k, top_p and min_p only. Remove it from generation_kwargs (or from the "
+            "model's generation_config), or set rollout_sampling_seed='global' (which also rules out "
+            "overlap_rollout)."
         )
     mode = trainer.generation_config.get_generation_mode()
     if mode != GenerationMode.SAMPLE:
@@ -195,7 +220,9 @@ def engine_view(trainer: GRPOTrainer, seed: int, global_step: int, model: torch.
         view.vllm_generation.generation_kwargs = {**trainer.vllm_generation.generation_kwargs, "seed": seed}
         return view
     view.model_wrapped = model
-    sampling = {key: trainer.generation_kwargs.get(key) for key in ("temperature", "top_k", "top_p", "min_p")}
+    # What transformers' sampling would apply: TRL's settings, and the model's own where TRL leaves them unset.
+    effective = {**trainer.generation_kwargs, **model_sampling(trainer)}
+    sampling = {key: effective.get(key) for key in ("temperature", "top_k", "top_p", "min_p")}
     greedy = {**trainer.generation_kwargs, "do_sample": False, **dict.fromkeys(sampling)}
     view.generation_kwargs = greedy
     view.generation_config = GenerationConfig(**greedy, disable_compile=True)
