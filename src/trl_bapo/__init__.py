@@ -4,4 +4,4 @@ from trl_bapo.config import BAPOConfig
 from trl_bapo.trainer import BAPOTrainer
 
 __all__ = ["BAPOConfig", "BAPOTrainer"]
-__version__ = "0.5.0"
+__version__ = "0.6.0"
