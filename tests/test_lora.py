@@ -1,5 +1,6 @@
 """LoRA through peft: adapters train, the rollout snapshot holds only adapter weights, the adapter loads back."""
 
+import pytest
 import torch
 from conftest import ScriptedReward, bapo_logs, make_config, prompt_dataset
 from peft import LoraConfig, PeftModel
@@ -44,4 +45,18 @@ def test_lora_trains_adapters_and_snapshots_only_them(tiny_model_path, tmp_path)
     with torch.no_grad():
         assert not torch.allclose(
             reloaded(input_ids=ids).logits, load_tiny_model(tiny_model_path)(input_ids=ids).logits
+        )
+
+
+def test_overlap_with_lora_on_transformers_generate_is_refused(tiny_model_path, tmp_path):
+    """The replica of alpha that transformers' generate runs on in the background is built for full models; with a
+    vLLM server the background call names alpha's adapter instead (tests/real_vllm/test_server.py)."""
+    args = make_config(tmp_path, rollout_delay=3, rollout_sampling_seed="per_step", overlap_rollout=True)
+    with pytest.raises(ValueError, match="a PEFT model on transformers' generate"):
+        BAPOTrainer(
+            model=tiny_model_path,
+            reward_funcs=ScriptedReward({"1a=": [1]}),
+            args=args,
+            train_dataset=prompt_dataset(["1a="] * 4),
+            peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"),
         )

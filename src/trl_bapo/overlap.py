@@ -7,6 +7,8 @@ ahead from the train dataloader's own iterator (the batches transformers will ha
 tokenized on the main thread, and generated on a replica of alpha (transformers' generate) or by the vLLM server.
 Everything that depends on the update (rewards, scoring, log-probs, re-evaluation, the buffers, metrics) stays on the
 main thread, in the synchronous order: step t+1 takes the prefetched completions in place of its own engine call.
+With a PEFT model the server generates with alpha's adapter, which it already holds (`trl_bapo.lora_sync`): the
+background call only names it.
 
 The background call gets what it needs as explicit inputs (`trl_bapo.sampling.engine_view`): its own frozen state at
 the step the synchronous run would generate at, its seed and sampling settings, and the replica; it holds nothing
@@ -157,8 +159,9 @@ class EngineCalls:
         # The step the synchronous run generates at: its seed, and the state the call sees.
         step = trainer.state.global_step + updates
         seed = self.seeds.first(t + 1, step)
-        view = engine_view(trainer, seed, step, None if trainer.use_vllm else self._alpha_replica())
+        # The engine gets alpha first: on a server that loads adapters, the view copies the name of the one it names.
         trainer._engine.alpha(trainer.accelerator.unwrap_model(trainer.model), t + 1, refreshed=False)
+        view = engine_view(trainer, seed, step, None if trainer.use_vllm else self._alpha_replica())
         self._executor = self._executor or ThreadPoolExecutor(max_workers=1, thread_name_prefix="bapo-prefetch")
         call = (view, prompt_ids, images, multimodal_fields, trainer.num_generations, torch.get_num_threads())
         self._pending = ((seed, prompt_ids), self._executor.submit(_timed_call, *call))
@@ -254,7 +257,7 @@ def check_forwards(model: torch.nn.Module) -> None:
 def check_overlap(trainer) -> None:
     """Refuses `overlap_rollout` where the background call could not equal the synchronous one, and per-step seeds
     where the engine call is not TRL's or would drop a sampling setting (`trl_bapo.sampling.check_step_sampling`)."""
-    from accelerate.utils import is_peft_model
+    from accelerate.utils import DistributedType, is_peft_model
 
     if trainer.rollout_func is not None and trainer.args.rollout_sampling_seed == "per_step":
         raise ValueError(
@@ -264,11 +267,17 @@ def check_overlap(trainer) -> None:
     check_step_sampling(trainer)
     if not trainer.args.overlap_rollout:
         return
+    # With vLLM nothing is copied: the server holds alpha (its adapter, or the merged weights TRL's sync sent).
+    peft_generate = is_peft_model(trainer.model) and not trainer.use_vllm
     reasons = {
-        "a PEFT model (the replica of alpha is built for full models)": is_peft_model(trainer.model),
+        "a PEFT model on transformers' generate (the replica of alpha is built for full models)": peft_generate,
         "FSDP or ZeRO-3 (generation is a collective over every process's shards)": trainer._sharded,
-        "the vLLM server on several processes (its call gathers prompts across processes)": trainer.use_vllm
-        and trainer.accelerator.num_processes > 1,
+        # TRL's server call gathers the prompts and broadcasts the completions over the process group, collectives
+        # the training step also runs (its gradients' all-reduce); torchrun makes one even for a single process.
+        "the vLLM server in a process group (several processes, or one under torchrun or a DDP, DeepSpeed or FSDP "
+        "launch: its call gathers the prompts over the group; start a single process with `python` or `accelerate "
+        "launch --num_processes 1` instead)": trainer.use_vllm
+        and trainer.accelerator.distributed_type != DistributedType.NO,
         "tools or environments (each batch's environment state is set when it is scored)": bool(trainer.tools)
         or trainer.environment_factories is not None,
         "a rollout_func": trainer.rollout_func is not None,

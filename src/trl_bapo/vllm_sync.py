@@ -13,7 +13,9 @@ in the reload, so the reload does not process it again, and on those processors 
 with the copy packed from the weights it was first loaded with. It is processed again after the reload.
 
 TRL's sync stays where it is the right one: in server mode the weights go to the server over NCCL, and with sleep mode
-(CUDA only, where weights keep their layout) TRL wakes the engine's weights up before it loads them.
+(CUDA only, where weights keep their layout) TRL wakes the engine's weights up before it loads them. With a PEFT model
+and a server that serves LoRA, no weights are sent at all: the server loads adapters by file, and each generation
+names the one it uses (`trl_bapo.lora_sync`).
 """
 
 from __future__ import annotations
@@ -23,27 +25,43 @@ from collections.abc import Iterator
 import torch
 from trl.generation.vllm_generation import VLLMGeneration
 
+from trl_bapo.lora_sync import ServerAdapters
+
 
 class EngineWeights:
-    """Which weights TRL's vLLM engine holds, and when it gets new ones. Rollouts generate with alpha: the engine
-    gets it on refresh steps (line 5 of Algorithm 1) and wherever it lost it (the first step of a (re)started
+    """Which weights TRL's vLLM engine generates with, and when it gets new ones. Rollouts generate with alpha: the
+    engine gets it on refresh steps (line 5 of Algorithm 1) and wherever it lost it (the first step of a (re)started
     engine, after a re-evaluation off the refresh schedule, after an evaluation). Re-evaluation, evaluation and prompt
-    tracking generate with the current weights. TRL's engine call would sync whenever the optimizer has stepped
-    (`_last_loaded_step`); BAPO tells it the engine is up to date. With per-step seeds the call runs on an
-    `engine_view` (`trl_bapo.sampling`), whose state is frozen at its step and whose `_last_loaded_step` is that step,
-    so it never syncs, a background call whose optimizer step ended before it started included."""
+    tracking generate with the current weights. On a server that loads adapters (`adapters`), the engine loses
+    nothing: alpha's adapter and the current weights' are loaded when first needed, and each generation names its
+    own. TRL's engine call would sync whenever the optimizer has stepped (`_last_loaded_step`); BAPO tells it the
+    engine is up to date. With per-step seeds the call runs on an `engine_view` (`trl_bapo.sampling`), whose state is
+    frozen at its step and whose `_last_loaded_step` is that step, so it never syncs, a background call whose
+    optimizer step ended before it started included; its sampling settings, the adapter's name among them, are
+    copied when it is made."""
 
     def __init__(self, trainer):
         self.trainer = trainer
         self.holds_alpha = False  # a (re)started engine holds the base model
+        generation = getattr(trainer, "vllm_generation", None)
+        self.adapters = (
+            ServerAdapters(generation, trainer.args.output_dir) if getattr(generation, "adapter_sync", False) else None
+        )
 
     def alpha(self, policy: torch.nn.Module, t: int, refreshed: bool) -> None:
         """Before rollout step t's generation (nothing to do without vLLM)."""
         trainer = self.trainer
         if not trainer.use_vllm:
             return
-        if refreshed or not self.holds_alpha:
-            with trainer._bapo.snapshot.applied(policy, t):
+        snapshot = trainer._bapo.snapshot
+        if self.adapters is not None:
+            name = f"bapo-alpha-t{snapshot.step}"  # loaded at its refresh, or at a resumed run's first rollout step
+            if not self.adapters.holds(name):
+                with snapshot.applied(policy, t):
+                    self.adapters.load("alpha", name, policy)
+            self.adapters.select(name)
+        elif refreshed or not self.holds_alpha:
+            with snapshot.applied(policy, t):
                 send_weights(trainer.vllm_generation)
             self.holds_alpha = True
         trainer._last_loaded_step = trainer.state.global_step
@@ -52,7 +70,17 @@ class EngineWeights:
         """Before a generation with the current weights; `alpha_is_current` where alpha equals them (refreshed at
         this rollout step, before any update)."""
         trainer = self.trainer
-        if not trainer.use_vllm or (self.holds_alpha and alpha_is_current):
+        if not trainer.use_vllm:
+            return
+        if self.adapters is not None:
+            if not alpha_is_current:  # else alpha's adapter, which this rollout step's generation named, serves
+                name = f"bapo-current-s{trainer.state.global_step}"
+                if not self.adapters.holds(name):
+                    self.adapters.load("current", name, trainer.accelerator.unwrap_model(trainer.model))
+                self.adapters.select(name)
+            trainer._last_loaded_step = trainer.state.global_step
+            return
+        if self.holds_alpha and alpha_is_current:
             return
         if self.holds_alpha or trainer._last_loaded_step != trainer.state.global_step:
             send_weights(trainer.vllm_generation)

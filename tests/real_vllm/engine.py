@@ -29,6 +29,9 @@ from trl_bapo.builtin.tiny import build_tiny_model, load_tiny_model
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB of KV cache per engine
 
 COLOCATE = dict(use_vllm=True, vllm_mode="colocate", vllm_gpu_memory_utilization=0.3, vllm_max_model_length=64)
+# The server tests' adapter. A and B are random (PEFT's default starts B at zero), so every adapter, the first alpha's
+# included, moves the log-probs away from the base model's, and a generation that ignored it would show.
+LORA = dict(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False, task_type="CAUSAL_LM")
 # Largest |engine - reference| log-prob of a sampled token when both hold the same weights: the engine computes in
 # bfloat16, `completion_logps` in float32. Measured on this model over the tests' rollouts: at most 0.025 (the
 # trainer's own bfloat16-autocast measure: at most 0.021), while the current policy, moved by the tests' learning
