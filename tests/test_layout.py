@@ -268,6 +268,8 @@ class TRLAttributes(ast.NodeVisitor):
             self._self = self.trainer
         elif bases & GENERATION_CLASSES:
             self._self = self.generation
+            # The methods it defines that TRL's generation has are TRL's, overridden.
+            self.generation.update(item.name for item in node.body if isinstance(item, ast.FunctionDef))
         self.generic_visit(node)
         self._self = outer
 

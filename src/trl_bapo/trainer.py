@@ -12,7 +12,8 @@ against trl 1.16.0 and transformers 5.23; the private parts of TRL it touches ar
 - `_save_checkpoint` / `train`: a checkpoint is marked complete once every file is on disk, and
   `resume_from_checkpoint=True` resumes from the newest complete one;
 - `__init__`: with `kl_reference="behavior"`, keeps TRL from building a reference model that KL never reads
-  (`trl_bapo.kl`, where beta's meaning is decided).
+  (`trl_bapo.kl`, where beta's meaning is decided); in server mode, has TRL build BAPO's vLLM generation, which
+  connects without NCCL where a PEFT model's adapter goes to the server by file (`trl_bapo.lora_sync`).
 - `_generate_single_turn` / `get_batch_samples`: the engine call, with per-step seeds or taken from the background
   call that generated it while the step before trained (`trl_bapo.overlap`), which reads prompts ahead through
   transformers' read of the train dataloader.
@@ -53,6 +54,7 @@ from trl_bapo.correction import IMPORTANCE_WEIGHT, SOURCE, gathered_weight_metri
 from trl_bapo.distributed import local_rows, local_share, shared_permutation
 from trl_bapo.frozen_step import FrozenStep
 from trl_bapo.kl import behavior_kl, no_reference_model, reference_kl_off
+from trl_bapo.lora_sync import server_generation
 from trl_bapo.losses import LOSSES, own_loss
 from trl_bapo.overlap import EngineCalls, check_overlap
 from trl_bapo.preflight import check_datasets, check_output_dir, check_trainer, constructor_arguments
@@ -116,7 +118,7 @@ class BAPOTrainer(GRPOTrainer):
         given = constructor_arguments(model, reward_funcs, args, *more, **kwargs)
         check_datasets(given.get("train_dataset"), given.get("eval_dataset"), given.get("environment_factory"))
         check_output_dir(args.output_dir)
-        with no_reference_model(args):
+        with no_reference_model(args), server_generation(args):
             super().__init__(model, reward_funcs, args, *more, **kwargs)
         self.beta = args.beta
         check_trainer(self)

@@ -77,7 +77,18 @@ VLLM_GENERATION_ATTRIBUTES = {
     "mode": "server or colocate: how vllm_sync.py sends the weights",
     "enable_sleep_mode": "with sleep mode TRL's own sync wakes the weights up before loading them (vllm_sync.py)",
     "llm": "the colocated engine: the weights' reload runs in its workers (vllm_sync.py)",
-    "generation_kwargs": "the engine's sampling settings: a per-step seed is added to a copy (sampling.py)",
+    "generation_kwargs": "the engine's sampling settings: a per-step seed is added to a copy (sampling.py), the "
+    "adapter a server request names is set in them (lora_sync.py)",
+    "vllm_client": "TRL's client of the server: its address, its settings and the prefix-cache reset (lora_sync.py)",
+    "model": "the model TRL generates for: a PEFT model's adapter may go to the server by file (lora_sync.py)",
+    "accelerator": "the main process talks to the server; the device says whether NCCL can run (lora_sync.py)",
+    "processing_class": "a processor means image prompts, which TRL sends to the base model by name (lora_sync.py)",
+    "_dist": "whether ZeRO-3 partitions the adapter, which TRL's adapter save does not gather (lora_sync.py)",
+    "server_base_url": "where the server is, read to connect as TRL's `_init_vllm` does (lora_sync.py)",
+    "server_host": "where the server is, read to connect as TRL's `_init_vllm` does (lora_sync.py)",
+    "server_port": "where the server is, read to connect as TRL's `_init_vllm` does (lora_sync.py)",
+    "group_port": "TRL's client takes it, read to connect as TRL's `_init_vllm` does (lora_sync.py)",
+    "server_timeout": "how long to wait for the server, read to connect as TRL's `_init_vllm` does (lora_sync.py)",
 }
 
 # Class attributes of TRL's BaseTrainer that BAPOTrainer sets: what the model card writes.
@@ -99,4 +110,5 @@ FUNCTIONS = {
 VLLM_GENERATION_METHODS = {
     "_iter_named_params": "TRL's walk over the weights, gathered and merged (vllm_sync.py)",
     "sync_weights": "TRL's sync, used in server mode and with sleep mode (vllm_sync.py)",
+    "_init_vllm": "overridden: in server mode, connects without NCCL where a PEFT adapter goes by file (lora_sync.py)",
 }
