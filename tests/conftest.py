@@ -105,25 +105,27 @@ def batch_completion_logps(model, inputs: dict) -> torch.Tensor:
     return torch.log_softmax(logits, dim=-1).gather(2, inputs["completion_ids"].unsqueeze(2))[..., 0]
 
 
+# A small CPU run: 4 prompts x 4 completions per rollout step, two micro-batches per step. GRPOConfig takes it too.
+SMALL = dict(
+    per_device_train_batch_size=8,
+    gradient_accumulation_steps=2,
+    num_generations=GROUP_SIZE,
+    max_completion_length=4,
+    max_steps=4,
+    learning_rate=1e-3,
+    logging_steps=1,
+    report_to=[],
+    save_strategy="no",
+    use_cpu=True,
+    seed=0,
+    disable_tqdm=True,
+    shuffle_dataset=False,
+)
+
+
 def make_config(output_dir, **overrides) -> BAPOConfig:
-    """A small CPU config: 4 prompts x 4 completions per rollout step, two micro-batches per step."""
-    settings = dict(
-        output_dir=str(output_dir),
-        per_device_train_batch_size=8,
-        gradient_accumulation_steps=2,
-        num_generations=GROUP_SIZE,
-        max_completion_length=4,
-        max_steps=4,
-        learning_rate=1e-3,
-        logging_steps=1,
-        report_to=[],
-        save_strategy="no",
-        use_cpu=True,
-        seed=0,
-        disable_tqdm=True,
-        shuffle_dataset=False,
-    )
-    return BAPOConfig(**{**settings, **overrides})
+    """`SMALL` as a BAPOConfig writing to `output_dir`."""
+    return BAPOConfig(**{"output_dir": str(output_dir), **SMALL, **overrides})
 
 
 def prompt_dataset(prompts: list[str]) -> Dataset:

@@ -22,7 +22,7 @@ from collections import Counter
 from pathlib import Path
 
 import torch
-from conftest import GROUP_SIZE, StopAt, make_config, parameters, prompt_dataset
+from conftest import SMALL, StopAt, make_config, parameters, prompt_dataset
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from trl import GRPOConfig, GRPOTrainer
@@ -201,22 +201,9 @@ GRPO_TOLERANCE = 1e-7  # README and docs/grpo-differences.md state it
 
 
 def check_grpo(model: str, schedule: dict, reward: str, loss_type: str, beta: float, max_steps: int) -> None:
-    common = dict(
-        **schedule,
-        loss_type=loss_type,
-        beta=beta,
-        max_steps=max_steps,
-        num_generations=GROUP_SIZE,
-        max_completion_length=4,
-        learning_rate=1e-2,
-        shuffle_dataset=True,
-        logging_steps=1,
-        report_to=[],
-        save_strategy="no",
-        use_cpu=True,
-        seed=0,
-        disable_tqdm=True,
-    )
+    # GRPO's default is a shuffled dataset.
+    common = {**SMALL, **schedule, "loss_type": loss_type, "beta": beta, "max_steps": max_steps}
+    common |= {"learning_rate": 1e-2, "shuffle_dataset": True}
     with tempfile.TemporaryDirectory() as folder:
         rewards = Rewards(reward)
         bapo_args = BAPOConfig(f"{folder}/bapo", **FEATURES_OFF, **rewards.config(), **common)
