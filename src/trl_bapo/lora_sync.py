@@ -127,8 +127,15 @@ def adapter_refusal(generation: VLLMGeneration) -> str | None:
     where the server's launch line is wrong for it (`--max-lora-rank`, `--max-loras`)."""
     if isinstance(generation.processing_class, ProcessorMixin):
         return "image prompts go through vLLM's `/inference/v1/generate`, whose request TRL names with the base model."
-    if generation._dist.is_zero3:
-        return "DeepSpeed ZeRO-3 partitions the adapter, and TRL's adapter save gathers FSDP2 shards only."
+    if generation._dist.is_zero3 or generation._dist.fsdp_version == 1:
+        return "DeepSpeed ZeRO-3 and FSDP1 split the adapter, and TRL's adapter save gathers FSDP2 shards only."
+    # What TRL's own check (`validate_lora_for_vllm_sync`) lets through but the adapter file does not carry.
+    config = generation.model.peft_config[generation.model.active_adapter]
+    if getattr(config, "trainable_token_indices", None):
+        return "trainable_token_indices trains embedding rows that the adapter file does not hold."
+    init = getattr(config, "init_lora_weights", True)
+    if isinstance(init, str) and init.split("_")[0] in {"pissa", "olora", "corda", "loftq"}:
+        return f"init_lora_weights={init!r} changes the base weights, which the server's base model does not have."
     info = generation.vllm_client.get_server_info()
     # `max_staleness=-1` asks TRL's check for one adapter slot; BAPO checks its own number of slots below.
     with _logged_by(TRL_ADAPTER_SYNC) as reasons:

@@ -278,8 +278,11 @@ def test_alpha_goes_to_the_server_as_an_adapter_at_each_refresh(server, model_pa
     [
         (dict(use_dora=True), r"as a file, and cannot here: .*DoRA.* NCCL, which needs CUDA"),
         (dict(r=32), r"`--max-lora-rank 16`\. Restart it with `--max-lora-rank 32`"),
+        # Found by review: TRL's check lets these through, and the server would serve another policy than alpha.
+        (dict(trainable_token_indices=[1, 2]), r"cannot here: trainable_token_indices .* NCCL, which needs CUDA"),
+        (dict(init_lora_weights="pissa"), r"cannot here: init_lora_weights='pissa' changes the base weights"),
     ],
-    ids=["dora-needs-cuda", "rank-above-the-servers"],
+    ids=["dora-needs-cuda", "rank-above-the-servers", "trainable-tokens", "pissa"],
 )
 def test_an_adapter_the_server_cannot_take_is_refused_with_its_reason(server, model_path, tmp_path, adapter, refusal):
     """An adapter vLLM cannot serve would fall back to TRL's NCCL transfer, which CPU training cannot use: one error
