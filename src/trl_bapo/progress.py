@@ -42,7 +42,6 @@ def progress_state(trainer) -> dict[str, Any]:
         "micro_step": trainer._step,
         "global_step": trainer.state.global_step,
         "schedule": schedule(trainer),
-        "micro_steps_per_rollout": micro_steps_per_rollout(trainer.args),
         "chunks": list(trainer._buffered_inputs) if inside else None,
         "skipped_updates": list(trainer._skipped_updates) if inside else None,
     }
@@ -74,7 +73,7 @@ def check_schedule(trainer, saved: dict[str, Any]) -> None:
             f"process's untrained micro-batches as they were cut then. {advice}, or from a checkpoint written at the "
             "end of a rollout step."
         )
-    done = saved["micro_step"] // saved["micro_steps_per_rollout"]
+    done = saved["micro_step"] // (then["steps_per_generation"] * then["num_iterations"])
     skipped = saved["global_step"] * trainer.args.gradient_accumulation_steps
     skips_data = not trainer.args.ignore_data_skip
     if saved["chunks"] is None and skips_data and skipped != done * micro_steps_per_rollout(trainer.args):
