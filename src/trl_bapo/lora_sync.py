@@ -6,17 +6,21 @@ are TRL's own, those of its AsyncGRPOTrainer (trl 1.16.0, `trl.experimental.asyn
 This path needs no CUDA, so it also runs against a CPU server, and each refresh sends only the adapter's bytes.
 
 The server serves each adapter under a name, beside the base model. A request picks one by its `model` field, which
-TRL's client takes from the generation's `generation_kwargs`. The names are:
-- `bapo-alpha-t{t}`: alpha, taken at rollout step t. It is loaded when alpha is refreshed (every `rollout_delay`
-  rollout steps, where GRPO would sync at every one) and named by every rollout of its window, prefetched ones
-  included.
-- `bapo-current-s{s}`: the current weights at optimizer step s. It is loaded when re-evaluation, evaluation or
+TRL's client takes from the generation's `generation_kwargs` (so BAPO refuses a `generation_kwargs["model"]` of the
+user's own). The names carry the run's own id, drawn when the trainer is built, so that two runs sharing a server
+never name each other's adapters:
+- `bapo-{run}-alpha-t{t}`: alpha, taken at rollout step t. It is loaded when alpha is refreshed (every
+  `rollout_delay` rollout steps, where GRPO would sync at every one) and named by every rollout of its window,
+  prefetched ones included.
+- `bapo-{run}-current-s{s}`: the current weights at optimizer step s. It is loaded when re-evaluation, evaluation or
   prompt tracking first needs them at s.
 
 When an adapter replaces another of its kind, the old name is unloaded, since no request can name it again. Its
 folder (under `<output_dir>/.vllm_lora/`) is deleted at the next load: vLLM reads an adapter's files again whenever it
-has evicted the adapter from its cache. A name is also unloaded just before it is loaded, because a server that
-outlived an earlier run (one being resumed, say) may still hold it.
+has evicted the adapter from its cache. Before a generation names an adapter, the main process asks the server
+which adapters it holds: a server restarted during the run holds none, and gets the adapter again from its folder,
+with a warning. At the end of training BAPO unloads its adapters; a run that crashed leaves them on the server,
+under names no later run draws.
 
 Only the main process talks to the server. TRL's server mode also generates there, for the prompts of every process.
 Every process writes the adapter, since writing gathers FSDP2 shards, but only the main process writes the files.
@@ -24,13 +28,16 @@ Every process writes the adapter, since writing gathers FSDP2 shards, but only t
 The server needs:
 - `--enable-lora`;
 - a `--max-lora-rank` of at least the adapter's rank;
-- `--max-loras 2` or more (alpha and the current weights);
+- `--max-loras 2` or more (alpha and the current weights); 3 is better: an adapter is loaded before the one it
+  replaces is unloaded, and with 2 slots vLLM evicts the other kind's adapter from its cache, to read it from its
+  folder again at its next request;
 - `VLLM_ALLOW_RUNTIME_LORA_UPDATING=1`, and `VLLM_SERVER_DEV_MODE=1`, which TRL's server mode needs anyway.
 
 Sometimes the adapter cannot go by file:
 - a server without LoRA, a data-parallel server, or an adapter vLLM cannot serve (these are TRL's reasons,
   `select_adapter_sync`);
-- image prompts, which TRL sends to the base model by name;
+- image prompts (a train or eval dataset with an `image` or `images` column), whose requests TRL sends to the base
+  model by name; a batch with images on the adapter path is an error, since it would generate with the base model;
 - ZeRO-3, which TRL's adapter save does not gather.
 
 The weights then go TRL's way, merged over NCCL, which needs CUDA. On a GPU that comes with a warning naming the
@@ -43,15 +50,16 @@ import logging
 import os
 import re
 import shutil
+import uuid
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from types import SimpleNamespace
 from typing import Any
 
+import requests
 from accelerate.utils import broadcast_object_list, is_peft_model
 from torch import nn
-from transformers import ProcessorMixin
 from transformers.utils import logging as transformers_logging
 from trl.generation.vllm_client import VLLMClient
 from trl.generation.vllm_generation import VLLMGeneration
@@ -74,16 +82,28 @@ def _async_grpo():
     return async_grpo_trainer, vllm_client
 
 
+IMAGE_COLUMNS = ("image", "images")  # the columns TRL reads a prompt's images from
+
+
+def has_image_column(*datasets: Any) -> bool:
+    """Whether any of the datasets (a dataset, a dict of them, or None) has a column TRL reads images from."""
+    for dataset in datasets:
+        for one in dataset.values() if isinstance(dataset, dict) else [dataset]:
+            if set(getattr(one, "column_names", None) or ()) & set(IMAGE_COLUMNS):
+                return True
+    return False
+
+
 @contextmanager
-def server_generation(args) -> Iterator[None]:
+def server_generation(args, image_prompts: bool) -> Iterator[None]:
     """Wraps GRPOTrainer's constructor so that, in server mode, TRL builds BAPO's `ServerGeneration` (trl 1.16.0
-    builds `VLLMGeneration` there, under its module's name)."""
+    builds `VLLMGeneration` there, under its module's name); `image_prompts`: whether the datasets hold images."""
     import trl.trainer.grpo_trainer as grpo
 
     if not (args.use_vllm and args.vllm_mode == "server"):
         yield
         return
-    grpo.VLLMGeneration = ServerGeneration
+    grpo.VLLMGeneration = type("ServerGeneration", (ServerGeneration,), {"image_prompts": image_prompts})
     try:
         yield
     finally:
@@ -95,6 +115,7 @@ class ServerGeneration(VLLMGeneration):
     NCCL weight transfer wherever alpha's adapter can go by file (`adapter_sync`)."""
 
     adapter_sync = False
+    image_prompts = False
 
     def _init_vllm(self) -> None:
         if self.mode != "server" or not is_peft_model(self.model):
@@ -118,14 +139,30 @@ class ServerGeneration(VLLMGeneration):
             logger.warning(f"Sending merged weights over NCCL instead of alpha's adapter by file: {refusal}")
             if self.accelerator.is_main_process:
                 self.vllm_client.init_communicator(device=self.accelerator.device)
+        elif "model" in self.generation_kwargs:
+            raise ValueError(
+                f"generation_kwargs['model'] = {self.generation_kwargs['model']!r}: on the vLLM server BAPO names "
+                "alpha's adapter (or the current weights') in each request's `model` field, and would replace yours. "
+                "Remove 'model' from generation_kwargs."
+            )
         # As TRL's own: every process goes on once the main process is done with the server.
         self.accelerator.wait_for_everyone()
+
+    def generate(self, prompts, images, num_generations, profiler=None) -> tuple:
+        if self.adapter_sync and images is not None and any(image is not None for image in images):
+            raise RuntimeError(
+                "A batch of prompts with images reached the vLLM server on BAPO's adapter path, where TRL would "
+                "generate them with the base model instead of alpha's adapter. Name the images in an `image` or "
+                "`images` column of the train and eval datasets, so that BAPO sends merged weights instead (this "
+                "needs CUDA), or train on text prompts."
+            )
+        return super().generate(prompts, images, num_generations, profiler)
 
 
 def adapter_refusal(generation: VLLMGeneration) -> str | None:
     """Why the adapter of `generation.model` cannot go to the server by file, or None if it can. Raises an error
     where the server's launch line is wrong for it (`--max-lora-rank`, `--max-loras`)."""
-    if isinstance(generation.processing_class, ProcessorMixin):
+    if generation.image_prompts:
         return "image prompts go through vLLM's `/inference/v1/generate`, whose request TRL names with the base model."
     if generation._dist.is_zero3 or generation._dist.fsdp_version == 1:
         return "DeepSpeed ZeRO-3 and FSDP1 split the adapter, and TRL's adapter save gathers FSDP2 shards only."
@@ -194,9 +231,15 @@ class ServerAdapters:
         self.loaded: dict[str, str | None] = {"alpha": None, "current": None}
         self._stale: list[str] = []  # folders of unloaded adapters, deleted at the next load
         self._main = generation.accelerator.is_main_process
+        self.run = _on_main_process(generation.accelerator, lambda: uuid.uuid4().hex[:8])
         if self._main:
             self._client = _async_grpo()[1].VLLMClient(generation.vllm_client.base_url)
             shutil.rmtree(self.folder, ignore_errors=True)  # an earlier run's adapters, which nothing names now
+
+    def name(self, kind: str, step: int) -> str:
+        """The server's name for alpha taken at rollout step `step`, or for the current weights at optimizer step
+        `step`."""
+        return f"bapo-{self.run}-alpha-t{step}" if kind == "alpha" else f"bapo-{self.run}-current-s{step}"
 
     def holds(self, name: str) -> bool:
         return name in self.loaded.values()
@@ -212,15 +255,32 @@ class ServerAdapters:
         for folder in self._stale:
             shutil.rmtree(folder, ignore_errors=True)
         self._stale = []
-        self._client.unload_lora_adapter(name)  # a server that outlived an earlier run may hold the name
         self._client.load_lora_adapter(name, path)
         if replaced is not None:
             self._client.unload_lora_adapter(replaced)
             self._stale.append(os.path.join(self.folder, replaced))
-        # vLLM keys cached prefixes by adapter name and path, which a name loaded again (above) keeps.
         self.generation.vllm_client.reset_prefix_cache()
 
     def select(self, name: str) -> None:
-        """Generations from now on name `name`; each engine call's view copies the setting (`engine_view`)."""
+        """Generations from now on name `name`; each engine call's view copies the setting (`engine_view`). A server
+        that no longer holds the adapter (restarted during the run) loads it again from its folder."""
+        if self._main and name not in self._served():
+            logger.warning(
+                f"The vLLM server no longer holds adapter {name!r} (was it restarted?); loading it again from "
+                f"{os.path.join(self.folder, name)}."
+            )
+            self._client.load_lora_adapter(name, os.path.join(self.folder, name))
         # A new dict: TRL's generation shares its first one with the config's `generation_kwargs`.
         self.generation.generation_kwargs = {**self.generation.generation_kwargs, "model": name}
+
+    def close(self) -> None:
+        """Unloads this run's adapters from the server (at the end of training), whose slots no request needs."""
+        if self._main:
+            for name in filter(None, self.loaded.values()):
+                self._client.unload_lora_adapter(name)
+        self.loaded = dict.fromkeys(self.loaded)
+
+    def _served(self) -> set[str]:
+        response = requests.get(f"{self._client.server_url}/v1/models", timeout=self.generation.server_timeout)
+        response.raise_for_status()
+        return {model["id"] for model in response.json()["data"]}

@@ -54,7 +54,7 @@ from trl_bapo.correction import IMPORTANCE_WEIGHT, SOURCE, gathered_weight_metri
 from trl_bapo.distributed import local_rows, local_share, shared_permutation
 from trl_bapo.frozen_step import FrozenStep
 from trl_bapo.kl import behavior_kl, no_reference_model, reference_kl_off
-from trl_bapo.lora_sync import server_generation
+from trl_bapo.lora_sync import has_image_column, server_generation
 from trl_bapo.losses import LOSSES, own_loss
 from trl_bapo.overlap import EngineCalls, check_overlap
 from trl_bapo.preflight import check_datasets, check_output_dir, check_trainer, constructor_arguments
@@ -118,7 +118,8 @@ class BAPOTrainer(GRPOTrainer):
         given = constructor_arguments(model, reward_funcs, args, *more, **kwargs)
         check_datasets(given.get("train_dataset"), given.get("eval_dataset"), given.get("environment_factory"))
         check_output_dir(args.output_dir)
-        with no_reference_model(args), server_generation(args):
+        image_prompts = has_image_column(given.get("train_dataset"), given.get("eval_dataset"))
+        with no_reference_model(args), server_generation(args, image_prompts):
             super().__init__(model, reward_funcs, args, *more, **kwargs)
         self.beta = args.beta
         check_trainer(self)
@@ -366,9 +367,11 @@ class BAPOTrainer(GRPOTrainer):
         if resume_from_checkpoint is True or str(resume_from_checkpoint).lower() == "true":
             resume_from_checkpoint = newest_complete_checkpoint(self.args.output_dir)
         try:
-            return super().train(resume_from_checkpoint, *args, **kwargs)
+            output = super().train(resume_from_checkpoint, *args, **kwargs)
         finally:
             self._engine_calls.close()  # no background call outlives the run, however it ends
+        self._engine.close()
+        return output
 
     def _save_checkpoint(self, model, trial):
         run_dir = self._get_output_dir(trial=trial)

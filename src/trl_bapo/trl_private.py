@@ -82,7 +82,6 @@ VLLM_GENERATION_ATTRIBUTES = {
     "vllm_client": "TRL's client of the server: its address, its settings and the prefix-cache reset (lora_sync.py)",
     "model": "the model TRL generates for: a PEFT model's adapter may go to the server by file (lora_sync.py)",
     "accelerator": "the main process talks to the server; the device says whether NCCL can run (lora_sync.py)",
-    "processing_class": "a processor means image prompts, which TRL sends to the base model by name (lora_sync.py)",
     "_dist": "whether ZeRO-3 partitions the adapter, which TRL's adapter save does not gather (lora_sync.py)",
     "server_base_url": "where the server is, read to connect as TRL's `_init_vllm` does (lora_sync.py)",
     "server_host": "where the server is, read to connect as TRL's `_init_vllm` does (lora_sync.py)",
@@ -111,4 +110,5 @@ VLLM_GENERATION_METHODS = {
     "_iter_named_params": "TRL's walk over the weights, gathered and merged (vllm_sync.py)",
     "sync_weights": "TRL's sync, used in server mode and with sleep mode (vllm_sync.py)",
     "_init_vllm": "overridden: in server mode, connects without NCCL where a PEFT adapter goes by file (lora_sync.py)",
+    "generate": "overridden: refuses image prompts on the adapter path (TRL names the base model) (lora_sync.py)",
 }

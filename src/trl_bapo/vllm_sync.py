@@ -55,7 +55,8 @@ class EngineWeights:
             return
         snapshot = trainer._bapo.snapshot
         if self.adapters is not None:
-            name = f"bapo-alpha-t{snapshot.step}"  # loaded at its refresh, or at a resumed run's first rollout step
+            # Loaded at its refresh, or at a resumed run's first rollout step.
+            name = self.adapters.name("alpha", snapshot.step)
             if not self.adapters.holds(name):
                 with snapshot.applied(policy, t):
                     self.adapters.load("alpha", name, policy)
@@ -74,7 +75,7 @@ class EngineWeights:
             return
         if self.adapters is not None:
             if not alpha_is_current:  # else alpha's adapter, which this rollout step's generation named, serves
-                name = f"bapo-current-s{trainer.state.global_step}"
+                name = self.adapters.name("current", trainer.state.global_step)
                 if not self.adapters.holds(name):
                     self.adapters.load("current", name, trainer.accelerator.unwrap_model(trainer.model))
                 self.adapters.select(name)
@@ -86,6 +87,11 @@ class EngineWeights:
             send_weights(trainer.vllm_generation)
             trainer._last_loaded_step = trainer.state.global_step
             self.holds_alpha = False
+
+    def close(self) -> None:
+        """At the end of training: the server's adapters of this run are unloaded (loaded again if needed later)."""
+        if self.adapters is not None:
+            self.adapters.close()
 
 
 def send_weights(generation: VLLMGeneration) -> None:

@@ -14,6 +14,7 @@ generation happened on the server.
 """
 
 import json
+import logging
 import os
 import re
 import shlex
@@ -191,17 +192,22 @@ def server_logps(url: str, adapter: str, prompt: list[int], completion: list[int
     return torch.tensor([entry[str(token)]["logprob"] for entry, token in zip(scored, completion, strict=True)])
 
 
+def served_models(url: str) -> set[str]:
+    return {card["id"] for card in requests.get(f"{url}/v1/models", timeout=10).json()["data"]}
+
+
 class AlphaOnTheServer(TrainerCallback):
-    """After each optimizer step: the adapter the server serves as alpha, and the log-probs it gives fixed
-    completions under it."""
+    """After each optimizer step: the adapter the server serves as alpha, the log-probs it gives fixed completions
+    under it, and the names the server holds."""
 
     def __init__(self, trainer, url: str, pairs: list[tuple[list[int], list[int]]]):
-        self.trainer, self.url, self.pairs, self.steps = trainer, url, pairs, []
+        self.trainer, self.url, self.pairs, self.steps, self.served = trainer, url, pairs, [], []
 
     def on_step_end(self, args, state, control, **kwargs):
         adapter = self.trainer._engine.adapters.loaded["alpha"]
         logps = torch.cat([server_logps(self.url, adapter, prompt, completion) for prompt, completion in self.pairs])
         self.steps.append((adapter, logps))
+        self.served.append(served_models(self.url))
 
 
 def test_alpha_goes_to_the_server_as_an_adapter_at_each_refresh(server, model_path, tmp_path, monkeypatch):
@@ -247,7 +253,8 @@ def test_alpha_goes_to_the_server_as_an_adapter_at_each_refresh(server, model_pa
     # alpha of rollout step t is the policy after t - 1 optimizer steps (one per rollout step), refreshed at t = 1 (the
     # first step) and 3 (t mod v = 0).
     alpha_of_step = {1: 1, 2: 1, 3: 3, 4: 3}
-    assert [adapter for adapter, _ in on_server.steps] == [f"bapo-alpha-t{alpha_of_step[t]}" for t in range(1, 5)]
+    name = trainer._engine.adapters.name
+    assert [adapter for adapter, _ in on_server.steps] == [name("alpha", alpha_of_step[t]) for t in range(1, 5)]
     for t, (adapter, logps) in enumerate(on_server.steps, start=1):
         alpha = measured(history.after[alpha_of_step[t] - 1])
         assert gap(logps, alpha) <= SERVER_LOGP_TOLERANCE, (t, adapter)
@@ -265,12 +272,12 @@ def test_alpha_goes_to_the_server_as_an_adapter_at_each_refresh(server, model_pa
             assert gap(torch.tensor(logps), expected) <= SERVER_LOGP_TOLERANCE, call["step"]
     assert gap(measured(history.after[0]), base) > 2 * SERVER_LOGP_TOLERANCE  # the first alpha is no base model either
 
-    # Unloaded where replaced (an earlier test on this server leaves neither name loaded); a folder goes one load
-    # after its adapter.
-    served = {card["id"] for card in requests.get(f"{server.url}/v1/models", timeout=10).json()["data"]}
-    assert {"bapo-alpha-t3", "bapo-current-s3"} <= served and not {"bapo-alpha-t1", "bapo-current-s1"} & served
+    # Unloaded where replaced, and the rest at the end of training; a folder goes one load after its adapter.
+    last = on_server.served[-1]
+    assert {name("alpha", 3), name("current", 3)} <= last and not {name("alpha", 1), name("current", 1)} & last
+    assert not any(trainer._engine.adapters.run in served for served in served_models(server.url))
     folders = {path.name for path in (tmp_path / ".vllm_lora").iterdir()}
-    assert folders == {"bapo-alpha-t3", "bapo-current-s3", "bapo-current-s1"}
+    assert folders == {name("alpha", 3), name("current", 3), name("current", 1)}
 
 
 @pytest.mark.parametrize(
@@ -298,6 +305,89 @@ def test_an_adapter_the_server_cannot_take_is_refused_with_its_reason(server, mo
         )
 
 
+class LosesAlpha(TrainerCallback):
+    """After the first optimizer step, unloads alpha's adapter from the server behind the trainer's back: what a
+    server restarted during the run holds of it (nothing), without the minutes a restart takes here."""
+
+    def __init__(self, trainer, url: str):
+        self.trainer, self.url = trainer, url
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == 1:
+            lost = self.trainer._engine.adapters.loaded["alpha"]
+            requests.post(f"{self.url}/v1/unload_lora_adapter", json={"lora_name": lost}, timeout=60)
+            assert lost not in served_models(self.url)
+
+
+def test_a_server_that_lost_alpha_s_adapter_gets_it_again_from_its_file(server, model_path, tmp_path, monkeypatch):
+    """The second rollout step names alpha of t = 1, which the server no longer holds: the main process loads it
+    again from its folder, with a warning, and the step samples from alpha, not from the base model (a request naming
+    an adapter the server lacks would fail)."""
+    monkeypatch.setenv("MASTER_PORT", str(free_port()))
+    args = make_config(
+        tmp_path,
+        max_steps=2,
+        rollout_delay=3,
+        learning_rate=5e-2,
+        use_vllm=True,
+        vllm_mode="server",
+        vllm_server_base_url=server.url,
+    )
+    trainer = BAPOTrainer(
+        model=str(model_path),
+        reward_funcs=ScriptedReward(PLAN),
+        args=args,
+        train_dataset=prompt_dataset(list(PLAN)),
+        peft_config=LoraConfig(**LORA),
+    )
+    engine, history = EngineRecorder(trainer), WeightHistory(trainer)
+    trainer.add_callback(history)
+    trainer.add_callback(LosesAlpha(trainer, server.url))
+    warnings = []
+    handler = logging.Handler()
+    handler.emit = lambda record: warnings.append(record.getMessage())
+    logging.getLogger("trl_bapo.lora_sync").addHandler(handler)
+    try:
+        trainer.train()
+    finally:
+        logging.getLogger("trl_bapo.lora_sync").removeHandler(handler)
+    alpha = trainer._engine.adapters.name("alpha", 1)
+    assert [message for message in warnings if "no longer holds" in message] == [
+        f"The vLLM server no longer holds adapter {alpha!r} (was it restarted?); loading it again from "
+        f"{tmp_path / '.vllm_lora' / alpha}."
+    ]
+    second = engine.calls[-1]
+    assert second["step"] == 1
+    for prompt, completion, logps in zip(second["prompts"], second["completions"], second["logprobs"]):
+        expected = completion_logps(model_path, history.after[0], prompt, completion)
+        assert float((torch.tensor(logps) - expected).abs().max()) <= SERVER_LOGP_TOLERANCE
+
+
+@pytest.mark.parametrize(
+    "setting, refusal",
+    [
+        (dict(generation_kwargs={"model": "my-adapter"}), r"generation_kwargs\['model'\] = 'my-adapter'.*Remove"),
+        (dict(image_column=True), r"cannot here: image prompts .* NCCL, which needs CUDA"),
+    ],
+    ids=["model-in-generation-kwargs", "image-column"],
+)
+def test_what_the_adapter_path_would_override_or_not_serve_is_refused(server, model_path, tmp_path, setting, refusal):
+    """Found by review: a user's own request `model` would be replaced by alpha's adapter name without a word, and a
+    dataset of image prompts would be generated by the base model (TRL names it in image requests)."""
+    dataset = prompt_dataset(list(PLAN))
+    if setting.pop("image_column", False):
+        dataset = dataset.add_column("image", [None] * len(dataset))
+    args = make_config(tmp_path, use_vllm=True, vllm_mode="server", vllm_server_base_url=server.url, **setting)
+    with pytest.raises((RuntimeError, ValueError), match=refusal):
+        BAPOTrainer(
+            model=str(model_path),
+            reward_funcs=ScriptedReward(PLAN),
+            args=args,
+            train_dataset=dataset,
+            peft_config=LoraConfig(**LORA),
+        )
+
+
 def test_two_fsdp2_processes_send_alpha_s_adapter_to_the_server(server, model_path, tmp_path):
     """Under FSDP2 on 2 processes: both take the adapter path (the main process asks the server and tells the
     other), both take part in writing each adapter (which gathers the shards), and only the main process holds a
@@ -321,17 +411,17 @@ def test_two_fsdp2_processes_send_alpha_s_adapter_to_the_server(server, model_pa
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-5000:] + server.log_tail(2000)
 
     ranks = [json.loads((tmp_path / f"rank-{rank}.json").read_text()) for rank in range(2)]
-    expected = ["bapo-alpha-t1", "bapo-current-s1", "bapo-alpha-t3", "bapo-current-s3"]
-    assert ranks[0]["loads"] == ranks[1]["loads"] == expected
+    run = ranks[0]["run"]  # one id for the run, drawn by the main process
+    expected = [f"bapo-{run}-alpha-t1", f"bapo-{run}-current-s1", f"bapo-{run}-alpha-t3", f"bapo-{run}-current-s3"]
+    assert ranks[1]["run"] == run and ranks[0]["loads"] == ranks[1]["loads"] == expected
     assert ranks[0]["logs"] == ranks[1]["logs"]
     assert ranks[0]["sharded"] and ranks[1]["sharded"]
     assert [rank["talks_to_server"] for rank in ranks] == [True, False]
-    saved = load_file(tmp_path / ".vllm_lora" / "bapo-alpha-t3" / "adapter_model.safetensors")
+    saved = load_file(tmp_path / ".vllm_lora" / f"bapo-{run}-alpha-t3" / "adapter_model.safetensors")
     alpha = ranks[0]["alpha_t3"]
     assert set(saved) == set(alpha) and alpha == ranks[1]["alpha_t3"]
     assert all(saved[name].flatten().tolist() == weights for name, weights in alpha.items())
-    served = {card["id"] for card in requests.get(f"{server.url}/v1/models", timeout=10).json()["data"]}
-    assert {"bapo-alpha-t3", "bapo-current-s3"} <= served
+    assert not any(run in name for name in served_models(server.url))  # unloaded at the end of training
 
 
 class Completions:
@@ -358,9 +448,8 @@ def test_an_overlapped_run_on_the_server_equals_the_synchronous_one(server, mode
     log-probs, which enter the loss (TRL's importance weight) and which vLLM's CPU build returns a little differently
     for the same request from one call to the next (first calls after the server starts most): two synchronous runs
     differ by as much. With LoRA the background call names alpha's adapter, which the server holds (refreshed at
-    t = 1 and 3, prefetched for t = 2, 4 and 5), and the three runs load the same adapter names into one server, as
-    a resumed run does into a server that outlived the first: each name is unloaded before it is loaded (vLLM
-    refuses a name it holds). Full weights go to a stand-in."""
+    t = 1 and 3, prefetched for t = 2, 4 and 5), and the three runs share one server, each under its own run id.
+    Full weights go to a stand-in."""
     monkeypatch.setenv("MASTER_PORT", str(free_port()))
     if not lora:
         StandInWeightTransfer(monkeypatch, lambda: 0)

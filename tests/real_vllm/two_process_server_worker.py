@@ -65,6 +65,7 @@ def main(output_dir: str, model_path: str, url: str) -> None:
     trainer.train()
     result = {
         "loads": loads,
+        "run": adapters.run,
         "talks_to_server": hasattr(adapters, "_client"),
         "sharded": trainer.is_fsdp_enabled,
         "alpha_t3": alpha.weights,
