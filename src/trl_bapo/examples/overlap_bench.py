@@ -1,12 +1,16 @@
 """`make bench-overlap`: seconds per step with and without `overlap_rollout`, in one run, with the same seed.
 
-    python -m trl_bapo.examples.overlap_bench --engine hf       # transformers' generate (main environment)
-    python -m trl_bapo.examples.overlap_bench --engine server   # a vLLM CPU server (.venv-vllm)
+    python -m trl_bapo.examples.overlap_bench --engine hf              # transformers' generate (main environment)
+    python -m trl_bapo.examples.overlap_bench --engine server          # a vLLM CPU server (.venv-vllm)
+    python -m trl_bapo.examples.overlap_bench --engine server --lora   # the same, training a LoRA adapter
+    python -m trl_bapo.examples.overlap_bench --target-server          # time to GRPO's accuracy, server + LoRA
 
-Both train BAPO (per-step sampling seeds, rollout_delay v = 5) on the embedded default. `hf` generates with
+All train BAPO (per-step sampling seeds, rollout_delay v = 5) on the embedded default. `hf` generates with
 transformers' generate in the trainer's process, both threads on both cores. `server` starts a vLLM server pinned to
-core 0 and trains pinned to core 1 (one thread each); the server keeps the weights it loaded, since TRL sends weights
-to it over NCCL, which needs CUDA: the transfer is a STAND-IN that sends nothing (the timing leaves it out).
+core 0 and trains pinned to core 1 (one thread each). With full weights the server keeps the weights it loaded, since
+TRL sends weights to it over NCCL, which needs CUDA: the transfer is a STAND-IN that sends nothing (the timing leaves
+it out). With `--lora` nothing stands in: alpha's adapter goes to the server by file at each refresh
+(`trl_bapo.lora_sync`), inside the step that needs it, and the bench times each load.
 
 Each setting runs twice, in the order sync, overlap, overlap, sync, and its per-step times are averaged over the two.
 For each engine the bench writes the synchronous and the overlapped run's seconds per step, their ratio, and the
@@ -18,6 +22,7 @@ the table in bench/OVERLAP.md.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -28,6 +33,7 @@ import time
 from pathlib import Path
 
 import torch
+from peft import LoraConfig
 from transformers import PrinterCallback, TrainerCallback
 
 from trl_bapo import BAPOConfig, BAPOTrainer
@@ -35,8 +41,25 @@ from trl_bapo.builtin.embedded import TRAINING, embedded_datasets, embedded_mode
 from trl_bapo.builtin.rewards import load_reward
 from trl_bapo.builtin.tasks import CARRY
 from trl_bapo.builtin.tiny import build_tiny_model
+from trl_bapo.examples.benchmark import (
+    METHODS,
+    OFF,
+    REGIMES,
+    _commit,
+    base_accuracies,
+    run_in_fresh_process,
+    sanity_gate,
+    write_results,
+)
 from trl_bapo.examples.callbacks import quiet_libraries
 
+# --target-server's methods: GRPO as BAPOTrainer with the features off; BAPO with per-step seeds, synchronous and
+# overlapped (METHODS["bapo_overlap"]).
+SERVER_METHODS = {
+    "grpo": OFF,
+    "bapo": dict(rollout_sampling_seed="per_step"),
+    "bapo_overlap": METHODS["bapo_overlap"],
+}
 WARMUP_STEPS = 2  # left out of the means: the first steps pay for one-time setup (the replica, kernels' warm-up)
 
 
@@ -57,8 +80,46 @@ class StepClock(TrainerCallback):
         self._last = now
 
 
+# The adapter the LoRA rows train: every linear layer of the embedded default, rank 8.
+LORA = dict(r=8, lora_alpha=16, target_modules="all-linear", task_type="CAUSAL_LM")
+# --target-server's learning rate: LoRA trains few weights, at a higher rate than the full model's 5e-4.
+LORA_LEARNING_RATE = 2e-3
+
+
+class AdapterClock:
+    """Wall seconds and bytes of each adapter load into the server (write, load, unload of the one replaced)."""
+
+    def __init__(self, trainer):
+        self.loads: list[dict] = []
+        adapters = trainer._engine.adapters
+        load = adapters.load
+
+        def timed_load(kind, name, model):
+            began = time.perf_counter()
+            load(kind, name, model)
+            folder = Path(adapters.folder) / name
+            size = sum(path.stat().st_size for path in folder.iterdir())
+            self.loads.append(
+                {
+                    "kind": kind,
+                    "step": trainer.state.global_step,
+                    "seconds": time.perf_counter() - began,
+                    "bytes": size,
+                }
+            )
+
+        adapters.load = timed_load
+
+
 def run(
-    overlap: bool, engine: str, steps: int, output: Path, server_url: str | None, completion_length: int, model: Path
+    overlap: bool,
+    engine: str,
+    steps: int,
+    output: Path,
+    server_url: str | None,
+    completion_length: int,
+    model: Path,
+    lora: bool = False,
 ) -> dict:
     model_path = model
     train, _ = embedded_datasets()
@@ -68,16 +129,23 @@ def run(
     args = BAPOConfig(
         **{**TRAINING, "max_completion_length": completion_length},
         **engine_settings,
-        output_dir=str(output / f"{engine}-{'overlap' if overlap else 'sync'}"),
+        output_dir=str(output / f"{engine}{'-lora' if lora else ''}-{'overlap' if overlap else 'sync'}"),
         max_steps=steps,
         seed=0,
         rollout_sampling_seed="per_step",
         overlap_rollout=overlap,
     )
-    trainer = BAPOTrainer(model=str(model_path), reward_funcs=load_reward(CARRY), args=args, train_dataset=train)
+    trainer = BAPOTrainer(
+        model=str(model_path),
+        reward_funcs=load_reward(CARRY),
+        args=args,
+        train_dataset=train,
+        peft_config=LoraConfig(**LORA) if lora else None,
+    )
     trainer.remove_callback(PrinterCallback)
     clock = StepClock()
     trainer.add_callback(clock)
+    adapters = AdapterClock(trainer) if lora else None
     trainer.train()
     logs = [entry for entry in trainer.state.log_history if "bapo/prefetched" in entry]
     return {
@@ -87,6 +155,7 @@ def run(
         "generation_wait_seconds": [entry["bapo/generation_wait_seconds"] for entry in logs],
         "prefetched": [entry["bapo/prefetched"] for entry in logs],
         "final_weights_sum": float(sum(param.double().sum() for param in trainer.model.parameters())),
+        "adapter_loads": adapters.loads if adapters else [],
     }
 
 
@@ -96,7 +165,8 @@ def merged(first: dict, second: dict) -> dict:
         key: [(a + b) / 2 for a, b in zip(first[key], second[key])] for key in first if isinstance(first[key], list)
     }
     weights = first["final_weights_sum"] if first["final_weights_sum"] == second["final_weights_sum"] else math.nan
-    return {**mean, "overlap": first["overlap"], "final_weights_sum": weights}
+    loads = first.get("adapter_loads", []) + second.get("adapter_loads", [])
+    return {**mean, "overlap": first["overlap"], "final_weights_sum": weights, "adapter_loads": loads}
 
 
 def summarize(sync: dict, overlapped: dict) -> dict:
@@ -133,12 +203,22 @@ def summarize(sync: dict, overlapped: dict) -> dict:
             overlapped["step_seconds"][i] - overlapped["generation_wait_seconds"][i] for i in kept
         ),
         "same_final_weights": sync["final_weights_sum"] == overlapped["final_weights_sum"],
+        # Alpha's adapter loads (the refreshes) of both settings: seconds each, and bytes written.
+        "transfer_seconds_per_refresh": _mean_load(sync, overlapped, "seconds"),
+        "transfer_bytes_per_refresh": _mean_load(sync, overlapped, "bytes"),
     }
 
 
-def start_server(model_path: Path, log: Path) -> tuple[subprocess.Popen, str]:
+def _mean_load(sync: dict, overlapped: dict, key: str) -> float | None:
+    loads = [
+        load[key] for run in (sync, overlapped) for load in run.get("adapter_loads", []) if load["kind"] == "alpha"
+    ]
+    return statistics.fmean(loads) if loads else None
+
+
+def start_server(model_path: Path, log: Path, lora: bool = False) -> tuple[subprocess.Popen, str]:
     """TRL's `trl vllm-serve` command (vLLM's API server module in place of `vllm serve`, which asks package metadata
-    for "vllm"), pinned to core 0."""
+    for "vllm"), pinned to core 0; with `lora`, the LoRA flags of docs/scaling.md."""
     import requests
     from trl.scripts.vllm_serve import ScriptArguments, build_command
 
@@ -155,6 +235,9 @@ def start_server(model_path: Path, log: Path) -> tuple[subprocess.Popen, str]:
         *command[command.index("serve") + 1 :],
     ]
     environment = dict(os.environ, VLLM_SERVER_DEV_MODE="1", VLLM_CPU_OMP_THREADS_BIND="0", VLLM_CPU_KVCACHE_SPACE="1")
+    if lora:
+        command += ["--enable-lora", "--max-lora-rank", str(LORA["r"]), "--max-loras", "3"]
+        environment["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "1"
     process = subprocess.Popen(
         ["taskset", "-c", "0", *command], stdout=log.open("w"), stderr=subprocess.STDOUT, env=environment
     )
@@ -193,8 +276,8 @@ def table(results: dict) -> str:
     lines = [
         "| engine, model | threads | s/step sync | s/step overlap | ratio | ideal ratio (bound) | prefetched steps "
         "| generation s/step (sync) | waited s/step (overlap) | rest of a step s (sync / overlap) | final weights: "
-        "float64 sum of all parameters, sync = overlap |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "float64 sum of all parameters, sync = overlap | weights to the engine per refresh |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for engine, result in results.items():
         s = result["summary"]
@@ -202,9 +285,17 @@ def table(results: dict) -> str:
             f"| {engine}: {result['model']} | {result['threads']} | {s['sync_seconds_per_step']:.3f} | "
             f"{s['overlap_seconds_per_step']:.3f} | {s['ratio']:.2f} | {s['ideal_ratio']:.2f} | "
             f"{s['prefetched_share']:.0%} | {s['sync_generation_per_step']:.3f} | {s['overlap_wait_per_step']:.3f} | "
-            f"{s['sync_rest_per_step']:.3f} / {s['overlap_rest_per_step']:.3f} | {s['same_final_weights']} |"
+            f"{s['sync_rest_per_step']:.3f} / {s['overlap_rest_per_step']:.3f} | {s['same_final_weights']} | "
+            f"{_transfer(engine, s)} |"
         )
     return "\n".join(lines)
+
+
+def _transfer(engine: str, summary: dict) -> str:
+    if summary.get("transfer_seconds_per_refresh") is not None:
+        kib = summary["transfer_bytes_per_refresh"] / 1024
+        return f"adapter by file: {summary['transfer_seconds_per_refresh']:.3f} s, {kib:.0f} KiB (inside the step)"
+    return "none sent (stand-in)" if engine.startswith("server") else "in-process copy"
 
 
 def seconds_to_reach(wall_curve: list[list[float]], accuracy: float) -> float:
@@ -275,6 +366,15 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--completion-length", type=int, default=24)
     parser.add_argument("--threads", type=int, help="torch threads of the trainer (hf: default torch's own)")
     parser.add_argument("--wide", action="store_true", help="a 25M-parameter model instead of the embedded default")
+    parser.add_argument("--lora", action="store_true", help="server: train a LoRA adapter, sent to it by file")
+    parser.add_argument(
+        "--target-server",
+        action="store_true",
+        help="time to GRPO's final accuracy on the server with LoRA: GRPO, BAPO, BAPO + overlap, paired by seed",
+    )
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="--target-server's seeds")
+    parser.add_argument("--target-steps", type=int, help="--target-server's steps per run; default: the regime's")
+    parser.add_argument("--learning-rate", type=float, default=LORA_LEARNING_RATE, help="--target-server's rate")
     parser.add_argument("--output-dir", default="bench")
     options = parser.parse_args(argv)
     quiet_libraries()
@@ -287,6 +387,8 @@ def main(argv: list[str] | None = None) -> dict:
         write_report(output)
         print(target_table(summary))
         return summary
+    if options.target_server:
+        return target_on_server(options, output)
     runs = output / "runs" / "overlap"
     runs.mkdir(parents=True, exist_ok=True)
     server = None
@@ -296,10 +398,11 @@ def main(argv: list[str] | None = None) -> dict:
         build_tiny_model(runs / "wide-model", hidden_size=512, layers=8, heads=8) if options.wide else embedded_model()
     )
     if options.engine == "server":
-        stand_in_weight_transfer()
+        if not options.lora:
+            stand_in_weight_transfer()
         os.sched_setaffinity(0, {1})
         torch.set_num_threads(1)
-        server, url = start_server(model, runs.parent / "overlap-server.log")
+        server, url = start_server(model, runs.parent / "overlap-server.log", lora=options.lora)
     else:
         url = None
         if options.threads:
@@ -307,7 +410,7 @@ def main(argv: list[str] | None = None) -> dict:
     try:
         # In the order sync, overlap, overlap, sync, so that neither gains from coming second (a warm server cache).
         order = (False, True, True, False)
-        settings = (options.engine, options.steps, runs, url, options.completion_length, model)
+        settings = (options.engine, options.steps, runs, url, options.completion_length, model, options.lora)
         done = [run(overlap, *settings) for overlap in order]
     finally:
         if server is not None:
@@ -315,7 +418,8 @@ def main(argv: list[str] | None = None) -> dict:
             server.wait(timeout=60)
     result = {
         "engine": options.engine,
-        "model": "wide (25M, random)" if options.wide else "embedded default (1M)",
+        "model": ("wide (25M, random)" if options.wide else "embedded default (1M)")
+        + (f", LoRA r={LORA['r']}" if options.lora else ""),
         "kernel_path": kernel_path(),
         "cpu": cpu_name(),
         "threads": torch.get_num_threads(),
@@ -324,18 +428,65 @@ def main(argv: list[str] | None = None) -> dict:
         "summary": summarize(merged(done[0], done[3]), merged(done[1], done[2])),
         "runs": done,
     }
-    name = f"{options.engine}{'-wide' if options.wide else ''}"
+    name = f"{options.engine}{'-wide' if options.wide else ''}{'-lora' if options.lora else ''}"
     (output / f"overlap-{name}.json").write_text(json.dumps(result, indent=1))
     write_report(output)
     print(json.dumps(result["summary"], indent=1))
     return result
 
 
+def target_on_server(options, output: Path) -> dict:
+    """GRPO, BAPO and BAPO with overlap, each training a LoRA adapter against one vLLM CPU server (core 0, trainer on
+    core 1), in the carry regime of `make bench`, paired by seed: held-out accuracy by training wall time, and the
+    time each takes to reach GRPO's final accuracy. GRPO is BAPOTrainer with BAPO's features off (it sends the
+    adapter at every rollout step); BAPO samples with per-step seeds, as the overlapped run must, so the two BAPO
+    runs train alike and differ in wall time."""
+    folder = output / "overlap-target-server"
+    regime = dataclasses.replace(REGIMES["carry"], methods=SERVER_METHODS, folder=folder.name)
+    steps = options.target_steps or regime.steps
+    folder.mkdir(parents=True, exist_ok=True)
+    os.environ["OMP_NUM_THREADS"] = "1"  # each run's process: one torch thread, on core 1 with this one
+    os.sched_setaffinity(0, {1})
+    torch.set_num_threads(1)
+    base = base_accuracies(regime, tracked_prompts=16)
+    server, url = start_server(embedded_model(), folder / "server.log", lora=True)
+    engine = dict(use_vllm=True, vllm_mode="server", vllm_server_base_url=url)
+    records = []
+    try:
+        for seed in options.seeds:
+            for method in SERVER_METHODS:  # interleaved, so that drifts in machine load hit every method alike
+                record = run_in_fresh_process(
+                    method, seed, steps, regime, folder / "runs", options.learning_rate, base, engine, LORA
+                )
+                records.append(record)
+                print(method, seed, f"{record['eval_accuracy']:.3f}", f"{record['seconds_per_step']:.3f} s/step")
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+    gate = sanity_gate(records)
+    write_results(folder, gate, base, regime, records)
+    summary = {
+        **time_to_target(records),
+        "gate": gate,
+        "steps": steps,
+        "learning_rate": options.learning_rate,
+        "lora": LORA,
+        "kernel_path": kernel_path(),
+        "cpu": cpu_name(),
+        "commit": _commit(),
+    }
+    (output / "overlap-target-server.json").write_text(json.dumps(summary, indent=1))
+    plot_wall_curves(records, output / "overlap_target_server.png")
+    write_report(output)
+    print(target_table(summary))
+    return summary
+
+
 def write_report(output: Path) -> None:
     """bench/OVERLAP.md from every engine's results, their summaries computed again from their runs."""
     results = {}
     for path in sorted(output.glob("overlap-*.json")):
-        if path.stem != "overlap-target":
+        if not path.stem.startswith("overlap-target"):
             result = json.loads(path.read_text())
             runs = result["runs"]
             result["summary"] = summarize(merged(runs[0], runs[3]), merged(runs[1], runs[2]))
@@ -350,17 +501,35 @@ def write_report(output: Path) -> None:
 
 
 def target_section(output: Path) -> str:
-    """The time-to-target table, where `--target-from` wrote one."""
+    """The time-to-target tables, where `--target-from` and `--target-server` wrote them."""
+    text = ""
     path = output / "overlap-target.json"
-    if not path.exists():
-        return ""
-    return (
-        "\n## Wall seconds to GRPO's final held-out accuracy\n\nThe carry regime of `make bench` (300 steps, held-out"
-        " mean@8 every 25), paired by seed: training seconds (evaluations left out) to the first evaluation at or"
-        " GRPO's final accuracy of the same seed; inf: never.\n\n"
-        + target_table(json.loads(path.read_text()))
-        + "\n\n![accuracy by time](overlap_target.png)\n"
-    )
+    if path.exists():
+        text += (
+            "\n## Wall seconds to GRPO's final held-out accuracy\n\nThe carry regime of `make bench` (300 steps, "
+            "held-out mean@8 every 25), transformers' generate, paired by seed: training seconds (evaluations left "
+            "out) to the first evaluation at or above GRPO's final accuracy of the same seed; inf: never.\n\n"
+            + target_table(json.loads(path.read_text()))
+            + "\n\n![accuracy by time](overlap_target.png)\n"
+        )
+    path = output / "overlap-target-server.json"
+    if path.exists():
+        summary = json.loads(path.read_text())
+        gate = summary["gate"]
+        machine = summary["kernel_path"]
+        text += (
+            "\n## On the vLLM server with LoRA: wall seconds to GRPO's final held-out accuracy\n\n"
+            f"`--target-server`: the carry regime ({summary['steps']} steps, held-out mean@8 every 25), a LoRA "
+            f"adapter (r = {summary['lora']['r']}, every linear layer, lr {summary['learning_rate']:.0e}) sent to "
+            "a vLLM CPU server by file, server on one core and trainer on the other; GRPO is BAPOTrainer with "
+            "BAPO's features off, sending the adapter at every step; BAPO samples with per-step seeds, as BAPO + "
+            f"overlap does. Paired by seed as above. GRPO's gate: median gain {gate['grpo_gain']:+.3f}, seed "
+            f"deviation {gate['grpo_seed_stdev']:.3f}: {'passed' if gate['passed'] else 'FAILED'}. Commit "
+            f"{summary['commit']}, {summary['cpu']}, kernel path {machine['cpu_capability']}.\n\n"
+            + target_table(summary)
+            + "\n\n![accuracy by time, server](overlap_target_server.png)\n"
+        )
+    return text
 
 
 if __name__ == "__main__":
