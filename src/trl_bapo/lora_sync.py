@@ -16,11 +16,11 @@ never name each other's adapters:
   prompt tracking first needs them at s.
 
 When an adapter replaces another of its kind, the old name is unloaded, since no request can name it again. Its
-folder (under `<output_dir>/.vllm_lora/`) is deleted at the next load: vLLM reads an adapter's files again whenever it
+folder (under `<output_dir>/_vllm_lora/`) is deleted at the next load: vLLM reads an adapter's files again whenever it
 has evicted the adapter from its cache. Before a generation names an adapter, the main process asks the server
 which adapters it holds: a server restarted during the run holds none, and gets the adapter again from its folder,
-with a warning. At the end of training BAPO unloads its adapters; a run that crashed leaves them on the server,
-under names no later run draws.
+with a warning. When training ends, however it ends, and after an evaluation outside training, BAPO unloads its
+adapters; a trainer that could not reach the server then leaves them there, under names no later run draws.
 
 Only the main process talks to the server. TRL's server mode also generates there, for the prompts of every process.
 Every process writes the adapter, since writing gathers FSDP2 shards, but only the main process writes the files.
@@ -67,7 +67,8 @@ from trl.import_utils import TRLExperimentalWarning
 
 logger = transformers_logging.get_logger(__name__)
 
-ADAPTER_FOLDER = ".vllm_lora"
+# transformers' `push_to_hub` leaves out `_*` under output_dir, as it should these adapters.
+ADAPTER_FOLDER = "_vllm_lora"
 # Adapters BAPO's requests can name at a time: alpha's and the current weights'.
 SERVED_ADAPTERS = 2
 # The module whose `select_adapter_sync` logs why an adapter cannot go by file.
@@ -274,11 +275,17 @@ class ServerAdapters:
         self.generation.generation_kwargs = {**self.generation.generation_kwargs, "model": name}
 
     def close(self) -> None:
-        """Unloads this run's adapters from the server (at the end of training), whose slots no request needs."""
-        if self._main:
-            for name in filter(None, self.loaded.values()):
+        """Unloads this run's adapters from the server (at the end of training), whose slots no request needs. The
+        next generation loads what it needs again: a later `train()` counts its steps from 0 again, or from a
+        checkpoint, and must not take an adapter of this one for its own."""
+        loaded, self.loaded = self.loaded, dict.fromkeys(self.loaded)
+        if not self._main:
+            return
+        for name in filter(None, loaded.values()):
+            try:
                 self._client.unload_lora_adapter(name)
-        self.loaded = dict.fromkeys(self.loaded)
+            except requests.RequestException as error:  # training may be ending because the server went away
+                logger.warning(f"Could not unload adapter {name!r} from the vLLM server: {error}")
 
     def _served(self) -> set[str]:
         response = requests.get(f"{self._client.server_url}/v1/models", timeout=self.generation.server_timeout)

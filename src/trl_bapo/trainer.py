@@ -367,11 +367,17 @@ class BAPOTrainer(GRPOTrainer):
         if resume_from_checkpoint is True or str(resume_from_checkpoint).lower() == "true":
             resume_from_checkpoint = newest_complete_checkpoint(self.args.output_dir)
         try:
-            output = super().train(resume_from_checkpoint, *args, **kwargs)
+            return super().train(resume_from_checkpoint, *args, **kwargs)
         finally:
             self._engine_calls.close()  # no background call outlives the run, however it ends
-        self._engine.close()
-        return output
+            self._engine.close()
+
+    def evaluate(self, *args, **kwargs):
+        try:
+            return super().evaluate(*args, **kwargs)
+        finally:
+            if not self.is_in_train:  # inside training, train() unloads the server's adapters when it ends
+                self._engine.close()
 
     def _save_checkpoint(self, model, trial):
         run_dir = self._get_output_dir(trial=trial)

@@ -23,9 +23,12 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import torch
+from transformers.utils import logging
 from trl.generation.vllm_generation import VLLMGeneration
 
 from trl_bapo.lora_sync import ServerAdapters
+
+logger = logging.get_logger(__name__)
 
 
 class EngineWeights:
@@ -47,6 +50,12 @@ class EngineWeights:
         self.adapters = (
             ServerAdapters(generation, trainer.args.output_dir) if getattr(generation, "adapter_sync", False) else None
         )
+        if self.adapters is not None and trainer.rollout_func is not None:
+            logger.warning(
+                "rollout_func with a LoRA adapter on the vLLM server: BAPO names alpha's adapter in "
+                "trainer.vllm_generation.generation_kwargs['model']; a rollout_func that sends its own requests must "
+                "pass that name as the request's model, or the server generates with the base model."
+            )
 
     def alpha(self, policy: torch.nn.Module, t: int, refreshed: bool) -> None:
         """Before rollout step t's generation (nothing to do without vLLM)."""

@@ -276,7 +276,7 @@ def test_alpha_goes_to_the_server_as_an_adapter_at_each_refresh(server, model_pa
     last = on_server.served[-1]
     assert {name("alpha", 3), name("current", 3)} <= last and not {name("alpha", 1), name("current", 1)} & last
     assert not any(trainer._engine.adapters.run in served for served in served_models(server.url))
-    folders = {path.name for path in (tmp_path / ".vllm_lora").iterdir()}
+    folders = {path.name for path in (tmp_path / "_vllm_lora").iterdir()}
     assert folders == {name("alpha", 3), name("current", 3), name("current", 1)}
 
 
@@ -354,13 +354,64 @@ def test_a_server_that_lost_alpha_s_adapter_gets_it_again_from_its_file(server, 
     alpha = trainer._engine.adapters.name("alpha", 1)
     assert [message for message in warnings if "no longer holds" in message] == [
         f"The vLLM server no longer holds adapter {alpha!r} (was it restarted?); loading it again from "
-        f"{tmp_path / '.vllm_lora' / alpha}."
+        f"{tmp_path / '_vllm_lora' / alpha}."
     ]
     second = engine.calls[-1]
     assert second["step"] == 1
     for prompt, completion, logps in zip(second["prompts"], second["completions"], second["logprobs"]):
         expected = completion_logps(model_path, history.after[0], prompt, completion)
         assert float((torch.tensor(logps) - expected).abs().max()) <= SERVER_LOGP_TOLERANCE
+
+
+class Crash(TrainerCallback):
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == 2:  # after the evaluation at step 1 loaded the current weights of step 1
+            raise RuntimeError("stopped at step 2")
+
+
+def test_a_run_that_fails_leaves_no_adapter_for_the_next_train_to_take(server, model_path, tmp_path, monkeypatch):
+    """Found by review: a train() that failed kept its adapters' names, and a second train() on the same trainer,
+    counting its steps from 0 again, took the failed run's `current-s1` for its own current weights. Now train()
+    unloads its adapters however it ends, and so does an evaluate() outside training."""
+    monkeypatch.setenv("MASTER_PORT", str(free_port()))
+    args = make_config(
+        tmp_path,
+        max_steps=3,
+        rollout_delay=3,
+        eval_strategy="steps",
+        eval_steps=1,
+        use_vllm=True,
+        vllm_mode="server",
+        vllm_server_base_url=server.url,
+    )
+    dataset = prompt_dataset(list(PLAN))
+    trainer = BAPOTrainer(
+        model=str(model_path),
+        reward_funcs=ScriptedReward(PLAN),
+        args=args,
+        train_dataset=dataset,
+        eval_dataset=dataset.select(range(4)),
+        peft_config=LoraConfig(**LORA),
+    )
+    adapters = trainer._engine.adapters
+    loads, named = [], []
+    load, select = adapters.load, adapters.select
+    adapters.load = lambda kind, name, model: (loads.append(name), load(kind, name, model))
+    adapters.select = lambda name: (named.append(name), select(name))
+    trainer.add_callback(Crash)
+    with pytest.raises(RuntimeError, match="stopped at step 2"):
+        trainer.train()
+    assert adapters.name("current", 1) in loads
+    assert set(adapters.loaded.values()) == {None}
+    assert not any(adapters.run in name for name in served_models(server.url))
+    trainer.remove_callback(Crash)
+    loads.clear(), named.clear()
+    trainer.train()
+    # Its evaluation at step 1 loaded the current weights of its own step 1, and every generation named an adapter
+    # this run loaded.
+    assert adapters.name("current", 1) in loads and set(named) <= set(loads)
+    trainer.evaluate()
+    assert not any(adapters.run in name for name in served_models(server.url))
 
 
 @pytest.mark.parametrize(
@@ -417,7 +468,7 @@ def test_two_fsdp2_processes_send_alpha_s_adapter_to_the_server(server, model_pa
     assert ranks[0]["logs"] == ranks[1]["logs"]
     assert ranks[0]["sharded"] and ranks[1]["sharded"]
     assert [rank["talks_to_server"] for rank in ranks] == [True, False]
-    saved = load_file(tmp_path / ".vllm_lora" / f"bapo-{run}-alpha-t3" / "adapter_model.safetensors")
+    saved = load_file(tmp_path / "_vllm_lora" / f"bapo-{run}-alpha-t3" / "adapter_model.safetensors")
     alpha = ranks[0]["alpha_t3"]
     assert set(saved) == set(alpha) and alpha == ranks[1]["alpha_t3"]
     assert all(saved[name].flatten().tolist() == weights for name, weights in alpha.items())

@@ -162,7 +162,9 @@ def run(
 def merged(first: dict, second: dict) -> dict:
     """Two runs of one setting as one: their per-step means, and whether they ended with the same weights."""
     mean = {
-        key: [(a + b) / 2 for a, b in zip(first[key], second[key])] for key in first if isinstance(first[key], list)
+        key: [(a + b) / 2 for a, b in zip(first[key], second[key])]
+        for key in first
+        if isinstance(first[key], list) and key != "adapter_loads"
     }
     weights = first["final_weights_sum"] if first["final_weights_sum"] == second["final_weights_sum"] else math.nan
     loads = first.get("adapter_loads", []) + second.get("adapter_loads", [])
