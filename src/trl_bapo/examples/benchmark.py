@@ -344,6 +344,7 @@ def write_results(output: Path, gate: dict, base: dict, regime: Regime, records:
         "gate": gate,
         "base": {"heldout": base["heldout"], "greedy": base["greedy"]},
         "model": model_record(regime),
+        "commit": _commit(),
         "records": records,
     }
     (output / "results.json").write_text(json.dumps(result, indent=1))
@@ -684,8 +685,10 @@ def _targets(median: dict, curves: dict, base: float) -> list[str]:
 
 
 def _commit() -> str:
+    """The commit the code ran at, with "-dirty" where the tree had changes not committed."""
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+        command = ["git", "describe", "--always", "--dirty", "--abbrev=7"]
+        return subprocess.run(command, capture_output=True, text=True).stdout.strip() or "unknown"
     except OSError:
         return "unknown"
 
@@ -708,7 +711,13 @@ def sweep(regime: Regime, options, output: Path, base: dict) -> dict:
         _print(runs[-1])
     loss_runs = [r for r in runs if r["method"] in losses]
     best_loss = max(loss_runs, key=lambda r: r["eval_accuracy"])["method"] if loss_runs else None
-    result = {"rates": rates, "best_loss": best_loss, "runs": runs}
+    result = {
+        "rates": rates,
+        "best_loss": best_loss,
+        "commit": _commit(),
+        "model": model_record(regime),
+        "runs": runs,
+    }
     (output / "sweep.json").write_text(json.dumps(result, indent=1))
     lines = [
         f"# Learning-rate sweep, {regime.name} regime",
