@@ -425,6 +425,7 @@ def main(argv: list[str] | None = None) -> dict:
         "kernel_path": kernel_path(),
         "cpu": cpu_name(),
         "threads": torch.get_num_threads(),
+        "commit": _commit(),
         "steps": options.steps,
         "completion_length": options.completion_length,
         "summary": summarize(merged(done[0], done[3]), merged(done[1], done[2])),
