@@ -1078,6 +1078,138 @@ def authors_means(root: Path) -> str:
     )
 
 
+# Overlapped rollout (`make bench-overlap`: bench/overlap-*.json).
+
+OVERLAP_ROWS = {
+    "server-lora": "vLLM CPU server on core 0, trainer on core 1, LoRA adapter by file",
+    "server": "vLLM CPU server on core 0, trainer on core 1, full weights",
+    "hf": "transformers' generate, embedded default (1M parameters)",
+    "hf-wide": "transformers' generate, 25M parameters (random weights)",
+}
+
+
+def overlap_results(root: Path) -> dict[str, dict]:
+    """Each engine's bench/overlap-ENGINE.json, its summary computed again from its runs (as OVERLAP.md's)."""
+    from trl_bapo.examples.overlap_bench import merged, summarize
+
+    results = {}
+    for name in OVERLAP_ROWS:
+        path = root / "bench" / f"overlap-{name}.json"
+        if path.exists():
+            result = json.loads(path.read_text())
+            runs = result["runs"]
+            result["summary"] = summarize(merged(runs[0], runs[3]), merged(runs[1], runs[2]))
+            results[name] = result
+    return results
+
+
+@figure("overlap-steps")
+def overlap_steps(root: Path) -> str:
+    from trl_bapo.examples.overlap_bench import _transfer
+
+    rows, sources = [], []
+    for name, result in overlap_results(root).items():
+        s = result["summary"]
+        rows.append(
+            [
+                OVERLAP_ROWS[name],
+                num(s["sync_seconds_per_step"]),
+                num(s["overlap_seconds_per_step"]),
+                f"**{num(s['ratio'], 2)}**",
+                num(s["ideal_ratio"], 2),
+                num(s["sync_generation_per_step"]),
+                num(s["overlap_wait_per_step"]),
+                f"{num(s['sync_rest_per_step'])} / {num(s['overlap_rest_per_step'])}",
+                _transfer(name, s),
+            ]
+        )
+        path = result["kernel_path"]
+        sources.append(
+            f"bench/overlap-{name}.json: commit {result.get('commit', 'not recorded')}, {result['cpu']}, "
+            f"{path['cpu_capability']} kernels, {result['threads']} trainer thread(s), {result['steps']} steps"
+        )
+    header = ["engine", "s/step without", "s/step with", "ratio", "bound", "generation s/step"]
+    header += ["waited with overlap", "rest of a step, without / with", "weights to the engine per refresh"]
+    return table(header, rows) + "\n\n" + "; ".join(sources) + "."
+
+
+def seconds(value: float) -> str:
+    return "never" if math.isinf(value) else f"{value:.0f} s"
+
+
+def target_rows(summary: dict) -> list[list[str]]:
+    rows = []
+    for row in summary["rows"]:
+        methods = ("grpo", "bapo", "bapo_overlap")
+        rows.append(
+            [
+                str(row["seed"]),
+                num(row["target"]),
+                *(seconds(row.get(m, math.nan)) for m in methods),
+                " / ".join(num(row.get(f"{m}_seconds_per_step", math.nan)) for m in methods),
+            ]
+        )
+    return rows
+
+
+TARGET_HEADER = ["seed", "GRPO's final mean@8", "GRPO", "BAPO", "BAPO with overlap", "s/step GRPO / BAPO / overlap"]
+
+
+@figure("overlap-target-hf")
+def overlap_target_hf(root: Path) -> str:
+    summary = json.loads((root / "bench" / "overlap-target.json").read_text())
+    source = run(root, "bench/overlap-target")
+    return table(TARGET_HEADER, target_rows(summary)) + f"\n\nbench/overlap-target.json, from {source.source()}."
+
+
+def paired_seconds(summary: dict, method: str, reference: str) -> str:
+    """`method`'s seconds to the target minus `reference`'s, seed by seed: the mean and its 90% t-interval, where
+    both reached it on every seed."""
+    import scipy.stats
+
+    pairs = [(row[method], row[reference]) for row in summary["rows"]]
+    if any(math.isinf(a) or math.isinf(b) for a, b in pairs):
+        missed = [str(row["seed"]) for row in summary["rows"] if math.isinf(row[method]) or math.isinf(row[reference])]
+        return f"not computed: the target was not reached on seed {', '.join(missed)}"
+    differences = [a - b for a, b in pairs]
+    mean = statistics.fmean(differences)
+    if len(differences) < 2:
+        return f"{mean:+.0f} s (one seed, no interval)"
+    half = scipy.stats.t.ppf(0.95, len(differences) - 1) * statistics.stdev(differences) / math.sqrt(len(differences))
+    word = "faster" if mean + half < 0 else "slower" if mean - half > 0 else "a tie"
+    return f"{mean:+.0f} s, 90% interval [{mean - half:+.0f}, {mean + half:+.0f}]: {word}"
+
+
+@figure("overlap-target-server")
+def overlap_target_server(root: Path) -> str:
+    summary = json.loads((root / "bench" / "overlap-target-server.json").read_text())
+    r = run(root, "bench/overlap-target-server")
+    r.commit = summary["commit"]  # the summary beside results.json records it
+    gate = summary["gate"]
+    accuracy = {m: paired_words(r.paired(m), 3) for m in ("bapo", "bapo_overlap")}
+    overlap_vs_bapo = paired_words(r.paired("bapo_overlap", "bapo"), 3)
+    points = [
+        (a[2], b[2])
+        for sync, overlapped in zip(r.of("bapo"), r.of("bapo_overlap"), strict=True)
+        for a, b in zip(sync["heldout_curve"], overlapped["heldout_curve"], strict=True)
+    ]
+    alike = sum(a == b for a, b in points)
+    return (
+        table(TARGET_HEADER, target_rows(summary))
+        + "\n\n"
+        + f"GRPO's gate (gain >= 0.05 over the base {num(r.results['base']['heldout'])} and > 3 x its seed "
+        f"deviation): median gain {signed(gate['grpo_gain'])}, deviation {num(gate['grpo_seed_stdev'])}, "
+        f"{'passed' if gate['passed'] else 'failed'}. Paired by seed, seconds to the target: BAPO - GRPO "
+        f"{paired_seconds(summary, 'bapo', 'grpo')}; BAPO with overlap - BAPO "
+        f"{paired_seconds(summary, 'bapo_overlap', 'bapo')}. Final held-out mean@8 against GRPO's: BAPO "
+        f"{accuracy['bapo']}; BAPO with overlap {accuracy['bapo_overlap']}; BAPO with overlap against BAPO "
+        f"{overlap_vs_bapo}; BAPO with overlap scored BAPO's held-out mean@8 at {alike} of {len(points)} evaluations "
+        "(every 25 steps, all seeds). The s/step columns count the evaluations, and the machine was shared with other "
+        f"work during these runs, so the seconds are noisy. LoRA r = {summary['lora']['r']}, lr "
+        f"{summary['learning_rate']:.0e}, {summary['steps']} steps; {r.source()}, {summary['cpu']}."
+    )
+
+
 # Writing and checking the pages.
 
 
