@@ -452,7 +452,8 @@ def target_on_server(options, output: Path) -> dict:
     os.sched_setaffinity(0, {1})
     torch.set_num_threads(1)
     base = base_accuracies(regime, tracked_prompts=16)
-    server, url = start_server(embedded_model(), folder / "server.log", lora=True)
+    (folder / "runs").mkdir(exist_ok=True)
+    server, url = start_server(embedded_model(), folder / "runs" / "server.log", lora=True)
     engine = dict(use_vllm=True, vllm_mode="server", vllm_server_base_url=url)
     records = []
     try:
