@@ -12,7 +12,7 @@ VERL_VENV ?= .venv-verl
 VERL_PY := $(VERL_VENV)/bin/python
 VERL_STAMP := $(VERL_VENV)/.installed
 
-.PHONY: install install-vllm install-verl lint docs test test-deep demo bench bench-overlap sweep weights clean
+.PHONY: install install-vllm install-verl lint docs test test-deep demo bench bench-overlap bench-costs sweep weights clean
 
 install: $(STAMP)
 
@@ -85,6 +85,12 @@ bench-overlap: install install-vllm
 	$(VLLM_PY) -m trl_bapo.examples.overlap_bench --engine server
 	$(VLLM_PY) -m trl_bapo.examples.overlap_bench --engine server --lora
 	$(VLLM_PY) -m trl_bapo.examples.overlap_bench --target-server
+
+# What BAPO costs beside GRPO (bench/costs.json, bench/COSTS.md and the table in docs/from-grpo.md): peak memory,
+# alpha's host bytes, checkpoint size and seconds per step, 6 steps of each trainer on the embedded default and on
+# SmolLM2-135M; a few minutes on 2 cores. `--render` rewrites the reports from bench/costs.json without training.
+bench-costs: install
+	$(PY) -m trl_bapo.examples.cost_bench
 
 # The learning-rate sweep `make bench` reads its rates from (bench/sweep.json); about 30 minutes on 2 cores.
 sweep: install

@@ -1,6 +1,7 @@
 """BAPOConfig: defaults from Table 3, documented fields, and clear errors for every invalid value."""
 
 import dataclasses
+import warnings
 
 import pytest
 from trl import GRPOConfig
@@ -126,3 +127,41 @@ def test_trainer_wants_a_bapo_config(tiny_model_path, tmp_path):
     grpo = GRPOConfig(output_dir=str(tmp_path), use_cpu=True, report_to=[])
     with pytest.raises(TypeError, match="BAPOConfig"):
         BAPOTrainer(model=tiny_model_path, reward_funcs=exact_answer_reward, args=grpo)
+
+
+def small_batch_warnings(record) -> list[str]:
+    return [str(w.message) for w in record if "A rollout batch holds B =" in str(w.message)]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "prompts"),
+    [
+        (dict(), 1),  # TRL's defaults on one process: 8 completions per device, 8 generations
+        (dict(per_device_train_batch_size=24), 3),
+        (dict(gradient_accumulation_steps=2, num_generations=4), 4),
+        (dict(generation_batch_size=64), 8),
+        (dict(online_filter="none", use_difficult_replay=False, use_high_quality_replay=False), 1),
+    ],
+)
+def test_a_rollout_batch_below_4_prompts_warns_once_naming_the_fields(tmp_path, kwargs, prompts):
+    settings = dict(output_dir=str(tmp_path), use_cpu=True, report_to=[], **kwargs)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        config = BAPOConfig(**settings)
+    assert config.generation_batch_size // config.num_generations == prompts
+    said = small_batch_warnings(record)
+    filtering = config.online_filter != "none" or config.use_difficult_replay or config.use_high_quality_replay
+    if prompts >= 4 or not filtering:
+        assert said == []
+        return
+    assert len(said) == 1
+    for name in (
+        "per_device_train_batch_size",
+        "gradient_accumulation_steps",
+        "steps_per_generation",
+        "generation_batch_size",
+        "num_generations",
+        "processes",
+    ):
+        assert name in said[0], name
+    assert f"= {prompts} prompt(s)" in said[0] and "cannot work with so few prompts" in said[0]

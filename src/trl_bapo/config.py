@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import textwrap
+import warnings
 from dataclasses import MISSING, dataclass, field, fields
 
 from transformers.utils import logging
@@ -53,6 +54,10 @@ SAMPLING_KWARGS = {
 }
 
 logger = logging.get_logger(__name__)
+
+# Fewest prompts per rollout batch (B) the online filter and the buffers can work with: below it, X1 keeps whole groups
+# out of a handful, B_bad (one rollout batch of prompts by default) holds one or two, and X3 fills what X1 leaves of B.
+MIN_BATCH_PROMPTS = 4
 
 # The docstring's headings, as GRPOConfig's groups its fields, and which of BAPOConfig's fields fall under each.
 HEADINGS = {
@@ -561,6 +566,31 @@ class BAPOConfig(GRPOConfig):
                 "into whole optimizer steps. Set generation_batch_size (or steps_per_generation) to a multiple of "
                 "per_device_train_batch_size x processes x gradient_accumulation_steps."
             )
+        self._warn_small_batch()
+
+    def _warn_small_batch(self) -> None:
+        """Warns when a rollout batch holds fewer than `MIN_BATCH_PROMPTS` prompts while the filter or a buffer is on:
+        TRL's defaults (8 completions per device, 8 generations, 1 accumulation step) give B = 1 on one process.
+        A Python warning, not a log line: a config built once warns once, and the logged warnings stay those of the
+        options it ignores."""
+        prompts = self.generation_batch_size // self.num_generations
+        filtering = self.online_filter != "none" or self.use_difficult_replay or self.use_high_quality_replay
+        if prompts >= MIN_BATCH_PROMPTS or not filtering:
+            return
+        warnings.warn(
+            f"A rollout batch holds B = generation_batch_size / num_generations = {self.generation_batch_size} / "
+            f"{self.num_generations} = {prompts} prompt(s), with generation_batch_size = per_device_train_batch_size "
+            f"({self.per_device_train_batch_size}) x processes ({self.world_size}) x steps_per_generation "
+            f"({self.steps_per_generation}, by default gradient_accumulation_steps, here "
+            f"{self.gradient_accumulation_steps}). BAPO's online filter and buffers cannot work with so few prompts: "
+            "X1 keeps or drops whole groups of them, B_bad holds one rollout batch of prompts by default, and X3 only "
+            f"fills what X1 leaves of B. Raise B to at least {MIN_BATCH_PROMPTS} (per_device_train_batch_size, "
+            "gradient_accumulation_steps or steps_per_generation, generation_batch_size, fewer num_generations, or "
+            "more processes; the paper's B is 256), or switch them off (online_filter='none', "
+            "use_difficult_replay=False, use_high_quality_replay=False).",
+            UserWarning,
+            stacklevel=4,
+        )
 
     @property
     def bapo_assembles_batches(self) -> bool:
