@@ -86,7 +86,7 @@ logger = logging.get_logger(__name__)
 
 class BAPOTrainer(GRPOTrainer):
     """Drop-in for `trl.GRPOTrainer` that trains on BAPO's adaptive batch. Takes the same arguments; `args`
-    must be a [`BAPOConfig`]."""
+    must be a `BAPOConfig`."""
 
     _tag_names = ["trl", "grpo", "bapo", "off-policy"]
     _name = "BAPO"
