@@ -294,7 +294,8 @@ def carry_paths(root: Path) -> str:
                 signed(r.gain("grpo")),
                 signed(r.gain("bapo")),
                 f"{paired_text(r.paired('bapo'))}, {verdict(r.paired('bapo'))}",
-                "passed" if gate["passed"] else f"failed (seed spread {num(gate['grpo_seed_stdev'])})",
+                f"{'passed' if gate['passed'] else 'failed'}: median gain {signed(gate['grpo_gain'])}, 3 x seed "
+                f"spread {num(3 * gate['grpo_seed_stdev'])}",
                 r.file,
             ]
         )
