@@ -414,7 +414,13 @@ class SharedBuffer:
 
 
 class StoredGroup(NamedTuple):
-    """A group held in B_high, as `BAPOStatus` shows it."""
+    """A group held in B_high, as `BAPOStatus` shows it.
+
+    Attributes:
+        step: the rollout step t the group was generated at.
+        accuracy: the share of its G completions that were correct.
+        prompt: its dataset row.
+    """
 
     step: int
     accuracy: float
@@ -424,18 +430,31 @@ class StoredGroup(NamedTuple):
 @dataclass(frozen=True)
 class BAPOStatus:
     """What BAPO holds after rollout step t: the buffers' contents, the thresholds and the rollouts spent. A copy:
-    changing it changes nothing in the trainer."""
+    changing it changes nothing in the trainer.
 
-    rollout_step: int  # t of Algorithm 1
-    rollout_policy_step: int | None  # the step alpha was taken at; None before the first rollout
-    difficult_prompts: tuple[Any, ...]  # B_bad, oldest first
-    high_quality_groups: tuple[StoredGroup, ...]  # B_high
+    Attributes:
+        rollout_step: t of Algorithm 1.
+        rollout_policy_step: the step alpha was taken at; None before the first rollout.
+        difficult_prompts: B_bad's dataset rows, oldest first.
+        high_quality_groups: B_high's groups.
+        c1: the thresholds of eq. 8, from the running reward r_tot.
+        c2: as c1.
+        c3: as c1.
+        r_tot: the running reward of eq. 8.
+        rollouts: completions generated so far, re-evaluation included.
+        correctness: which reward defines a correct completion, in words (`trl_bapo.scoring.Correctness`).
+    """
+
+    rollout_step: int
+    rollout_policy_step: int | None
+    difficult_prompts: tuple[Any, ...]
+    high_quality_groups: tuple[StoredGroup, ...]
     c1: float
-    c2: float  # eq. 8, from the running reward r_tot
+    c2: float
     c3: float
     r_tot: float
-    rollouts: int  # completions generated so far, re-evaluation included
-    correctness: str = ""  # which reward defines a correct completion, in words (`trl_bapo.scoring.Correctness`)
+    rollouts: int
+    correctness: str = ""
 
     @classmethod
     def of(cls, buffers: PaperBuffers | SharedBuffer, **values: Any) -> BAPOStatus:
