@@ -1,9 +1,10 @@
 """A console view of BAPO at work: one line per logged step with the batch composition and buffers, and the
-libraries kept quiet around it."""
+libraries kept quiet around it; and the benchmarks' step clock."""
 
 from __future__ import annotations
 
 import os
+import time
 import warnings
 
 import torch
@@ -49,3 +50,20 @@ class CompositionPrinter(TrainerCallback):
             f"{logs['bapo/rollouts']:>9.0f}",
             flush=True,
         )
+
+
+class StepClock(TrainerCallback):
+    """Wall seconds of each optimizer step, from the end of the one before (the first from its own beginning)."""
+
+    def __init__(self):
+        self.seconds: list[float] = []
+        self._last: float | None = None
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if self._last is None:
+            self._last = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        now = time.perf_counter()
+        self.seconds.append(now - self._last)
+        self._last = now

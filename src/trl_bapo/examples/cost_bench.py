@@ -25,19 +25,18 @@ import resource
 import statistics
 import subprocess
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import PrinterCallback, TrainerCallback
+from transformers import PrinterCallback
 from trl import GRPOConfig, GRPOTrainer
 
 from trl_bapo import BAPOConfig, BAPOTrainer
 from trl_bapo.builtin.embedded import TRAINING, embedded_datasets, embedded_model, kernel_path
 from trl_bapo.builtin.smollm2 import smollm2_model
 from trl_bapo.builtin.tasks import WORD_PROBLEMS, arithmetic_reward, task_splits, word_problem_reward
-from trl_bapo.examples.callbacks import quiet_libraries
+from trl_bapo.examples.callbacks import StepClock, quiet_libraries
 
 ROOT = Path(__file__).resolve().parents[3]
 RESULTS = ROOT / "bench" / "costs.json"
@@ -64,23 +63,6 @@ SETTINGS = {
     ),
 }
 BAPO_SETTINGS = {"embedded": {}, "smollm2": dict(rollout_delay=2, reevaluation_interval=2)}
-
-
-class StepClock(TrainerCallback):
-    """Wall seconds of each optimizer step, from the end of the one before (the first from its own beginning)."""
-
-    def __init__(self):
-        self.seconds: list[float] = []
-        self._last: float | None = None
-
-    def on_step_begin(self, args, state, control, **kwargs):
-        if self._last is None:
-            self._last = time.perf_counter()
-
-    def on_step_end(self, args, state, control, **kwargs):
-        now = time.perf_counter()
-        self.seconds.append(now - self._last)
-        self._last = now
 
 
 def model_and_data(model: str) -> tuple[str, Any, Any]:

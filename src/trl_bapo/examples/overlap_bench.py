@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 from peft import LoraConfig
-from transformers import PrinterCallback, TrainerCallback
+from transformers import PrinterCallback
 
 from trl_bapo import BAPOConfig, BAPOTrainer
 from trl_bapo.builtin.embedded import TRAINING, embedded_datasets, embedded_model, kernel_path
@@ -51,7 +51,7 @@ from trl_bapo.examples.benchmark import (
     sanity_gate,
     write_results,
 )
-from trl_bapo.examples.callbacks import quiet_libraries
+from trl_bapo.examples.callbacks import StepClock, quiet_libraries
 
 # --target-server's methods: GRPO as BAPOTrainer with the features off; BAPO with per-step seeds, synchronous and
 # overlapped (METHODS["bapo_overlap"]).
@@ -61,23 +61,6 @@ SERVER_METHODS = {
     "bapo_overlap": METHODS["bapo_overlap"],
 }
 WARMUP_STEPS = 2  # left out of the means: the first steps pay for one-time setup (the replica, kernels' warm-up)
-
-
-class StepClock(TrainerCallback):
-    """Wall seconds of each optimizer step, from the end of the one before."""
-
-    def __init__(self):
-        self.seconds: list[float] = []
-        self._last = None
-
-    def on_step_begin(self, args, state, control, **kwargs):
-        if self._last is None:
-            self._last = time.perf_counter()
-
-    def on_step_end(self, args, state, control, **kwargs):
-        now = time.perf_counter()
-        self.seconds.append(now - self._last)
-        self._last = now
 
 
 # The adapter the LoRA rows train: every linear layer of the embedded default, rank 8.
