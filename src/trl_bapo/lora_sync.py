@@ -57,7 +57,6 @@ from contextlib import contextmanager
 from types import SimpleNamespace
 from typing import Any
 
-import requests
 from accelerate.utils import broadcast_object_list, is_peft_model
 from torch import nn
 from transformers.utils import logging as transformers_logging
@@ -281,6 +280,8 @@ class ServerAdapters:
         loaded, self.loaded = self.loaded, dict.fromkeys(self.loaded)
         if not self._main:
             return
+        import requests  # server mode's client needs it; trl_bapo itself does not
+
         for name in filter(None, loaded.values()):
             try:
                 self._client.unload_lora_adapter(name)
@@ -288,6 +289,8 @@ class ServerAdapters:
                 logger.warning(f"Could not unload adapter {name!r} from the vLLM server: {error}")
 
     def _served(self) -> set[str]:
+        import requests
+
         response = requests.get(f"{self._client.server_url}/v1/models", timeout=self.generation.server_timeout)
         response.raise_for_status()
         return {model["id"] for model in response.json()["data"]}
