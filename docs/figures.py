@@ -29,7 +29,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from trl_bapo.builtin.embedded import KERNEL_SETTINGS
-from trl_bapo.examples.benchmark import completions_to_reach, median_curve, paired_difference, verdict
+from trl_bapo.examples.benchmark import completions_to_reach, mean_interval, median_curve, paired_difference, verdict
 
 ROOT = Path(__file__).resolve().parents[1]
 FIGURES: dict[str, Callable[[Path], str]] = {}
@@ -1090,18 +1090,11 @@ OVERLAP_ROWS = {
 
 
 def overlap_results(root: Path) -> dict[str, dict]:
-    """Each engine's bench/overlap-ENGINE.json, its summary computed again from its runs (as OVERLAP.md's)."""
-    from trl_bapo.examples.overlap_bench import merged, summarize
+    """Each engine's bench/overlap-ENGINE.json with its summary (as OVERLAP.md's), in `OVERLAP_ROWS`' order."""
+    from trl_bapo.examples.overlap_bench import engine_results
 
-    results = {}
-    for name in OVERLAP_ROWS:
-        path = root / "bench" / f"overlap-{name}.json"
-        if path.exists():
-            result = json.loads(path.read_text())
-            runs = result["runs"]
-            result["summary"] = summarize(merged(runs[0], runs[3]), merged(runs[1], runs[2]))
-            results[name] = result
-    return results
+    results = engine_results(root / "bench")
+    return {name: results[name] for name in OVERLAP_ROWS if name in results}
 
 
 @figure("overlap-steps")
@@ -1166,19 +1159,15 @@ def overlap_target_hf(root: Path) -> str:
 def paired_seconds(summary: dict, method: str, reference: str) -> str:
     """`method`'s seconds to the target minus `reference`'s, seed by seed: the mean and its 90% t-interval, where
     both reached it on every seed."""
-    import scipy.stats
-
     pairs = [(row[method], row[reference]) for row in summary["rows"]]
     if any(math.isinf(a) or math.isinf(b) for a, b in pairs):
         missed = [str(row["seed"]) for row in summary["rows"] if math.isinf(row[method]) or math.isinf(row[reference])]
         return f"not computed: the target was not reached on seed {', '.join(missed)}"
-    differences = [a - b for a, b in pairs]
-    mean = statistics.fmean(differences)
-    if len(differences) < 2:
-        return f"{mean:+.0f} s (one seed, no interval)"
-    half = scipy.stats.t.ppf(0.95, len(differences) - 1) * statistics.stdev(differences) / math.sqrt(len(differences))
-    word = "faster" if mean + half < 0 else "slower" if mean - half > 0 else "a tie"
-    return f"{mean:+.0f} s, 90% interval [{mean - half:+.0f}, {mean + half:+.0f}]: {word}"
+    d = mean_interval([a - b for a, b in pairs])
+    if d["seeds"] < 2:
+        return f"{d['mean']:+.0f} s (one seed, no interval)"
+    word = "faster" if d["high"] < 0 else "slower" if d["low"] > 0 else "a tie"
+    return f"{d['mean']:+.0f} s, 90% interval [{d['low']:+.0f}, {d['high']:+.0f}]: {word}"
 
 
 @figure("overlap-target-server")

@@ -531,6 +531,11 @@ def paired_difference(records: list[dict], method: str, reference: str = "grpo")
     differences = [
         r["eval_accuracy"] - by_seed[r["seed"]] for r in records if r["method"] == method and r["seed"] in by_seed
     ]
+    return mean_interval(differences)
+
+
+def mean_interval(differences: list[float]) -> dict:
+    """The mean of paired differences and its two-sided 90% Student's t interval (unbounded with one pair)."""
     mean = statistics.fmean(differences)
     if len(differences) < 2:
         return {"mean": mean, "low": -math.inf, "high": math.inf, "seeds": len(differences)}

@@ -469,8 +469,8 @@ def target_on_server(options, output: Path) -> dict:
     return summary
 
 
-def write_report(output: Path) -> None:
-    """bench/OVERLAP.md from every engine's results, their summaries computed again from their runs."""
+def engine_results(output: Path) -> dict[str, dict]:
+    """Every engine's overlap-ENGINE.json under `output`, by engine, its summary computed again from its runs."""
     results = {}
     for path in sorted(output.glob("overlap-*.json")):
         if not path.stem.startswith("overlap-target"):
@@ -478,6 +478,12 @@ def write_report(output: Path) -> None:
             runs = result["runs"]
             result["summary"] = summarize(merged(runs[0], runs[3]), merged(runs[1], runs[2]))
             results[path.stem.removeprefix("overlap-")] = result
+    return results
+
+
+def write_report(output: Path) -> None:
+    """bench/OVERLAP.md from every engine's results."""
+    results = engine_results(output)
     (output / "OVERLAP.md").write_text(
         "# Overlapped rollout: seconds per step\n\nWritten by `make bench-overlap` "
         "(trl_bapo/examples/overlap_bench.py); docs/overlap.md says what the columns mean.\n\n"
