@@ -196,6 +196,19 @@ def served_models(url: str) -> set[str]:
     return {card["id"] for card in requests.get(f"{url}/v1/models", timeout=10).json()["data"]}
 
 
+def lora_trainer(tmp_path, model_path, url: str, dataset=None, eval_dataset=None, **settings) -> BAPOTrainer:
+    """BAPO training a LoRA adapter on the PLAN prompts, generating on the server at `url` (adapters by file)."""
+    args = make_config(tmp_path, use_vllm=True, vllm_mode="server", vllm_server_base_url=url, **settings)
+    return BAPOTrainer(
+        model=str(model_path),
+        reward_funcs=ScriptedReward(PLAN),
+        args=args,
+        train_dataset=dataset if dataset is not None else prompt_dataset(list(PLAN)),
+        eval_dataset=eval_dataset,
+        peft_config=LoraConfig(**LORA),
+    )
+
+
 class AlphaOnTheServer(TrainerCallback):
     """After each optimizer step: the adapter the server serves as alpha, the log-probs it gives fixed completions
     under it, and the names the server holds."""
@@ -216,22 +229,8 @@ def test_alpha_goes_to_the_server_as_an_adapter_at_each_refresh(server, model_pa
     weights move, every rollout samples from alpha's adapter, every re-evaluation from the current weights', and
     adapters no request can name any more are unloaded."""
     monkeypatch.setenv("MASTER_PORT", str(free_port()))
-    args = make_config(
-        tmp_path,
-        max_steps=4,
-        rollout_delay=3,
-        reevaluation_interval=2,
-        learning_rate=5e-2,
-        use_vllm=True,
-        vllm_mode="server",
-        vllm_server_base_url=server.url,
-    )
-    trainer = BAPOTrainer(
-        model=str(model_path),
-        reward_funcs=ScriptedReward(PLAN),
-        args=args,
-        train_dataset=prompt_dataset(list(PLAN)),
-        peft_config=LoraConfig(**LORA),
+    trainer = lora_trainer(
+        tmp_path, model_path, server.url, max_steps=4, rollout_delay=3, reevaluation_interval=2, learning_rate=5e-2
     )
     engine, history = EngineRecorder(trainer), WeightHistory(trainer)
     tokenize = trainer.processing_class
@@ -324,22 +323,7 @@ def test_a_server_that_lost_alpha_s_adapter_gets_it_again_from_its_file(server, 
     again from its folder, with a warning, and the step samples from alpha, not from the base model (a request naming
     an adapter the server lacks would fail)."""
     monkeypatch.setenv("MASTER_PORT", str(free_port()))
-    args = make_config(
-        tmp_path,
-        max_steps=2,
-        rollout_delay=3,
-        learning_rate=5e-2,
-        use_vllm=True,
-        vllm_mode="server",
-        vllm_server_base_url=server.url,
-    )
-    trainer = BAPOTrainer(
-        model=str(model_path),
-        reward_funcs=ScriptedReward(PLAN),
-        args=args,
-        train_dataset=prompt_dataset(list(PLAN)),
-        peft_config=LoraConfig(**LORA),
-    )
+    trainer = lora_trainer(tmp_path, model_path, server.url, max_steps=2, rollout_delay=3, learning_rate=5e-2)
     engine, history = EngineRecorder(trainer), WeightHistory(trainer)
     trainer.add_callback(history)
     trainer.add_callback(LosesAlpha(trainer, server.url))
@@ -374,24 +358,16 @@ def test_a_run_that_fails_leaves_no_adapter_for_the_next_train_to_take(server, m
     counting its steps from 0 again, took the failed run's `current-s1` for its own current weights. Now train()
     unloads its adapters however it ends, and so does an evaluate() outside training."""
     monkeypatch.setenv("MASTER_PORT", str(free_port()))
-    args = make_config(
+    dataset = prompt_dataset(list(PLAN))
+    trainer = lora_trainer(
         tmp_path,
+        model_path,
+        server.url,
+        eval_dataset=dataset.select(range(4)),
         max_steps=3,
         rollout_delay=3,
         eval_strategy="steps",
         eval_steps=1,
-        use_vllm=True,
-        vllm_mode="server",
-        vllm_server_base_url=server.url,
-    )
-    dataset = prompt_dataset(list(PLAN))
-    trainer = BAPOTrainer(
-        model=str(model_path),
-        reward_funcs=ScriptedReward(PLAN),
-        args=args,
-        train_dataset=dataset,
-        eval_dataset=dataset.select(range(4)),
-        peft_config=LoraConfig(**LORA),
     )
     adapters = trainer._engine.adapters
     loads, named = [], []
@@ -428,15 +404,8 @@ def test_what_the_adapter_path_would_override_or_not_serve_is_refused(server, mo
     dataset = prompt_dataset(list(PLAN))
     if setting.pop("image_column", False):
         dataset = dataset.add_column("image", [None] * len(dataset))
-    args = make_config(tmp_path, use_vllm=True, vllm_mode="server", vllm_server_base_url=server.url, **setting)
     with pytest.raises((RuntimeError, ValueError), match=refusal):
-        BAPOTrainer(
-            model=str(model_path),
-            reward_funcs=ScriptedReward(PLAN),
-            args=args,
-            train_dataset=dataset,
-            peft_config=LoraConfig(**LORA),
-        )
+        lora_trainer(tmp_path, model_path, server.url, dataset, **setting)
 
 
 def test_two_fsdp2_processes_send_alpha_s_adapter_to_the_server(server, model_path, tmp_path):
