@@ -456,8 +456,8 @@ def target_on_server(options, output: Path) -> dict:
     os.sched_setaffinity(0, {1})
     torch.set_num_threads(1)
     base = base_accuracies(regime, tracked_prompts=16)
-    folder.mkdir(parents=True, exist_ok=True)
-    server, url = start_server(embedded_model(), folder / "server.log", lora=True)
+    (output / "runs").mkdir(parents=True, exist_ok=True)
+    server, url = start_server(embedded_model(), output / "runs" / "target-server.log", lora=True)
     engine = dict(use_vllm=True, vllm_mode="server", vllm_server_base_url=url)
 
     def runs(candidate: Candidate, methods) -> list[dict]:
