@@ -72,6 +72,21 @@ def test_bench_harness_runs_grpo_and_bapo(tmp_path, monkeypatch):
         assert (tmp_path / plot).stat().st_size > 0
 
 
+def test_the_sweep_runs_as_make_sweep_calls_it_in_the_carry_regime_alone(tmp_path, monkeypatch):
+    # `make sweep` passes neither --seeds nor --regimes: the sweep took the first of no seeds, and swept the paper
+    # regime too, which reads the carry regime's rates. One method at one rate and no loss option keep it short.
+    monkeypatch.setattr(benchmark, "SWEPT_METHODS", ("grpo",))
+    monkeypatch.setattr(benchmark, "SWEEP_RATES", (8e-4,))
+    monkeypatch.setattr(benchmark, "LOSS_OPTIONS", ())
+    result = benchmark.main(["--sweep", "--steps", "2", "--output-dir", str(tmp_path), "--tracked-prompts", "16"])
+    saved = json.loads((tmp_path / "sweep.json").read_text())
+    assert saved["rates"] == result["rates"] == {"grpo": 8e-4} and saved["best_loss"] is None
+    assert [(r["method"], r["seed"], r["steps"], r["task"]) for r in saved["runs"]] == [("grpo", 0, 2, "carry")]
+    assert saved["model"]["weights_sha256"] == shipped_manifest()[saved["model"]["model"]]["sha256"]
+    assert (tmp_path / "SWEEP.md").read_text().startswith("# Learning-rate sweep, carry regime")
+    assert not (tmp_path / "paper").exists()
+
+
 def test_bench_harness_runs_the_paper_regime(tmp_path, monkeypatch):
     """4 updates on one rollout batch of 32 prompts, GRPO against BAPO's decoupled variant, paired by seed. The
     regime's own task is swapped for the carry model the other tests build (the runs get the regime itself)."""

@@ -701,18 +701,16 @@ def _commit() -> str:
 def sweep(regime: Regime, options, output: Path, base: dict) -> dict:
     """Each swept method at every rate (first seed), then, in the carry regime, the off-policy losses at BAPO's
     best rate; writes sweep.json (best rate per method, best loss option, every run) and SWEEP.md."""
-    runs, steps = [], options.steps or regime.steps
+    runs, steps, seed = [], options.steps or regime.steps, (options.seeds or [0])[0]
     for method in SWEPT_METHODS:
         for rate in SWEEP_RATES:
-            runs.append(run_in_fresh_process(method, options.seeds[0], steps, regime, output / "runs", rate, base))
+            runs.append(run_in_fresh_process(method, seed, steps, regime, output / "runs", rate, base))
             _print(runs[-1])
     best = {m: max((r for r in runs if r["method"] == m), key=lambda r: r["eval_accuracy"]) for m in SWEPT_METHODS}
     rates = {m: best[m]["learning_rate"] for m in SWEPT_METHODS}
     losses = [m for m in LOSS_OPTIONS if m in regime.methods]
     for method in losses:
-        runs.append(
-            run_in_fresh_process(method, options.seeds[0], steps, regime, output / "runs", rates["bapo"], base)
-        )
+        runs.append(run_in_fresh_process(method, seed, steps, regime, output / "runs", rates["bapo"], base))
         _print(runs[-1])
     loss_runs = [r for r in runs if r["method"] in losses]
     best_loss = max(loss_runs, key=lambda r: r["eval_accuracy"])["method"] if loss_runs else None
@@ -727,7 +725,7 @@ def sweep(regime: Regime, options, output: Path, base: dict) -> dict:
     lines = [
         f"# Learning-rate sweep, {regime.name} regime",
         "",
-        f"Seed {options.seeds[0]}, {steps} steps, task `{regime.task}`; held-out mean@8 after training "
+        f"Seed {seed}, {steps} steps, task `{regime.task}`; held-out mean@8 after training "
         f"(base {base['heldout']:.3f}). Each method's best rate is used by `make bench`; BAPO's variants use BAPO's"
         + (". The off-policy REINFORCE losses ran at BAPO's best rate." if losses else "."),
         "",
@@ -929,8 +927,10 @@ def main(argv: list[str] | None = None) -> dict:
     if options.merge:
         regime = regimes[options.regimes[0]]
         return merge_results(regime, options.merge, output / regime.folder)
-    results = {name: run_regime(regimes[name], options, output / regimes[name].folder) for name in options.regimes}
-    return results[options.regimes[0]] if len(results) == 1 else results
+    # One sweep, in the first regime: the paper regime trains the same model with the same optimizer (load_sweep).
+    names = options.regimes[:1] if options.sweep else options.regimes
+    results = {name: run_regime(regimes[name], options, output / regimes[name].folder) for name in names}
+    return results[names[0]] if len(results) == 1 else results
 
 
 if __name__ == "__main__":
