@@ -1173,7 +1173,8 @@ def paired_seconds(summary: dict, method: str, reference: str) -> str:
 def candidate_gates(summary: dict) -> str:
     """Each setting --target-server tried, in its rule's order, with GRPO's gate there."""
     return "; ".join(
-        f"LoRA r = {c['rank']}, lr {c['learning_rate']:.0e}: median gain {signed(c['gate']['grpo_gain'])}, deviation "
+        f"LoRA r = {c['rank']}, lr {c['learning_rate']:.0e}, {c['prompts']} prompts a rollout batch: median gain "
+        f"{signed(c['gate']['grpo_gain'])}, deviation "
         f"{num(c['gate']['grpo_seed_stdev'])}, {'passed' if c['gate']['passed'] else 'failed'}"
         for c in summary["candidates"]
     )
@@ -1203,14 +1204,17 @@ def overlap_target_server(root: Path) -> str:
     return (
         table(TARGET_HEADER, target_rows(summary))
         + "\n\n"
-        + f"{rule} Base held-out mean@8 {num(r.results['base']['heldout'])}. Paired by seed, seconds to the target: "
+        + f"{rule} In the table's own runs, GRPO's gain {signed(summary['gate']['grpo_gain'])}, deviation "
+        f"{num(summary['gate']['grpo_seed_stdev'])} over the base held-out mean@8 "
+        f"{num(r.results['base']['heldout'])}. Paired by seed, seconds to the target: "
         f"BAPO - GRPO {paired_seconds(summary, 'bapo', 'grpo')}; BAPO with overlap - BAPO "
         f"{paired_seconds(summary, 'bapo_overlap', 'bapo')}. Final held-out mean@8 against GRPO's: BAPO "
         f"{accuracy['bapo']}; BAPO with overlap {accuracy['bapo_overlap']}; BAPO with overlap against BAPO "
         f"{overlap_vs_bapo}; BAPO with overlap scored BAPO's held-out mean@8 at {alike} of {len(points)} evaluations "
-        "(every 25 steps, all seeds). The s/step columns count the evaluations. GRPO's runs ran first (they chose "
-        f"the setting), then BAPO's and BAPO with overlap's, interleaved by seed. LoRA r = {summary['lora']['r']}, "
-        f"lr {summary['learning_rate']:.0e}, {summary['steps']} steps; {r.source()}, {summary['cpu']}."
+        "(every 25 steps, all seeds). The s/step columns count the evaluations; the three methods ran interleaved by "
+        f"seed, GRPO again after its rule runs. LoRA r = {summary['lora']['r']}, "
+        f"lr {summary['learning_rate']:.0e}, {summary['steps']} steps of {summary['candidates'][-1]['prompts']} "
+        f"prompts; {r.source()}, {summary['cpu']}."
     )
 
 

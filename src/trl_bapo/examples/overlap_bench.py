@@ -465,8 +465,9 @@ def target_on_server(options, output: Path) -> dict:
     core 1), in the carry regime of `make bench`, paired by seed: held-out accuracy by training wall time, and the
     time each takes to reach GRPO's final accuracy. GRPO is BAPOTrainer with BAPO's features off (it sends the
     adapter at every rollout step); BAPO samples with per-step seeds, as the overlapped run must, so the two BAPO
-    runs train alike and differ in wall time. The setting is the first of SERVER_CANDIDATES on which GRPO passes the
-    gate; a candidate whose GRPO runs are on file (its folder's results.json) is not run again."""
+    runs train alike and differ in wall time. The setting is the first of SERVER_CANDIDATES on which GRPO's rule runs
+    pass the gate (CANDIDATE/rule/results.json; on file, they are not run again); the table then runs all three
+    methods, interleaved by seed, into CANDIDATE/results.json."""
     folder = output / "overlap-target-server"
     regime = dataclasses.replace(REGIMES["carry"], methods=SERVER_METHODS, folder=folder.name)
     steps = options.target_steps or regime.steps
@@ -478,52 +479,52 @@ def target_on_server(options, output: Path) -> dict:
     server, url = start_server(embedded_model(), output / "runs" / "target-server.log", lora=True)
     engine = dict(use_vllm=True, vllm_mode="server", vllm_server_base_url=url)
 
-    def runs(candidate: Candidate, methods) -> list[dict]:
+    def runs(candidate: Candidate, methods, where: Path) -> list[dict]:
+        """The methods' runs at the candidate's setting, interleaved by seed so that drifts in machine load hit every
+        method alike; their results.json in `where`."""
+        (where / "runs").mkdir(parents=True, exist_ok=True)
         records = []
         for seed in options.seeds:
-            for method in methods:  # interleaved, so that drifts in machine load hit every method alike
-                record = run_in_fresh_process(
-                    method,
-                    seed,
-                    steps,
-                    candidate.regime(regime),
-                    folder / candidate.name / "runs",
-                    candidate.learning_rate,
-                    base,
-                    engine,
-                    candidate.lora,
+            for method in methods:
+                records.append(
+                    run_in_fresh_process(
+                        method,
+                        seed,
+                        steps,
+                        candidate.regime(regime),
+                        where / "runs",
+                        candidate.learning_rate,
+                        base,
+                        engine,
+                        candidate.lora,
+                    )
                 )
-                records.append(record)
-                print(candidate.name, method, seed, f"{record['eval_accuracy']:.3f}")
+                print(candidate.name, method, seed, f"{records[-1]['eval_accuracy']:.3f}")
+        write_results(where, sanity_gate(records), base, candidate.regime(regime), records)
         return records
 
-    tried, chosen = [], None
+    tried, chosen, records = [], None, []
     try:
         for candidate in SERVER_CANDIDATES:
-            (folder / candidate.name / "runs").mkdir(parents=True, exist_ok=True)
-            on_file = folder / candidate.name / "results.json"
-            grpo = (
-                [r for r in json.loads(on_file.read_text())["records"] if r["method"] == "grpo"]
-                if on_file.exists()
-                else runs(candidate, ["grpo"])
-            )
-            gate = sanity_gate(grpo)
+            rule = folder / candidate.name / "rule"
+            if not (rule / "results.json").exists():
+                runs(candidate, ["grpo"], rule)
+            gate = json.loads((rule / "results.json").read_text())["gate"]
             tried.append({"name": candidate.name, **dataclasses.asdict(candidate), "gate": gate})
-            if not on_file.exists():
-                write_results(folder / candidate.name, gate, base, candidate.regime(regime), grpo)
             if gate["passed"]:
                 chosen = candidate
-                records = grpo + runs(candidate, ["bapo", "bapo_overlap"])
-                write_results(folder / candidate.name, gate, base, candidate.regime(regime), records)
                 break
+        if chosen:
+            # GRPO runs again beside BAPO: the rule's runs chose the setting, the table's share the machine's state.
+            records = runs(chosen, list(SERVER_METHODS), folder / chosen.name)
     finally:
         server.terminate()
         server.wait(timeout=60)
     summary = {
         "candidates": tried,
         "chosen": chosen and chosen.name,
-        **(time_to_target(records) if chosen else {"rows": []}),
-        "gate": tried[-1]["gate"],
+        **time_to_target(records),
+        "gate": sanity_gate(records) if chosen else None,
         "steps": steps,
         "learning_rate": chosen and chosen.learning_rate,
         "lora": chosen and chosen.lora,
