@@ -1192,6 +1192,11 @@ def overlap_target_server(root: Path) -> str:
         return f"{rule} GRPO passed on none, so BAPO was not compared; bench/overlap-target-server.json, commit " + (
             f"{summary['commit']}, {summary['cpu']}."
         )
+    if not summary["rows"]:
+        return (
+            f"{rule} The table, GRPO again with BAPO and BAPO with overlap interleaved by seed on that setting, has "
+            f"not run yet; bench/overlap-target-server.json, commit {summary['commit']}, {summary['cpu']}."
+        )
     r = run(root, f"bench/overlap-target-server/{summary['chosen']}")
     accuracy = {m: paired_words(r.paired(m), 3) for m in ("bapo", "bapo_overlap")}
     overlap_vs_bapo = paired_words(r.paired("bapo_overlap", "bapo"), 3)

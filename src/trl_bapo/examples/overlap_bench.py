@@ -22,7 +22,9 @@ the table in bench/OVERLAP.md.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -281,6 +283,11 @@ def start_server(model_path: Path, log: Path, lora: bool = False) -> tuple[subpr
     raise RuntimeError(f"the vLLM server did not come up in 300 s; see {log}")
 
 
+def stop_server(server: subprocess.Popen) -> None:
+    server.terminate()
+    server.wait(timeout=60)
+
+
 def stand_in_weight_transfer() -> None:
     """STAND-IN for TRL's NCCL weight transfer (`VLLMClient.init_communicator` refuses any device but CUDA): sends
     nothing; the server keeps the weights it loaded."""
@@ -399,6 +406,9 @@ def main(argv: list[str] | None = None) -> dict:
     )
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="--target-server's seeds")
     parser.add_argument("--target-steps", type=int, help="--target-server's steps per run; default: the regime's")
+    parser.add_argument(
+        "--rule-only", action="store_true", help="--target-server: choose the setting, then stop before the table"
+    )
     parser.add_argument("--output-dir", default="bench")
     options = parser.parse_args(argv)
     quiet_libraries()
@@ -438,8 +448,7 @@ def main(argv: list[str] | None = None) -> dict:
         done = [run(overlap, *settings) for overlap in order]
     finally:
         if server is not None:
-            server.terminate()
-            server.wait(timeout=60)
+            stop_server(server)
     result = {
         "engine": options.engine,
         "model": ("wide (25M, random)" if options.wide else "embedded default (1M)")
@@ -474,14 +483,21 @@ def target_on_server(options, output: Path) -> dict:
     os.environ["OMP_NUM_THREADS"] = "1"  # each run's process: one torch thread, on core 1 with this one
     os.sched_setaffinity(0, {1})
     torch.set_num_threads(1)
-    base = base_accuracies(regime, tracked_prompts=16)  # the prompts per rollout batch do not change it
-    (output / "runs").mkdir(parents=True, exist_ok=True)
-    server, url = start_server(embedded_model(), output / "runs" / "target-server.log", lora=True)
-    engine = dict(use_vllm=True, vllm_mode="server", vllm_server_base_url=url)
+    engine: dict = {}
+    stack = contextlib.ExitStack()
+
+    @functools.cache
+    def base() -> dict:
+        return base_accuracies(regime, tracked_prompts=16)  # the prompts per rollout batch do not change it
 
     def runs(candidate: Candidate, methods, where: Path) -> list[dict]:
         """The methods' runs at the candidate's setting, interleaved by seed so that drifts in machine load hit every
-        method alike; their results.json in `where`."""
+        method alike; their results.json in `where`. The server starts with the first run."""
+        if not engine:
+            (output / "runs").mkdir(parents=True, exist_ok=True)
+            server, url = start_server(embedded_model(), output / "runs" / "target-server.log", lora=True)
+            stack.callback(stop_server, server)
+            engine.update(use_vllm=True, vllm_mode="server", vllm_server_base_url=url)
         (where / "runs").mkdir(parents=True, exist_ok=True)
         records = []
         for seed in options.seeds:
@@ -494,17 +510,17 @@ def target_on_server(options, output: Path) -> dict:
                         candidate.regime(regime),
                         where / "runs",
                         candidate.learning_rate,
-                        base,
+                        base(),
                         engine,
                         candidate.lora,
                     )
                 )
                 print(candidate.name, method, seed, f"{records[-1]['eval_accuracy']:.3f}")
-        write_results(where, sanity_gate(records), base, candidate.regime(regime), records)
+        write_results(where, sanity_gate(records), base(), candidate.regime(regime), records)
         return records
 
     tried, chosen, records = [], None, []
-    try:
+    with stack:
         for candidate in SERVER_CANDIDATES:
             rule = folder / candidate.name / "rule"
             if not (rule / "results.json").exists():
@@ -514,17 +530,14 @@ def target_on_server(options, output: Path) -> dict:
             if gate["passed"]:
                 chosen = candidate
                 break
-        if chosen:
+        if chosen and not options.rule_only:
             # GRPO runs again beside BAPO: the rule's runs chose the setting, the table's share the machine's state.
             records = runs(chosen, list(SERVER_METHODS), folder / chosen.name)
-    finally:
-        server.terminate()
-        server.wait(timeout=60)
     summary = {
         "candidates": tried,
         "chosen": chosen and chosen.name,
         **time_to_target(records),
-        "gate": sanity_gate(records) if chosen else None,
+        "gate": sanity_gate(records) if records else None,
         "steps": steps,
         "learning_rate": chosen and chosen.learning_rate,
         "lora": chosen and chosen.lora,
@@ -533,7 +546,7 @@ def target_on_server(options, output: Path) -> dict:
         "commit": _commit(),
     }
     (output / "overlap-target-server.json").write_text(json.dumps(summary, indent=1))
-    if chosen:
+    if records:
         plot_wall_curves(records, output / "overlap_target_server.png")
     write_report(output)
     print(target_table(summary))
@@ -595,6 +608,8 @@ def target_section(output: Path) -> str:
             f"{summary['cpu']}, kernel path {machine['cpu_capability']}.\n\n"
             + (
                 target_table(summary) + "\n\n![accuracy by time, server](overlap_target_server.png)\n"
+                if summary["rows"]
+                else f"GRPO passed the gate on {summary['chosen']}; the table has not run yet (`--rule-only`).\n"
                 if summary["chosen"]
                 else "GRPO passed the gate on no candidate: BAPO was not compared.\n"
             )
