@@ -453,16 +453,17 @@ def overlap_target_rerun(root: Path) -> str:
     )
 
 
-# The learning-rate sweep (bench/sweep.json), on the warm start built before the weights shipped.
+# The learning-rate sweeps: bench/earlier/sweep.json on the warm start built before the weights shipped (the rates
+# the carry tables' runs used), bench/sweep.json on the shipped weights (the rates `make bench` takes next).
 
 
-def sweep(root: Path) -> dict:
-    return json.loads((root / "bench/sweep.json").read_text())
+def sweep(root: Path, file: str = "bench/earlier/sweep.json") -> dict:
+    return json.loads((root / file).read_text())
 
 
 @figure("sweep-base")
 def sweep_base(root: Path) -> str:
-    return f"{num(sweep(root)['runs'][0]['base_eval_accuracy'])} (bench/sweep.json)"
+    return f"{num(sweep(root)['runs'][0]['base_eval_accuracy'])} (bench/earlier/sweep.json)"
 
 
 @figure("sweep-table")
@@ -482,9 +483,27 @@ def sweep_table(root: Path) -> str:
 
 @figure("sweep-best")
 def sweep_best(root: Path) -> str:
-    s = sweep(root)
+    return best_rates(sweep(root))
+
+
+def best_rates(s: dict) -> str:
     rates = ", ".join(f"{m} {rate:.0e}" for m, rate in s["rates"].items())
     return f"{rates}; best loss option: {s['best_loss']}"
+
+
+@figure("sweep-shipped-table")
+def sweep_shipped_table(root: Path) -> str:
+    s = sweep(root, "bench/sweep.json")
+    machine = s["model"]
+    rows = [
+        [r["method"], f"{r['learning_rate']:.0e}", num(r["eval_accuracy"]), f"{r['rollouts']:.0f}"] for r in s["runs"]
+    ]
+    return (
+        table(["method", "lr", "held-out mean@8", "completions"], rows)
+        + f"\n\nBase held-out mean@8 {num(s['runs'][0]['base_eval_accuracy'])}; best rates: {best_rates(s)}. "
+        f"bench/sweep.json, commit {s['commit']}, warm start {machine['model']}, {machine['cpu_capability']} kernels, "
+        f"{machine['torch_threads']} thread per run."
+    )
 
 
 # The earlier carry run (bench/earlier: the results.json, RESULTS.md and DIFFICULTY.md of commit 449ac66, restored
