@@ -78,7 +78,8 @@ bench: install
 # Seconds per step with and without overlap_rollout (bench/OVERLAP.md): transformers' generate, then a vLLM CPU
 # server on one core with training on the other, with full weights (their transfer a stand-in) and with a LoRA
 # adapter sent by file; about 15 minutes on 2 cores. Then the wall time to GRPO's accuracy on the server with LoRA
-# (GRPO, BAPO, BAPO + overlap, 3 seeds): about 45 minutes more.
+# (GRPO, BAPO, BAPO + overlap, 3 seeds) on the first setting where GRPO passes the gate (its rule runs are on file in
+# bench/overlap-target-server): about 90 minutes more.
 bench-overlap: install install-vllm
 	$(PY) -m trl_bapo.examples.overlap_bench --engine hf --threads 1
 	$(PY) -m trl_bapo.examples.overlap_bench --engine hf --threads 1 --wide
