@@ -209,6 +209,8 @@ def paired_text(d: dict, digits: int = 3) -> str:
 
 
 def paired_words(d: dict, digits: int = 3) -> str:
+    if d["seeds"] < 2:
+        return f"{signed(d['mean'], digits)} (one seed, no interval)"
     return (
         f"{signed(d['mean'], digits)} (90% interval {signed(d['low'], digits)} to {signed(d['high'], digits)}), "
         f"a {verdict(d)}"
@@ -1281,8 +1283,22 @@ def spans(text: str) -> list[str]:
     return [m["name"] for m in SPAN.finditer(text)]
 
 
+# Plots the pages show from docs/images, copied from where the benchmarks write them (page: source).
+IMAGES = {"docs/images/overlap_target_server.png": "bench/overlap_target_server.png"}
+
+
+def stale_images(root: Path = ROOT) -> list[tuple[Path, Path]]:
+    """(page image, source) where the page's copy differs from its source, or is missing."""
+    pairs = [(root / page, root / source) for page, source in IMAGES.items() if (root / source).exists()]
+    return [(page, source) for page, source in pairs if not page.exists() or page.read_bytes() != source.read_bytes()]
+
+
 def main(argv: list[str]) -> int:
     stale = []
+    for page, source in stale_images():
+        stale.append(page)
+        if "--check" not in argv:
+            page.write_bytes(source.read_bytes())
     for page in pages():
         text = page.read_text()
         unknown = [name for name in spans(text) if name not in FIGURES]

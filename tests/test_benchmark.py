@@ -2,9 +2,12 @@
 
 import dataclasses
 import json
+import os
+
+import pytest
 
 from trl_bapo.builtin.embedded import PROMPTS_PER_STEP, shipped_manifest
-from trl_bapo.examples import benchmark
+from trl_bapo.examples import benchmark, overlap_bench
 
 RECORD_KEYS = {
     "method",
@@ -85,6 +88,43 @@ def test_the_sweep_runs_as_make_sweep_calls_it_in_the_carry_regime_alone(tmp_pat
     assert saved["model"]["weights_sha256"] == shipped_manifest()[saved["model"]["model"]]["sha256"]
     assert (tmp_path / "SWEEP.md").read_text().startswith("# Learning-rate sweep, carry regime")
     assert not (tmp_path / "paper").exists()
+
+
+def test_the_sweep_is_refused_outside_the_carry_regime(tmp_path):
+    with pytest.raises(SystemExit):
+        benchmark.main(["--sweep", "--regimes", "paper", "--output-dir", str(tmp_path)])
+    assert not any(tmp_path.iterdir())
+
+
+def test_the_server_rule_reuses_only_the_runs_asked_for(tmp_path):
+    # GRPO's rule runs on file for every candidate, none passing: nothing runs, no server starts, the summary says
+    # none was chosen; runs on file with other seeds than asked for are refused, never taken for them.
+    for candidate in overlap_bench.SERVER_CANDIDATES:
+        records = [
+            {
+                "method": "grpo",
+                "seed": seed,
+                "steps": 300,
+                "learning_rate": candidate.learning_rate,
+                "lora": candidate.lora,
+            }
+            for seed in (0, 1, 2)
+        ]
+        rule = tmp_path / "overlap-target-server" / candidate.name / "rule"
+        rule.mkdir(parents=True)
+        gate = {"grpo_gain": 0.01, "grpo_seed_stdev": 0.01, "passed": False}
+        (rule / "results.json").write_text(json.dumps({"gate": gate, "records": records}))
+    cores = os.sched_getaffinity(0)
+    summary = overlap_bench.main(["--target-server", "--rule-only", "--output-dir", str(tmp_path)])
+    assert os.sched_getaffinity(0) == cores  # pinned to one core only where a run is due
+    assert summary["chosen"] is None and len(summary["candidates"]) == len(overlap_bench.SERVER_CANDIDATES)
+    assert "GRPO passed the gate on no candidate" in (tmp_path / "OVERLAP.md").read_text()
+    with pytest.raises(ValueError, match="holds other runs"):
+        overlap_bench.main(["--target-server", "--seeds", "0", "1", "--output-dir", str(tmp_path)])
+    with pytest.raises(ValueError, match="at least two"):
+        overlap_bench.main(["--target-server", "--seeds", "0", "--output-dir", str(tmp_path)])
+    with pytest.raises(ValueError, match="one significant digit"):
+        overlap_bench.Candidate(8, 1.5e-3)
 
 
 def test_bench_harness_runs_the_paper_regime(tmp_path, monkeypatch):

@@ -59,3 +59,15 @@ def test_a_figure_follows_its_results_file(tmp_path):
 
 def test_the_check_passes():
     assert FIGURES["main"](["--check"]) == 0
+
+
+def test_the_plots_pages_show_are_their_benchmarks_own(tmp_path):
+    assert not FIGURES["stale_images"](ROOT), "run `python docs/figures.py`"
+    # A copy that differs from its source, or a missing one, is stale.
+    for page, source in FIGURES["IMAGES"].items():
+        (tmp_path / source).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / source).write_bytes(b"plot")
+        assert FIGURES["stale_images"](tmp_path) == [(tmp_path / page, tmp_path / source)]
+        (tmp_path / page).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / page).write_bytes(b"plot")
+        assert FIGURES["stale_images"](tmp_path) == []

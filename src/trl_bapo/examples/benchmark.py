@@ -915,6 +915,8 @@ def main(argv: list[str] | None = None) -> dict:
         "--merge", nargs="+", type=Path, help="summarize the first regime from these folders' results.json instead"
     )
     options = parser.parse_args(argv)
+    if options.sweep and options.regimes[0] != "carry":
+        parser.error("--sweep runs in the carry regime: the paper regime trains with its rates (load_sweep)")
     quiet_libraries()
     output = Path(options.output_dir)
     regimes = dict(REGIMES)
@@ -927,7 +929,7 @@ def main(argv: list[str] | None = None) -> dict:
     if options.merge:
         regime = regimes[options.regimes[0]]
         return merge_results(regime, options.merge, output / regime.folder)
-    # One sweep, in the first regime: the paper regime trains the same model with the same optimizer (load_sweep).
+    # One sweep, in the carry regime: the paper regime trains the same model with the same optimizer (load_sweep).
     names = options.regimes[:1] if options.sweep else options.regimes
     results = {name: run_regime(regimes[name], options, output / regimes[name].folder) for name in names}
     return results[names[0]] if len(results) == 1 else results

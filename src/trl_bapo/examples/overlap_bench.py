@@ -86,6 +86,11 @@ class Candidate:
     learning_rate: float
     prompts: int = PROMPTS_PER_STEP
 
+    def __post_init__(self):
+        # The name is the candidate's folder, where its runs are reused from: it must name one rate only.
+        if float(f"{self.learning_rate:.0e}") != self.learning_rate:
+            raise ValueError(f"A candidate's learning rate has one significant digit; got {self.learning_rate}.")
+
     @property
     def name(self) -> str:
         wider = f"-p{self.prompts}" if self.prompts != PROMPTS_PER_STEP else ""
@@ -480,9 +485,6 @@ def target_on_server(options, output: Path) -> dict:
     folder = output / "overlap-target-server"
     regime = dataclasses.replace(REGIMES["carry"], methods=SERVER_METHODS, folder=folder.name)
     steps = options.target_steps or regime.steps
-    os.environ["OMP_NUM_THREADS"] = "1"  # each run's process: one torch thread, on core 1 with this one
-    os.sched_setaffinity(0, {1})
-    torch.set_num_threads(1)
     engine: dict = {}
     stack = contextlib.ExitStack()
 
@@ -494,6 +496,9 @@ def target_on_server(options, output: Path) -> dict:
         """The methods' runs at the candidate's setting, interleaved by seed so that drifts in machine load hit every
         method alike; their results.json in `where`. The server starts with the first run."""
         if not engine:
+            os.environ["OMP_NUM_THREADS"] = "1"  # each run's process: one torch thread, on core 1 with this one
+            os.sched_setaffinity(0, {1})
+            torch.set_num_threads(1)
             (output / "runs").mkdir(parents=True, exist_ok=True)
             server, url = start_server(embedded_model(), output / "runs" / "target-server.log", lora=True)
             stack.callback(stop_server, server)
@@ -519,20 +524,43 @@ def target_on_server(options, output: Path) -> dict:
         write_results(where, sanity_gate(records), base(), candidate.regime(regime), records)
         return records
 
+    def on_file(candidate: Candidate, methods, where: Path) -> dict | None:
+        """Runs on file in `where`, if they are the ones asked for now; other runs there are an error, not reused."""
+        if not (where / "results.json").exists():
+            return None
+        saved = json.loads((where / "results.json").read_text())
+        asked = sorted(
+            (m, seed, steps, candidate.learning_rate, candidate.rank) for m in methods for seed in options.seeds
+        )
+        found = sorted(
+            (r["method"], r["seed"], r["steps"], r["learning_rate"], r["lora"]["r"]) for r in saved["records"]
+        )
+        if found != asked:
+            raise ValueError(
+                f"{where / 'results.json'} holds other runs (method, seed, steps, lr, rank) than asked for now: "
+                f"{found} against {asked}. Ask for its seeds and steps, or move it away to run these."
+            )
+        return saved
+
+    if len(options.seeds) < 2:
+        raise ValueError("--target-server's gate needs the deviation between seeds: give --seeds at least two.")
     tried, chosen, records = [], None, []
     with stack:
         for candidate in SERVER_CANDIDATES:
             rule = folder / candidate.name / "rule"
-            if not (rule / "results.json").exists():
-                runs(candidate, ["grpo"], rule)
-            gate = json.loads((rule / "results.json").read_text())["gate"]
-            tried.append({"name": candidate.name, **dataclasses.asdict(candidate), "gate": gate})
-            if gate["passed"]:
+            saved = on_file(candidate, ["grpo"], rule) or {"gate": sanity_gate(runs(candidate, ["grpo"], rule))}
+            tried.append({"name": candidate.name, **dataclasses.asdict(candidate), "gate": saved["gate"]})
+            if saved["gate"]["passed"]:
                 chosen = candidate
                 break
-        if chosen and not options.rule_only:
+        if chosen:
             # GRPO runs again beside BAPO: the rule's runs chose the setting, the table's share the machine's state.
-            records = runs(chosen, list(SERVER_METHODS), folder / chosen.name)
+            table = folder / chosen.name
+            saved = on_file(chosen, list(SERVER_METHODS), table)
+            if saved:
+                records = saved["records"]
+            elif not options.rule_only:
+                records = runs(chosen, list(SERVER_METHODS), table)
     summary = {
         "candidates": tried,
         "chosen": chosen and chosen.name,
