@@ -1191,23 +1191,23 @@ def paired_seconds(summary: dict, method: str, reference: str) -> str:
     return f"{d['mean']:+.0f} s, 90% interval [{d['low']:+.0f}, {d['high']:+.0f}]: {word}"
 
 
-def candidate_gates(summary: dict) -> str:
-    """Each setting --target-server tried, in its rule's order, with GRPO's gate there."""
-    return "; ".join(
-        f"LoRA r = {c['rank']}, lr {c['learning_rate']:.0e}, {c['prompts']} prompts a rollout batch: median gain "
-        f"{signed(c['gate']['grpo_gain'])}, deviation "
-        f"{num(c['gate']['grpo_seed_stdev'])}, {'passed' if c['gate']['passed'] else 'failed'}"
-        for c in summary["candidates"]
-    )
+def heldout_pairs(r: Run) -> list[tuple[float, float]]:
+    """BAPO's and BAPO with overlap's held-out mean@8 at each evaluation of each seed."""
+    return [
+        (a[2], b[2])
+        for sync, overlapped in zip(r.of("bapo"), r.of("bapo_overlap"), strict=True)
+        for a, b in zip(sync["heldout_curve"], overlapped["heldout_curve"], strict=True)
+    ]
 
 
 @figure("overlap-target-server")
 def overlap_target_server(root: Path) -> str:
+    from trl_bapo.examples.overlap_bench import gate_words
     summary = json.loads((root / "bench" / "overlap-target-server.json").read_text())
     rule = (
         "The setting is the first of the candidates in `SERVER_CANDIDATES` (trl_bapo/examples/overlap_bench.py) on "
         "which GRPO alone passes the gate (gain >= 0.05 over the base and > 3 x its seed deviation): "
-        f"{candidate_gates(summary)}."
+        f"{gate_words(summary['candidates'])}."
     )
     if not summary["chosen"]:
         return f"{rule} GRPO passed on none, so BAPO was not compared; bench/overlap-target-server.json, commit " + (
@@ -1221,11 +1221,7 @@ def overlap_target_server(root: Path) -> str:
     r = run(root, f"bench/overlap-target-server/{summary['chosen']}")
     accuracy = {m: paired_words(r.paired(m), 3) for m in ("bapo", "bapo_overlap")}
     overlap_vs_bapo = paired_words(r.paired("bapo_overlap", "bapo"), 3)
-    points = [
-        (a[2], b[2])
-        for sync, overlapped in zip(r.of("bapo"), r.of("bapo_overlap"), strict=True)
-        for a, b in zip(sync["heldout_curve"], overlapped["heldout_curve"], strict=True)
-    ]
+    points = heldout_pairs(r)
     alike = sum(a == b for a, b in points)
     return (
         table(TARGET_HEADER, target_rows(summary))
@@ -1249,11 +1245,7 @@ def overlap_target_server(root: Path) -> str:
 def overlap_target_server_earlier(root: Path) -> str:
     """The comparison made before the rule (LoRA r = 8, lr 2e-3), on a GRPO that then failed its gate."""
     r = run(root, "bench/earlier/overlap-target-server")
-    points = [
-        (a[2], b[2])
-        for sync, overlapped in zip(r.of("bapo"), r.of("bapo_overlap"), strict=True)
-        for a, b in zip(sync["heldout_curve"], overlapped["heldout_curve"], strict=True)
-    ]
+    points = heldout_pairs(r)
     faster = sum(
         o["seconds_per_step"] < s["seconds_per_step"] for s, o in zip(r.of("bapo"), r.of("bapo_overlap"), strict=True)
     )

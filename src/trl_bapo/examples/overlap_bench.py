@@ -605,6 +605,16 @@ def write_report(output: Path) -> None:
     )
 
 
+def gate_words(candidates: list[dict]) -> str:
+    """Each setting --target-server tried, in its rule's order, with GRPO's gate there."""
+    return "; ".join(
+        f"LoRA r = {c['rank']}, lr {c['learning_rate']:.0e}, {c['prompts']} prompts a rollout batch: median gain "
+        f"{c['gate']['grpo_gain']:+.3f}, seed deviation {c['gate']['grpo_seed_stdev']:.3f}, "
+        f"{'passed' if c['gate']['passed'] else 'failed'}"
+        for c in candidates
+    )
+
+
 def target_section(output: Path) -> str:
     """The time-to-target tables, where `--target-from` and `--target-server` wrote them."""
     text = ""
@@ -621,19 +631,14 @@ def target_section(output: Path) -> str:
     if path.exists():
         summary = json.loads(path.read_text())
         machine = summary["kernel_path"]
-        gates = "; ".join(
-            f"{c['name']}: median gain {c['gate']['grpo_gain']:+.3f}, seed deviation "
-            f"{c['gate']['grpo_seed_stdev']:.3f}, {'passed' if c['gate']['passed'] else 'failed'}"
-            for c in summary["candidates"]
-        )
         text += (
             "\n## On the vLLM server with LoRA: wall seconds to GRPO's final held-out accuracy\n\n"
             f"`--target-server`: the carry regime ({summary['steps']} steps, held-out mean@8 every 25), a LoRA "
             "adapter on every linear layer sent to a vLLM CPU server by file, server on one core and trainer on the "
             "other; GRPO is BAPOTrainer with BAPO's features off, sending the adapter at every step; BAPO samples "
             "with per-step seeds, as BAPO + overlap does. Paired by seed as above. The setting is the first "
-            f"candidate on which GRPO alone passes the gate ({gates}). Commit {summary['commit']}, "
-            f"{summary['cpu']}, kernel path {machine['cpu_capability']}.\n\n"
+            f"candidate on which GRPO alone passes the gate ({gate_words(summary['candidates'])}). Commit "
+            f"{summary['commit']}, {summary['cpu']}, kernel path {machine['cpu_capability']}.\n\n"
             + (
                 target_table(summary) + "\n\n![accuracy by time, server](overlap_target_server.png)\n"
                 if summary["rows"]
