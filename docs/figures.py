@@ -1203,6 +1203,7 @@ def heldout_pairs(r: Run) -> list[tuple[float, float]]:
 @figure("overlap-target-server")
 def overlap_target_server(root: Path) -> str:
     from trl_bapo.examples.overlap_bench import gate_words
+
     summary = json.loads((root / "bench" / "overlap-target-server.json").read_text())
     rule = (
         "The setting is the first of the candidates in `SERVER_CANDIDATES` (trl_bapo/examples/overlap_bench.py) on "
